@@ -1,0 +1,1 @@
+"""Generation and chat on top of actors saved by the training steps."""

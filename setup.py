@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="rlhf-chat",
+    version="0.1.0",
+    description="DeepSpeed-Chat-style RLHF (SFT, reward model, DPO, PPO) that is correct, resumable and tested",
+    python_requires=">=3.10",
+    packages=find_packages(include=["training", "training.*", "inference", "inference.*",
+                                    "applications", "applications.*"]),
+    package_data={
+        "training.utils.assets": ["tokenizer/*", "README.md"],
+        "training.utils.model.configs": ["*.json", "README.md"],
+    },
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "tensorboard>=2.15",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "psutil>=5.9",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"]},
+)

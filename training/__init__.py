@@ -1,0 +1,1 @@
+"""DeepSpeed-Chat-style RLHF training: step folders plus the shared `training.utils` package."""

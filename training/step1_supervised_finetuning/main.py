@@ -1,0 +1,159 @@
+"""Step 1: supervised fine-tuning of the actor.
+
+    deepspeed main.py --model_name_or_path tiny/opt --data_path synthetic/arithmetic --output_dir out/actor
+
+Recipe: parse flags -> tokenizer -> phase-1 data -> model (+LoRA) -> DeepSpeed engine -> perplexity
+before training -> epochs (loss on reply tokens only) with perplexity after each -> save HF directory.
+"""
+import argparse
+import math
+import time
+
+import deepspeed
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from training.utils import args as shared_args
+from training.utils import runtime
+from training.utils.data.collators import SFTCollator
+from training.utils.data.pipeline import PHASE_SFT, DataConfig, build_phase_data
+from training.utils.ds_config import get_train_ds_config, global_batch_size
+from training.utils.errors import report_user_errors
+from training.utils.lora import (convert_linear_layer_to_lora, make_model_gradient_checkpointing_compatible,
+                                 only_optimize_lora_parameters)
+from training.utils.losses import causal_lm_loss, count_label_tokens
+from training.utils.model.build import create_hf_model
+from training.utils.model.save import save_hf_format
+from training.utils.optim import create_lr_scheduler, create_optimizer, get_optimizer_grouped_parameters
+from training.utils.tokenizer import load_tokenizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Step 1: supervised fine-tuning (SFT) of the actor.")
+    shared_args.add_data_args(parser, sft_only=True)
+    shared_args.add_model_args(parser)
+    shared_args.add_training_args(parser, learning_rate=1e-3, tensorboard_path="step1_tensorboard")
+    shared_args.add_lora_args(parser)
+    shared_args.add_deepspeed_args(parser)
+    parser.add_argument("--train_on_prompt", action="store_true",
+                        help="[new] Also train on prompt tokens (default: loss on assistant replies only).")
+    args = parser.parse_args(argv)
+    shared_args.validate_common(args)
+    return args
+
+
+def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool) -> DataLoader:
+    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size(), rank=runtime.rank(),
+                                 shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+
+
+def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float]:
+    """Token-weighted mean loss and perplexity over the whole eval split, all ranks together."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits
+            loss_sum += causal_lm_loss(logits, batch["labels"], compute_fp32, reduction="sum").item()
+            tokens += count_label_tokens(batch["labels"])
+    loss_sum, tokens = runtime.all_reduce_sum([loss_sum, tokens], device)
+    engine.train()
+    mean_loss = loss_sum / max(tokens, 1)
+    return mean_loss, math.exp(min(mean_loss, 50.0))
+
+
+@report_user_errors
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = runtime.init_distributed(args.local_rank)
+    runtime.set_random_seed(args.seed)
+    dtype = shared_args.resolve_dtype(args.dtype, device.type)
+    ds_config = get_train_ds_config(
+        offload=args.offload, dtype=dtype, stage=args.zero_stage,
+        train_batch_size=global_batch_size(args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                           runtime.world_size()),
+        micro_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        enable_tensorboard=args.enable_tensorboard, tb_path=args.tensorboard_path, tb_name="step1_model",
+        device=device.type)
+    ds_config = shared_args.merge_user_ds_config(ds_config, args.deepspeed_config)
+
+    tokenizer = load_tokenizer(args.model_name_or_path, args.add_eot_token, args.eot_token, args.trust_remote_code)
+    data = build_phase_data(DataConfig(
+        data_path=tuple(args.data_path), data_split=args.data_split, data_output_path=args.data_output_path,
+        data_seed=args.data_seed, sft_only_data_path=tuple(args.sft_only_data_path),
+        max_seq_len=args.max_seq_len, train_on_prompt=args.train_on_prompt), tokenizer, PHASE_SFT)
+    collator = SFTCollator(tokenizer.pad_token_id)
+    train_loader = make_loader(data.train, args.per_device_train_batch_size, collator, args.seed, shuffle=True)
+    eval_loader = make_loader(data.eval, args.per_device_eval_batch_size, collator, args.seed, shuffle=False)
+    runtime.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval samples "
+                         f"(cache {data.cache_dir}; train {data.stats['train']})")
+
+    model = create_hf_model(args.model_name_or_path, tokenizer, ds_config=ds_config, dropout=args.dropout,
+                            trust_remote_code=args.trust_remote_code)
+    if args.lora_dim > 0:
+        convert_linear_layer_to_lora(model, args.lora_module_name, args.lora_dim)
+        if args.only_optimize_lora:
+            only_optimize_lora_parameters(model)
+            make_model_gradient_checkpointing_compatible(model)
+    optimizer = create_optimizer(
+        get_optimizer_grouped_parameters(model, args.weight_decay, args.lora_learning_rate),
+        lr=args.learning_rate, offload=args.offload, device=device.type)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps,
+                                       steps_per_epoch * args.num_train_epochs)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      config=ds_config, dist_init_required=False)
+    if args.gradient_checkpointing:
+        engine.module.gradient_checkpointing_enable()
+
+    metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step1_model")
+    eval_loss, ppl = evaluate(engine, eval_loader, device, args.compute_fp32_loss)
+    metrics.log(0, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
+    runtime.print_rank_0(f"before training: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+
+    global_step = 0
+    for epoch in range(args.num_train_epochs):
+        train_loader.sampler.set_epoch(epoch)
+        epoch_start, epoch_loss, epoch_batches, epoch_samples, epoch_tokens = time.time(), 0.0, 0, 0, 0
+        bar = runtime.progress(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}")
+        for batch in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits
+            loss = causal_lm_loss(logits, batch["labels"], args.compute_fp32_loss)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            epoch_loss += loss.item()
+            epoch_batches += 1
+            epoch_samples += batch["input_ids"].size(0)
+            epoch_tokens += int(batch["attention_mask"].sum())
+            if boundary:
+                global_step += 1
+                metrics.log(global_step, **{"train/loss": loss.item(), "train/lr": lr_scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if args.print_loss:
+                print(f"[rank {runtime.rank()}] epoch {epoch + 1} step {global_step} loss {loss.item():.4f}",
+                      flush=True)
+        elapsed = time.time() - epoch_start
+        eval_loss, ppl = evaluate(engine, eval_loader, device, args.compute_fp32_loss)
+        metrics.log(global_step, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
+        world = runtime.world_size()
+        runtime.print_rank_0(
+            f"epoch {epoch + 1}/{args.num_train_epochs}: train loss {epoch_loss / max(epoch_batches, 1):.4f}, "
+            f"eval loss {eval_loss:.4f}, perplexity {ppl:.2f}, {epoch_samples * world / elapsed:.1f} samples/s, "
+            f"{epoch_tokens * world / elapsed:.0f} tokens/s")
+
+    save_hf_format(engine.module, tokenizer, args.output_dir, metrics=metrics, metrics_title="step 1: SFT",
+                   extra_json={"training_args.json": vars(args), "data_stats.json": data.stats})
+    metrics.close()
+    runtime.print_rank_0(f"saved the SFT model to {args.output_dir}")
+    runtime.shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data pipeline: source adapters -> deterministic phase split -> tokenised cache -> collators."""

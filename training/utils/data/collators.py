@@ -1,0 +1,58 @@
+"""Batch builders per phase. Padding goes to the longest sample of the batch, never to --max_seq_len
+(unless `pad_to` asks for it, e.g. to benchmark the difference). Masks come from lengths, never from
+comparing ids with the pad id, so a tokenizer whose pad equals EOS cannot hide EOS from the loss."""
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _pad(seqs: list[list[int]], pad_id: int, length: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        n = len(seq)
+        if left:
+            ids[row, length - n:] = torch.tensor(seq, dtype=torch.long)
+            mask[row, length - n:] = 1
+        else:
+            ids[row, :n] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :n] = 1
+    return ids, mask
+
+
+@dataclass
+class SFTCollator:
+    """input_ids / attention_mask / labels, right-padded; labels are IGNORE_INDEX except trained tokens."""
+    pad_token_id: int
+    pad_to: int | None = None
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        length = self.pad_to or max(len(item["input_ids"]) for item in items)
+        input_ids, attention_mask = _pad([item["input_ids"] for item in items], self.pad_token_id, length)
+        loss_mask, _ = _pad([item["loss_mask"] for item in items], 0, length)
+        labels = input_ids.masked_fill(loss_mask == 0, IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class PairCollator:
+    """Chosen rows then rejected rows in one batch of 2B, right-padded to the longest of all 2B."""
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
+        input_ids, attention_mask = _pad(seqs, self.pad_token_id, max(map(len, seqs)))
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@dataclass
+class PromptCollator:
+    """Prompts left-padded to the batch's longest prompt, so generation continues every row at the end."""
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [item["prompt_ids"] for item in items]
+        input_ids, attention_mask = _pad(seqs, self.pad_token_id, max(map(len, seqs)), left=True)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

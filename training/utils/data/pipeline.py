@@ -1,0 +1,315 @@
+"""Sources -> deterministic phase split -> tokenised, cached splits for phase 1 (SFT), 2 (pairs), 3 (prompts).
+
+Split semantics (DeepSpeed-Chat's `--data_split 2,4,4`): each source's train and eval rows are shuffled
+with `--data_seed` and cut into the normalised fractions; phase k uses slice k of both. Sources without
+an eval split first get a deterministic 9:1 train/eval cut. `--sft_only_data_path` sources go whole
+into phase 1. Several sources are blended by concatenation followed by one seeded shuffle.
+
+The split uses `--data_seed` (default 1234 in every step), not the training `--seed`, so changing the
+training seed of one step can never make its phase overlap another step's.
+"""
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from training.utils import runtime
+from training.utils.data.conversation import Chunk, encode_conversations, messages_to_chunks, prompt_chunks
+from training.utils.data.sources import Sample, Source, open_source
+from training.utils.errors import UserInputError
+from training.utils.io import atomic_directory
+from training.utils.tokenizer import tokenizer_fingerprint
+
+PHASE_SFT, PHASE_REWARD, PHASE_RLHF = 1, 2, 3
+EVAL_HOLDOUT = 0.1  # share of a train-only source that becomes its eval split
+_CODE_FILES = ("data/*.py", "tokenizer.py")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: tuple[str, ...]
+    data_split: str = "2,4,4"
+    data_output_path: str = "/tmp/data_files/"
+    data_seed: int = 1234
+    sft_only_data_path: tuple[str, ...] = ()
+    max_seq_len: int = 512
+    train_on_prompt: bool = False  # SFT: also put prompt tokens into the loss
+
+
+@dataclass
+class PhaseData:
+    train: "RaggedDataset"
+    eval: "RaggedDataset"
+    stats: dict = field(default_factory=dict)
+    cache_dir: str = ""
+
+
+def parse_data_split(text: str) -> list[float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise UserInputError(f"--data_split '{text}' must be three non-negative numbers with a positive sum, "
+                             "e.g. 2,4,4 (phase 1, 2, 3 shares)")
+    total = sum(parts)
+    return [p / total for p in parts]
+
+
+def phase_slice(n: int, fractions: list[float], phase: int, seed: int) -> np.ndarray:
+    """Indices of rows 0..n-1 that belong to `phase` (1-based): a seeded permutation cut by cumulative share."""
+    order = np.random.RandomState(seed).permutation(n)
+    bounds = [0] + [int(round(c * n)) for c in np.cumsum(fractions)]
+    bounds[-1] = n
+    return np.sort(order[bounds[phase - 1]:bounds[phase]])
+
+
+def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 9:1 train/eval cut for a source without an eval split."""
+    order = np.random.RandomState(seed + 1).permutation(n)
+    n_eval = int(round(n * EVAL_HOLDOUT)) if n >= 2 else 0
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def _code_version() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for pattern in _CODE_FILES:
+        for path in sorted(glob.glob(os.path.join(here, pattern))):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(config: DataConfig, phase: int, sources: list[Source], sft_only: list[Source], tokenizer) -> str:
+    """Everything that changes the tokens: data identity, split, phase, seed, tokenizer, limits, code."""
+    payload = {
+        "phase": phase,
+        "sources": [(s.name, s.fingerprint) for s in sources],
+        "sft_only": [(s.name, s.fingerprint) for s in sft_only] if phase == PHASE_SFT else [],
+        "data_split": parse_data_split(config.data_split),
+        "data_seed": config.data_seed,
+        "max_seq_len": config.max_seq_len if phase != PHASE_RLHF else None,
+        "train_on_prompt": config.train_on_prompt if phase == PHASE_SFT else None,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "eos": tokenizer.eos_token_id,
+        "code": _code_version(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_phase_data(config: DataConfig, tokenizer, phase: int) -> PhaseData:
+    """Open, split, tokenise and cache the data of one phase; every rank gets the same PhaseData."""
+    sources = [open_source(name) for name in config.data_path]
+    sft_only = [open_source(name) for name in config.sft_only_data_path] if phase == PHASE_SFT else []
+    parse_data_split(config.data_split)
+    key = cache_key(config, phase, sources, sft_only, tokenizer)
+    cache_dir = os.path.join(os.path.abspath(config.data_output_path), f"phase{phase}_{key}")
+
+    def build_if_missing():
+        if not os.path.isdir(cache_dir):
+            _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir)
+
+    # Global rank 0 builds once; a node that does not share that disk builds its own (identical) copy.
+    runtime.run_on_rank_0(build_if_missing)
+    if not os.path.isdir(cache_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        build_if_missing()
+    runtime.barrier()
+    return load_phase_data(cache_dir)
+
+
+def load_phase_data(cache_dir: str) -> PhaseData:
+    with open(os.path.join(cache_dir, "stats.json"), encoding="utf-8") as f:
+        stats = json.load(f)
+    return PhaseData(RaggedDataset.load(os.path.join(cache_dir, "train.npz")),
+                     RaggedDataset.load(os.path.join(cache_dir, "eval.npz")), stats, cache_dir)
+
+
+def _select_rows(config: DataConfig, phase: int, sources: list[Source], sft_only: list[Source]
+                 ) -> tuple[list[Sample], list[Sample], dict, dict]:
+    fractions = parse_data_split(config.data_split)
+    train, evaluation, indices, per_source = [], [], {}, {}
+    for number, source in enumerate(sources):
+        rows_train = source.rows("train")
+        if source.has_eval_split:
+            rows_eval = source.rows("eval")
+        else:
+            keep, held = holdout_split(len(rows_train), config.data_seed)
+            rows_train, rows_eval = [rows_train[i] for i in keep], [rows_train[i] for i in held]
+        train_idx = phase_slice(len(rows_train), fractions, phase, config.data_seed)
+        eval_idx = phase_slice(len(rows_eval), fractions, phase, config.data_seed)
+        indices[f"{number}_train"], indices[f"{number}_eval"] = train_idx, eval_idx
+        train += [rows_train[i] for i in train_idx]
+        evaluation += [rows_eval[i] for i in eval_idx]
+        per_source[source.name] = {"train": len(train_idx), "eval": len(eval_idx),
+                                   "skipped": dict(source.skipped)}
+    for source in sft_only:
+        rows_train = source.rows("train")
+        rows_eval = source.rows("eval") if source.has_eval_split else []
+        train += rows_train
+        evaluation += rows_eval
+        per_source[source.name] = {"train": len(rows_train), "eval": len(rows_eval), "sft_only": True,
+                                   "skipped": dict(source.skipped)}
+    if not train:
+        raise UserInputError(
+            f"--data_split {config.data_split} leaves no training rows for phase {phase} of "
+            f"{', '.join(config.data_path)}: give phase {phase} a non-zero share or add data")
+    blend = np.random.RandomState(config.data_seed)
+    train = [train[i] for i in blend.permutation(len(train))]
+    evaluation = [evaluation[i] for i in blend.permutation(len(evaluation))]
+    return train, evaluation, indices, per_source
+
+
+def _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir) -> None:
+    train_rows, eval_rows, indices, per_source = _select_rows(config, phase, sources, sft_only)
+    tokenise = {PHASE_SFT: tokenise_sft, PHASE_REWARD: tokenise_pairs, PHASE_RLHF: tokenise_prompts}[phase]
+    train, train_counts = tokenise(train_rows, tokenizer, config)
+    evaluation, eval_counts = tokenise(eval_rows, tokenizer, config)
+    if len(train) == 0:
+        raise UserInputError(f"no usable phase-{phase} training rows in {', '.join(config.data_path)} "
+                             f"(dropped: {train_counts}); phase {phase} needs "
+                             f"{'pairs with chosen and rejected' if phase == PHASE_REWARD else 'prompts and replies'}")
+    stats = {"phase": phase, "sources": per_source, "train": {"rows": len(train), **train_counts},
+             "eval": {"rows": len(evaluation), **eval_counts}, "config": config.__dict__ | {
+                 "data_path": list(config.data_path), "sft_only_data_path": list(config.sft_only_data_path)}}
+    with atomic_directory(cache_dir) as tmp:
+        train.save(os.path.join(tmp, "train.npz"))
+        evaluation.save(os.path.join(tmp, "eval.npz"))
+        os.makedirs(os.path.join(tmp, "indices"))
+        for name, idx in indices.items():
+            np.save(os.path.join(tmp, "indices", f"{name}.npy"), idx)
+        with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+
+
+def _sft_chunks(sample: Sample, train_on_prompt: bool) -> list[Chunk] | None:
+    if sample.messages:
+        chunks = messages_to_chunks(list(sample.messages))
+    else:
+        target = sample.demonstration if sample.demonstration is not None else sample.chosen
+        if not target:
+            return None
+        chunks = prompt_chunks(sample.prompt) + [Chunk(target, ends_turn=True, trained=True)]
+    if train_on_prompt:
+        chunks = [Chunk(c.text, c.ends_turn, True) for c in chunks]
+    return chunks
+
+
+def tokenise_sft(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
+    """input_ids + label mask. Too-long rows lose the start of the prompt first; a reply that alone
+    exceeds the limit keeps its beginning (its EOS is then cut and counted)."""
+    counts = {"no_reply": 0, "prompt_truncated": 0, "reply_truncated": 0}
+    conversations = []
+    for sample in rows:
+        chunks = _sft_chunks(sample, config.train_on_prompt)
+        if chunks is None:
+            counts["no_reply"] += 1
+        else:
+            conversations.append(chunks)
+    ids_list, mask_list = [], []
+    limit = config.max_seq_len
+    for ids, trained in encode_conversations(tokenizer, conversations):
+        if len(ids) > limit:
+            reply_start = _last_run_start(trained)
+            if len(ids) - reply_start <= limit - 1:
+                ids, trained = ids[-limit:], trained[-limit:]
+                counts["prompt_truncated"] += 1
+            else:
+                keep_prompt = min(reply_start, limit // 2)
+                ids = (ids[reply_start - keep_prompt:])[:limit]
+                trained = (trained[reply_start - keep_prompt:])[:limit]
+                counts["reply_truncated"] += 1
+        ids_list.append(ids)
+        mask_list.append([int(t) for t in trained])
+    return RaggedDataset({"input_ids": ids_list, "loss_mask": mask_list}), counts
+
+
+def _last_run_start(trained: list[bool]) -> int:
+    """Start index of the last contiguous run of trained tokens (the final reply)."""
+    end = len(trained)
+    while end > 0 and not trained[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and trained[start - 1]:
+        start -= 1
+    return start
+
+
+def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
+    """chosen_ids / rejected_ids, each ending with EOS (the position the reward model scores).
+    Prompts are cut from the left to fit; pairs whose reply alone does not fit are dropped."""
+    counts = {"no_pair": 0, "identical_pair": 0, "too_long": 0, "prompt_truncated": 0}
+    conversations = []
+    for sample in rows:
+        if not sample.chosen or not sample.rejected:
+            counts["no_pair"] += 1
+        elif sample.chosen.strip() == sample.rejected.strip():
+            counts["identical_pair"] += 1
+        else:
+            context = prompt_chunks(sample.prompt)
+            conversations.append(context + [Chunk(sample.chosen, ends_turn=True, trained=True)])
+            conversations.append(context + [Chunk(sample.rejected, ends_turn=True, trained=True)])
+    encoded = encode_conversations(tokenizer, conversations)
+    chosen, rejected, limit = [], [], config.max_seq_len
+    for (c_ids, c_mask), (r_ids, r_mask) in zip(encoded[0::2], encoded[1::2]):
+        if max(sum(c_mask), sum(r_mask)) > limit - 1:
+            counts["too_long"] += 1
+            continue
+        if len(c_ids) > limit or len(r_ids) > limit:
+            counts["prompt_truncated"] += 1
+        chosen.append(c_ids[-limit:])
+        rejected.append(r_ids[-limit:])
+    return RaggedDataset({"chosen_ids": chosen, "rejected_ids": rejected}), counts
+
+
+def tokenise_prompts(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
+    """Prompt ids in full (step 3 applies --max_prompt_seq_len), plus the reference reply when known."""
+    encoded = encode_conversations(tokenizer, [prompt_chunks(s.prompt) for s in rows])
+    prompts = [ids for ids, _ in encoded]
+    return RaggedDataset({"prompt_ids": prompts}), {}
+
+
+class RaggedDataset:
+    """Named lists of variable-length int sequences stored flat (values + offsets) in a .npz file.
+
+    No pickle: `np.load(..., allow_pickle=False)` reads it back. Items are dicts of Python lists.
+    """
+
+    def __init__(self, fields: dict[str, list[list[int]]]):
+        self.fields = {}
+        for name, seqs in fields.items():
+            lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            values = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+            self.fields[name] = (values, offsets)
+
+    @classmethod
+    def load(cls, path: str) -> "RaggedDataset":
+        dataset = cls({})
+        with np.load(path, allow_pickle=False) as arrays:
+            names = sorted({key.rsplit(".", 1)[0] for key in arrays.files})
+            dataset.fields = {n: (arrays[f"{n}.values"], arrays[f"{n}.offsets"]) for n in names}
+        return dataset
+
+    def save(self, path: str) -> None:
+        arrays = {}
+        for name, (values, offsets) in self.fields.items():
+            arrays[f"{name}.values"], arrays[f"{name}.offsets"] = values, offsets
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    def __len__(self) -> int:
+        if not self.fields:
+            return 0
+        return len(next(iter(self.fields.values()))[1]) - 1
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {name: values[offsets[index]:offsets[index + 1]].tolist()
+                for name, (values, offsets) in self.fields.items()}
+
+    def lengths(self, name: str) -> np.ndarray:
+        offsets = self.fields[name][1]
+        return offsets[1:] - offsets[:-1]

@@ -1,0 +1,96 @@
+"""Build a causal LM from a tiny in-repo config, a local Hugging Face directory, or a hub id.
+
+ZeRO-3: when the DeepSpeed config has stage 3, an `HfDeepSpeedConfig` is alive while transformers builds
+the model, so parameters are partitioned as they are created (a 70B model never materialises on one
+rank). It must stay referenced until `deepspeed.initialize`, hence it is attached to the model.
+"""
+import math
+import os
+
+import torch
+
+from training.utils.errors import UserInputError
+from training.utils.model.configs import TINY_PREFIX, load_tiny_config
+
+DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop",
+                "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                "summary_first_dropout")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
+    """The transformers config for a tiny name, a local directory (config.json required) or a hub id."""
+    from transformers import AutoConfig
+
+    if model_name_or_path.startswith(TINY_PREFIX):
+        return load_tiny_config(model_name_or_path)
+    if os.path.isdir(model_name_or_path):
+        if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
+            raise UserInputError(f"model directory '{model_name_or_path}' has no config.json: point "
+                                 "--model_name_or_path at a Hugging Face model directory (save_pretrained output)")
+        return AutoConfig.from_pretrained(model_name_or_path, local_files_only=True,
+                                          trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"cannot load model '{model_name_or_path}': not a local directory, and the hub "
+                             f"is not reachable or has no such model ({str(err).splitlines()[0]}); "
+                             "pass a local model directory or tiny/opt | tiny/llama")
+
+
+def set_dropout(config, dropout: float | None) -> None:
+    """`--dropout` overrides every dropout probability the architecture's config has."""
+    if dropout is None:
+        return
+    for key in DROPOUT_KEYS:
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+
+
+def create_hf_model(model_name_or_path: str, tokenizer, *, ds_config: dict | None = None,
+                    dropout: float | None = None, trust_remote_code: bool = False,
+                    model_class=None):
+    """A causal LM in fp32 (DeepSpeed casts for fp16/bf16) with embeddings sized for the tokenizer.
+
+    The tokenizer's EOS/pad ids are written into the model and generation configs, so a saved model
+    generates with the right stop token without extra flags.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    model_class = model_class or AutoModelForCausalLM
+    config = load_model_config(model_name_or_path, trust_remote_code)
+    set_dropout(config, dropout)
+    zero3_context = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        zero3_context = HfDeepSpeedConfig(ds_config)
+    if model_name_or_path.startswith(TINY_PREFIX):
+        model = model_class.from_config(config, dtype=torch.float32)
+    else:
+        local = os.path.isdir(model_name_or_path)
+        if local and _has_only_pickle_weights(model_name_or_path):
+            raise UserInputError(f"model directory '{model_name_or_path}' holds only pickle weights "
+                                 "(pytorch_model.bin): convert it to safetensors with "
+                                 "model.save_pretrained(dir) (safe_serialization is the default)")
+        model = model_class.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
+                                            local_files_only=local, trust_remote_code=trust_remote_code)
+    model._hf_ds_config = zero3_context  # keep ZeRO-3 construction context alive with the model
+    configure_special_tokens(model, tokenizer)
+    model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
+    return model
+
+
+def _has_only_pickle_weights(directory: str) -> bool:
+    names = set(os.listdir(directory))
+    has_safetensors = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
+    return not has_safetensors and any(n in names for n in PICKLE_WEIGHTS)
+
+
+def configure_special_tokens(model, tokenizer) -> None:
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.bos_token_id is not None:
+            cfg.bos_token_id = tokenizer.bos_token_id

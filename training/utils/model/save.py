@@ -1,0 +1,52 @@
+"""Save a (possibly ZeRO-3 partitioned, possibly LoRA) model as a plain Hugging Face directory.
+
+Saving never mutates the live model: parameters are gathered one at a time into a CPU state dict on
+rank 0, LoRA deltas are folded into the base weights in that state dict, and the directory is written
+atomically (temp dir + rename) with safetensors weights, config, generation config and tokenizer.
+"""
+import json
+import os
+
+import torch
+
+from training.utils import runtime
+from training.utils.io import atomic_directory
+from training.utils.lora import lora_scalings, lora_state_dict_to_fused
+
+
+def gather_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """Full fp32-or-native CPU state dict on rank 0 (None elsewhere); every rank must call it."""
+    import deepspeed
+
+    wanted = set(model.state_dict().keys())
+    state = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name not in wanted:
+            continue
+        partitioned = hasattr(tensor, "ds_id")
+        with deepspeed.zero.GatheredParameters([tensor], enabled=partitioned):
+            if runtime.is_rank_0():
+                state[name] = tensor.detach().to("cpu", copy=True)
+    if not runtime.is_rank_0():
+        return None
+    return lora_state_dict_to_fused(state, lora_scalings(model))
+
+
+def save_hf_format(model, tokenizer, output_dir: str, *, extra_json: dict[str, dict] | None = None,
+                   metrics=None, metrics_title: str = "") -> None:
+    """Write `output_dir` as an HF model directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    `model` is the bare module (engine.module). `extra_json` adds small JSON files (e.g. the run's
+    arguments); `metrics` (a runtime.MetricsLog) adds the metrics history and a PNG of the curves.
+    """
+    state = gather_state_dict(model)
+    if runtime.is_rank_0():
+        with atomic_directory(output_dir) as tmp:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            for name, content in (extra_json or {}).items():
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    json.dump(content, f, indent=1, default=str)
+            if metrics is not None:
+                metrics.write(tmp, metrics_title)
+    runtime.barrier()

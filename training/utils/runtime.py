@@ -1,0 +1,170 @@
+"""Process-level helpers every step uses: distributed start, seeds, rank-0 printing, progress, TensorBoard."""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from training.utils.errors import UserInputError
+
+
+def init_distributed(local_rank: int = -1) -> torch.device:
+    """Start the process group the way the `deepspeed` launcher expects, and return this rank's device.
+
+    Plain `python main.py` (no launcher) gets single-process defaults, so DeepSpeed does not go looking
+    for MPI. On CPU DeepSpeed picks the gloo backend itself.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank >= 0 else 0))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(accelerator.device_name())
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down explicitly: ZeRO-3 runs sometimes abort at exit without it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_rank_0() -> bool:
+    return rank() == 0
+
+
+def print_rank_0(*args, **kwargs) -> None:
+    if is_rank_0():
+        print(*args, **kwargs, flush=True)
+
+
+def set_random_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_on_rank_0(fn, *args, **kwargs):
+    """Run `fn` on global rank 0 while the others wait, then tell every rank whether it worked.
+
+    A UserInputError on rank 0 is re-raised on every rank with the same message, so no rank is left
+    waiting at a barrier for a result that will never come.
+    """
+    error = None
+    if is_rank_0():
+        try:
+            fn(*args, **kwargs)
+        except UserInputError as err:
+            error = str(err)
+        except Exception as err:  # any other failure must still release the waiting ranks
+            error = f"rank 0 failed: {type(err).__name__}: {err}"
+            if world_size() == 1:
+                raise
+    if dist.is_initialized() and world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserInputError(error)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few scalars over ranks (used for token-weighted eval loss)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def progress(iterable, **kwargs):
+    """A tqdm bar on rank 0 only (other ranks iterate silently)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not is_rank_0(), file=sys.stdout, dynamic_ncols=True, **kwargs)
+
+
+class MetricsLog:
+    """TensorBoard scalars (live, rank 0) plus an in-memory history that is saved with the model.
+
+    The history goes into the output directory as `training_metrics.jsonl` and a PNG of the curves,
+    written inside the same atomic save as the weights.
+    """
+
+    def __init__(self, enabled: bool, tb_dir: str):
+        self.history: list[dict] = []
+        self.writer = None
+        if enabled and is_rank_0():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tb_dir)
+
+    def log(self, step: int, **scalars: float) -> None:
+        self.history.append({"step": step, **scalars})
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+
+    def write(self, directory: str, title: str) -> None:
+        """Write `training_metrics.jsonl` and `training_curves.png` (one panel per scalar) into `directory`."""
+        with open(os.path.join(directory, "training_metrics.jsonl"), "w", encoding="utf-8") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+        names = sorted({k for row in self.history for k in row if k != "step"})
+        if not names:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            points = [(row["step"], row[name]) for row in self.history if name in row]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "training_curves.png"), dpi=90)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
