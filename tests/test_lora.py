@@ -1,7 +1,7 @@
 """LoRA: conversion is output-preserving, fusing is exact and idempotent, only LoRA trains, saving fuses."""
-import os
 import socket
 
+import deepspeed
 import pytest
 import torch
 from deepspeed.module_inject.policy import maybe_get_lora
@@ -24,8 +24,7 @@ def tiny_opt() -> OPTForCausalLM:
 
 
 def lora_opt(lora_dim=4, lora_scaling=0.5):
-    model = convert_linear_layer_to_lora(tiny_opt(), LORA_MODULES, lora_dim, lora_scaling=lora_scaling)
-    return model
+    return convert_linear_layer_to_lora(tiny_opt(), LORA_MODULES, lora_dim, lora_scaling=lora_scaling)
 
 
 def randomize_left(model):
@@ -42,20 +41,24 @@ def logits(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def distributed():
-    """A one-rank gloo process group, as the deepspeed launcher would set up for a single process."""
-    created = not torch.distributed.is_initialized()
-    if created:
-        import deepspeed
+    """A one-rank gloo process group, as the deepspeed launcher would set up for a single process.
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    Session-wide: DeepSpeed caches its process groups, so a group must not be re-created mid-run.
+    """
+    if torch.distributed.is_initialized():
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
         deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    if created:
+        yield
         torch.distributed.destroy_process_group()
 
 
@@ -74,8 +77,8 @@ def test_conversion_keeps_logits_and_state_dict_keys(input_ids):
     assert torch.equal(logits(model, input_ids), expected)
     lora_keys = {k for k in model.state_dict() if "lora_" in k}
     assert set(model.state_dict()) - lora_keys == base_keys
-    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith((".weight", ".bias"))
-                   and "lora_" not in n and "layers." in n and ("proj" in n or "fc" in n))
+    lora_modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert not any(m.weight.requires_grad or m.bias.requires_grad for m in lora_modules)
 
 
 def test_lora_dim_zero_is_no_conversion():
@@ -197,7 +200,6 @@ def test_hybrid_engine_contract_matches_our_fuse():
 
 def test_zero3_partitioned_model_converts_without_gathering(distributed, input_ids):
     """Built under ZeRO-3 (weights are empty shards), converted, then trained one step by DeepSpeed."""
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -224,3 +226,13 @@ def test_zero3_partitioned_model_converts_without_gathering(distributed, input_i
     engine.step()
     with deepspeed.zero.GatheredParameters([module.lora_left_weight]):
         assert module.lora_left_weight.abs().sum() > 0
+
+    engine.eval()
+    expected = logits(engine, input_ids)
+    fuse_lora(engine.module)
+    torch.testing.assert_close(logits(engine, input_ids), expected, atol=1e-5, rtol=0)
+    unfuse_lora(engine.module)
+    gathered = engine._zero3_consolidated_16bit_state_dict()  # what engine.save_16bit_model writes
+    plain = tiny_opt()
+    plain.load_state_dict(lora_state_dict_to_fused(gathered, lora_scalings(engine.module)))
+    torch.testing.assert_close(logits(plain, input_ids), expected, atol=1e-5, rtol=0)

@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.fuse_lora = False
 
-    def _factors_and_weight(self):
+    def _fusion_params(self):
         return [self.weight, self.lora_right_weight, self.lora_left_weight]
 
     @torch.no_grad()
@@ -76,7 +76,7 @@ class LoRALinear(nn.Module):
         """
         if self.fuse_lora:
             return
-        with deepspeed.zero.GatheredParameters(self._factors_and_weight(), modifier_rank=0):
+        with deepspeed.zero.GatheredParameters(self._fusion_params(), modifier_rank=0):
             self.weight += _lora_delta(self.lora_right_weight, self.lora_left_weight,
                                        self.lora_scaling).to(self.weight.dtype)
         self.fuse_lora = True
@@ -86,7 +86,7 @@ class LoRALinear(nn.Module):
         """Take the update back out of `weight` (for training). A no-op when not fused."""
         if not self.fuse_lora:
             return
-        with deepspeed.zero.GatheredParameters(self._factors_and_weight(), modifier_rank=0):
+        with deepspeed.zero.GatheredParameters(self._fusion_params(), modifier_rank=0):
             self.weight -= _lora_delta(self.lora_right_weight, self.lora_left_weight,
                                        self.lora_scaling).to(self.weight.dtype)
         self.fuse_lora = False

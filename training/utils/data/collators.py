@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from training.utils.losses import IGNORE_INDEX
 
 
 def _pad(seqs: list[list[int]], pad_id: int, length: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

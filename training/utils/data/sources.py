@@ -73,7 +73,10 @@ def _after_last_assistant(text: str) -> str:
 
 
 def _vicuna_to_messages(text: str) -> list[dict]:
-    """"[system] USER: q ASSISTANT: a USER: q2 ASSISTANT:" -> messages (the last, empty reply dropped)."""
+    """Split Vicuna text `[system] USER: q ASSISTANT: a USER: q2 ASSISTANT:` into messages.
+
+    The trailing empty assistant turn (the one the label answers) is dropped.
+    """
     parts = re.split(r"(USER:|ASSISTANT:)", text)
     messages = [{"role": "system", "content": parts[0].strip()}] if parts[0].strip() else []
     for marker, content in zip(parts[1::2], parts[2::2]):
@@ -165,14 +168,12 @@ def _from_messages(messages) -> Sample:
     """Prompt = the turns before the last assistant reply, which becomes `chosen`."""
     try:
         kept = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-        valid = (len(kept) >= 2 and kept[-1]["role"] == "assistant" and kept[-2]["role"] == "user"
-                 and all(isinstance(m["content"], str) for m in kept))
-        prompt = _render(list(kept[:-1])) if valid else ""
-    except (KeyError, TypeError, ValueError):  # not a list of {role, content} dicts, or an unknown role
-        valid = False
-    if not valid:
-        raise _Skip("bad messages")
-    return Sample(prompt, format_reply(kept[-1]["content"]), messages=kept)
+        if ([m["role"] for m in kept[-2:]] == ["user", "assistant"]
+                and all(isinstance(m["content"], str) for m in kept)):
+            return Sample(_render(list(kept[:-1])), format_reply(kept[-1]["content"]), messages=kept)
+    except (KeyError, TypeError, ValueError):  # not {role, content} dicts, or a role messages_to_chunks rejects
+        pass
+    raise _Skip("bad messages")
 
 
 def _generic(row: dict) -> Sample:
@@ -291,7 +292,7 @@ def _synthetic_source(name: str) -> Source:
 
 def _local_jsonfile_source() -> Source:
     """DeepSpeed-Chat reads `data/train.json` and `data/eval.json` relative to where it runs."""
-    places = [Path.cwd() / "data", REPO_ROOT / "data"]
+    places = list(dict.fromkeys([Path.cwd() / "data", REPO_ROOT / "data"]))
     for data_dir in places:
         if (data_dir / "train.json").is_file():
             files = {"train": data_dir / "train.json"}
@@ -337,33 +338,31 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def _read_file(path: Path) -> list[dict]:
+    """Rows of a local file; a `.json` file may hold one list of objects or JSON lines."""
     if path.suffix == ".parquet":
         import pyarrow.parquet
 
         return pyarrow.parquet.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"'{path}' line {err.lineno}: invalid JSON ({err.msg}); fix the file") from None
-        numbered = list(enumerate(rows, start=1))
-        what = "item"
+        numbered, unit = enumerate(_parse_json(path, text, 1), start=1), "item"
     else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    numbered.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise UserInputError(
-                        f"'{path}' line {number}: invalid JSON ({err.msg}); each line must be one JSON object"
-                    ) from None
-        what = "line"
+        lines = enumerate(text.splitlines(), start=1)
+        numbered, unit = [(n, _parse_json(path, line, n)) for n, line in lines if line.strip()], "line"
+    rows = []
     for number, row in numbered:
         if not isinstance(row, dict):
-            raise UserInputError(f"'{path}' {what} {number}: expected a JSON object, got {type(row).__name__}")
-    return [row for _, row in numbered]
+            raise UserInputError(f"'{path}' {unit} {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _parse_json(path: Path, text: str, first_line: int):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserInputError(f"'{path}' line {first_line + err.lineno - 1}: invalid JSON ({err.msg}); "
+                             f"write one JSON object per line or one list of objects") from None
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
@@ -436,7 +435,8 @@ def _load_hub(name: str, adapter: _Adapter):
     try:
         return datasets.load_dataset(*args)
     except (ConnectionError, FileNotFoundError) as err:
+        reason = str(err).partition("\n")[0]
         raise UserInputError(
-            f"could not load '{name}' from the Hugging Face hub ({str(err).splitlines()[0]}): on a machine with "
+            f"could not load '{name}' from the Hugging Face hub ({reason}): on a machine with "
             f"network run {call}.save_to_disk(DIR), copy DIR here as a path ending with "
             f"'{name}' and pass that path to --data_path") from err

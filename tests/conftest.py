@@ -1,0 +1,58 @@
+"""Shared test helpers: offline environment, the shipped tokenizer, and running step scripts for real."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STEP1_DIR = REPO / "training" / "step1_supervised_finetuning"
+# Variables a launcher sets; an in-process DeepSpeed fixture may have set them in this process too.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "CROSS_RANK", "CROSS_SIZE")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def run_script(script_dir: Path, args: list[str], num_ranks: int | None = None, timeout: int = 600,
+               **env) -> subprocess.CompletedProcess:
+    """Run `main.py`-style script of a step as a user would: plain python, or the deepspeed launcher."""
+    if num_ranks is None:
+        command = [sys.executable] + args
+    else:
+        command = ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(free_port())] + args
+        env.setdefault("OMP_NUM_THREADS", "1")
+    result = subprocess.run(command, cwd=script_dir, env=clean_env(**env), capture_output=True, text=True,
+                            timeout=timeout)
+    return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from training.utils.tokenizer import load_tokenizer
+
+    return load_tokenizer("tiny/opt")

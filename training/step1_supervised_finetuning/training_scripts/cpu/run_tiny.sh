@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Step 1 (SFT) on CPU: the tiny OPT default on the built-in synthetic arithmetic task, fp32, one rank.
+# Usage: bash training_scripts/cpu/run_tiny.sh [OUTPUT_DIR] [ZERO_STAGE] [MODEL]
+#   (run from training/step1_supervised_finetuning; MODEL defaults to tiny/opt, tiny/llama also works)
+set -euo pipefail
+OUTPUT=${1:-./output_step1_tiny}
+ZERO_STAGE=${2:-0}
+MODEL=${3:-tiny/opt}
+mkdir -p "$OUTPUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+deepspeed --num_gpus 1 main.py \
+   --data_path synthetic/arithmetic \
+   --data_split 2,4,4 \
+   --model_name_or_path "$MODEL" \
+   --lora_module_name layers. \
+   --per_device_train_batch_size 16 \
+   --per_device_eval_batch_size 32 \
+   --max_seq_len 64 \
+   --learning_rate 1e-3 \
+   --weight_decay 0.01 \
+   --num_train_epochs 4 \
+   --num_warmup_steps 20 \
+   --dtype fp32 \
+   --zero_stage "$ZERO_STAGE" \
+   --deepspeed \
+   --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
+   --output_dir "$OUTPUT" \
+   2>&1 | tee "$OUTPUT/training.log"
