@@ -56,3 +56,25 @@ def tokenizer():
     from training.utils.tokenizer import load_tokenizer
 
     return load_tokenizer("tiny/opt")
+
+
+@pytest.fixture(scope="session")
+def distributed():
+    """A one-rank gloo process group in this process, as the deepspeed launcher sets up for one rank.
+
+    Session-wide: DeepSpeed caches its process groups, so a group must not be re-created mid-run.
+    The launcher variables are restored afterwards (subprocess runs strip them anyway).
+    """
+    import deepspeed
+    import torch
+
+    if torch.distributed.is_initialized():
+        yield
+        return
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        torch.distributed.destroy_process_group()

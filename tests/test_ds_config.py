@@ -1,5 +1,4 @@
 """DeepSpeed config builders, optimizer groups and choice, and one real DeepSpeed step on CPU."""
-import socket
 
 import deepspeed
 import pytest
@@ -24,27 +23,6 @@ def tiny_opt() -> OPTForCausalLM:
     config = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
                        max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0)
     return OPTForCausalLM(config)
-
-
-@pytest.fixture(scope="session")
-def distributed():
-    """A one-rank gloo process group, as the deepspeed launcher would set up for a single process.
-
-    Session-wide: DeepSpeed caches its process groups, so a group must not be re-created mid-run.
-    """
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

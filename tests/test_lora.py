@@ -1,5 +1,4 @@
 """LoRA: conversion is output-preserving, fusing is exact and idempotent, only LoRA trains, saving fuses."""
-import socket
 
 import deepspeed
 import pytest
@@ -39,27 +38,6 @@ def randomize_left(model):
 def logits(model, input_ids):
     with torch.no_grad():
         return model(input_ids=input_ids).logits
-
-
-@pytest.fixture(scope="session")
-def distributed():
-    """A one-rank gloo process group, as the deepspeed launcher would set up for a single process.
-
-    Session-wide: DeepSpeed caches its process groups, so a group must not be re-created mid-run.
-    """
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture

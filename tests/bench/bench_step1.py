@@ -1,0 +1,113 @@
+"""Step-1 (SFT) throughput benchmark: prints one JSON document.
+
+    python tests/bench/bench_step1.py                       # tiny/opt and tiny/opt-20m, synthetic data
+    python tests/bench/bench_step1.py --data_path ../shared/data/gsm8k_train.sft.jsonl --max_seq_len 256
+
+Each row runs in its own process (so peak RSS is that row's own), one rank, the same components as
+step 1 (tokenizer, phase-1 cache, SFTCollator, DeepSpeed engine, causal_lm_loss). Rows: every model x
+{pad to the longest sample in the batch (what step 1 does), pad to --max_seq_len (the reference)}.
+Figures: samples/s, real tokens/s (non-pad), computed tokens/s, padding efficiency (real / computed),
+peak RSS in MiB.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["tiny/opt", "tiny/opt-20m"])
+    parser.add_argument("--data_path", default="synthetic/arithmetic")
+    parser.add_argument("--max_seq_len", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30, help="Timed steps (after 3 warm-up steps).")
+    parser.add_argument("--data_output_path", default="/tmp/data_files/bench")
+    parser.add_argument("--row", nargs=2, metavar=("MODEL", "PADDING"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run_row(args, model_name: str, padding: str) -> dict:
+    import deepspeed
+    import torch
+
+    from training.utils import runtime
+    from training.utils.data.collators import SFTCollator
+    from training.utils.data.pipeline import PHASE_SFT, DataConfig, build_phase_data
+    from training.utils.ds_config import get_train_ds_config
+    from training.utils.losses import causal_lm_loss
+    from training.utils.model.build import create_hf_model
+    from training.utils.tokenizer import load_tokenizer
+
+    device = runtime.init_distributed()
+    runtime.set_random_seed(0)
+    tokenizer = load_tokenizer(model_name)
+    data = build_phase_data(DataConfig(data_path=(args.data_path,), data_split="10,0,0",
+                                       data_output_path=args.data_output_path, max_seq_len=args.max_seq_len),
+                            tokenizer, PHASE_SFT)
+    collator = SFTCollator(tokenizer.pad_token_id, pad_to=args.max_seq_len if padding == "max_length" else None)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True, collate_fn=collator,
+                                         generator=torch.Generator().manual_seed(0))
+    ds_config = get_train_ds_config(offload=False, dtype="fp32", stage=0, train_batch_size=args.batch_size,
+                                    micro_batch_size=args.batch_size, gradient_accumulation_steps=1,
+                                    device=device.type)
+    model = create_hf_model(model_name, tokenizer, ds_config=ds_config)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    batches = iter(loader)
+    samples = real_tokens = computed_tokens = 0
+    for step in range(3 + args.steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        if step == 3:
+            start = time.perf_counter()
+            samples = real_tokens = computed_tokens = 0
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss = causal_lm_loss(logits, batch["labels"])
+        engine.backward(loss)
+        engine.step()
+        samples += batch["input_ids"].size(0)
+        real_tokens += int(batch["attention_mask"].sum())
+        computed_tokens += batch["input_ids"].numel()
+    elapsed = time.perf_counter() - start
+    return {"model": model_name, "params": params, "padding": padding, "data_path": args.data_path,
+            "max_seq_len": args.max_seq_len, "batch_size": args.batch_size, "steps": args.steps,
+            "samples_per_s": round(samples / elapsed, 2), "real_tokens_per_s": round(real_tokens / elapsed, 1),
+            "computed_tokens_per_s": round(computed_tokens / elapsed, 1),
+            "padding_efficiency": round(real_tokens / computed_tokens, 4),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.row:
+        print("BENCH_ROW " + json.dumps(run_row(args, *args.row)), flush=True)
+        return
+    rows = []
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    for model_name in args.models:
+        for padding in ("longest", "max_length"):
+            result = subprocess.run([sys.executable, __file__, *base, "--row", model_name, padding],
+                                    capture_output=True, text=True, env=env)
+            lines = [l for l in result.stdout.splitlines() if l.startswith("BENCH_ROW ")]
+            if result.returncode != 0 or not lines:
+                sys.exit(f"benchmark row {model_name}/{padding} failed:\n{result.stderr[-3000:]}")
+            rows.append(json.loads(lines[0][len("BENCH_ROW "):]))
+            print(f"{model_name:>14} pad={padding:<10} {rows[-1]['samples_per_s']:>8} samples/s "
+                  f"{rows[-1]['real_tokens_per_s']:>9} real tok/s  eff {rows[-1]['padding_efficiency']}",
+                  file=sys.stderr)
+    print(json.dumps({"benchmark": "step1_sft", "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
