@@ -95,6 +95,15 @@ def test_two_ranks_with_zero(tmp_path, stage):
     assert torch.isfinite(logits).all()
 
 
+def test_zero_offload_with_cpu_adam(tmp_path):
+    """ZeRO-2 with the optimizer offloaded to DeepSpeedCPUAdam (JIT-built once per machine)."""
+    output = tmp_path / "actor"
+    result = run_script(STEP1_DIR, step1_args(tmp_path, output, "--zero_stage", "2", "--offload"))
+    assert_ok(result)
+    ppl = [r["eval/perplexity"] for r in metrics(output) if "eval/perplexity" in r]
+    assert ppl[-1] < ppl[0] / 5, ppl
+
+
 def bad_json_rows(tmp_path):
     return str(write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}]))
 

@@ -113,10 +113,12 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def progress(iterable, **kwargs):
-    """A tqdm bar on rank 0 only (other ranks iterate silently)."""
+    """A tqdm bar on rank 0 only (other ranks iterate silently); redrawn every 10 s when the output is a
+    log file rather than a terminal, so training.log stays readable."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, disable=not is_rank_0(), file=sys.stdout, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, disable=not is_rank_0(), file=sys.stdout, dynamic_ncols=True,
+                mininterval=0.1 if sys.stdout.isatty() else 10.0, **kwargs)
 
 
 class MetricsLog:
