@@ -104,6 +104,15 @@ def test_zero_offload_with_cpu_adam(tmp_path):
     assert ppl[-1] < ppl[0] / 5, ppl
 
 
+def test_error_on_rank_0_does_not_hang_the_other_rank(tmp_path):
+    """The phase split is cut on rank 0 only; its error must reach rank 1 instead of leaving it at a barrier."""
+    output = tmp_path / "actor"
+    result = run_script(STEP1_DIR, step1_args(tmp_path, output, "--data_split", "0,5,5"), num_ranks=2, timeout=180)
+    assert result.returncode != 0
+    assert "leaves no training rows for phase 1" in result.stdout + result.stderr
+    assert not output.exists()
+
+
 def bad_json_rows(tmp_path):
     return str(write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}]))
 

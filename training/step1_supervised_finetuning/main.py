@@ -11,12 +11,11 @@ import time
 
 import deepspeed
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from training.utils import args as shared_args
 from training.utils import runtime
 from training.utils.data.collators import SFTCollator
-from training.utils.data.pipeline import PHASE_SFT, DataConfig, build_phase_data
+from training.utils.data.pipeline import PHASE_SFT, DataConfig, build_phase_data, make_loader
 from training.utils.ds_config import get_train_ds_config, global_batch_size
 from training.utils.errors import report_user_errors
 from training.utils.lora import (convert_linear_layer_to_lora, make_model_gradient_checkpointing_compatible,
@@ -40,12 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     shared_args.validate_common(args)
     return args
-
-
-def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size(), rank=runtime.rank(),
-                                 shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
 
 
 def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float]:

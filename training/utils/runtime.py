@@ -93,9 +93,12 @@ def run_on_rank_0(fn, *args, **kwargs):
         except UserInputError as err:
             error = str(err)
         except Exception as err:  # any other failure must still release the waiting ranks
-            error = f"rank 0 failed: {type(err).__name__}: {err}"
             if world_size() == 1:
                 raise
+            import traceback
+
+            traceback.print_exc()
+            error = f"rank 0 failed: {type(err).__name__}: {err}"
     if dist.is_initialized() and world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)

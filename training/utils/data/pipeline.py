@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch.utils.data import DataLoader, DistributedSampler
 
 from training.utils import runtime
 from training.utils.data.conversation import Chunk, encode_conversations, messages_to_chunks, prompt_chunks
@@ -266,7 +267,7 @@ def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["
 
 
 def tokenise_prompts(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
-    """Prompt ids in full (step 3 applies --max_prompt_seq_len), plus the reference reply when known."""
+    """Prompt ids in full: step 3 applies its own --max_prompt_seq_len policy (truncate or drop)."""
     encoded = encode_conversations(tokenizer, [prompt_chunks(s.prompt) for s in rows])
     prompts = [ids for ids, _ in encoded]
     return RaggedDataset({"prompt_ids": prompts}), {}
@@ -313,3 +314,12 @@ class RaggedDataset:
     def lengths(self, name: str) -> np.ndarray:
         offsets = self.fields[name][1]
         return offsets[1:] - offsets[:-1]
+
+
+def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool) -> DataLoader:
+    """A DataLoader whose sampler shards by rank (also with one rank, so the order depends only on seed
+    and epoch). Every rank gets the same number of batches, which ZeRO-3's per-forward collectives
+    need; for that the sampler repeats up to world_size - 1 samples when the split does not divide."""
+    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size(), rank=runtime.rank(),
+                                 shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
