@@ -9,21 +9,17 @@ import argparse
 import math
 import time
 
-import deepspeed
 import torch
 
 from training.utils import args as shared_args
 from training.utils import runtime
 from training.utils.data.collators import SFTCollator
 from training.utils.data.pipeline import PHASE_SFT, DataConfig, build_phase_data, make_loader
-from training.utils.ds_config import get_train_ds_config, global_batch_size
+from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
 from training.utils.errors import report_user_errors
-from training.utils.lora import (convert_linear_layer_to_lora, make_model_gradient_checkpointing_compatible,
-                                 only_optimize_lora_parameters)
 from training.utils.losses import causal_lm_loss, count_label_tokens
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import save_hf_format
-from training.utils.optim import create_lr_scheduler, create_optimizer, get_optimizer_grouped_parameters
 from training.utils.tokenizer import load_tokenizer
 
 
@@ -63,16 +59,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = runtime.init_distributed(args.local_rank)
     runtime.set_random_seed(args.seed)
-    dtype = shared_args.resolve_dtype(args.dtype, device.type)
-    ds_config = get_train_ds_config(
-        offload=args.offload, dtype=dtype, stage=args.zero_stage,
-        train_batch_size=global_batch_size(args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                                           runtime.world_size()),
-        micro_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        enable_tensorboard=args.enable_tensorboard, tb_path=args.tensorboard_path, tb_name="step1_model",
-        device=device.type)
-    ds_config = shared_args.merge_user_ds_config(ds_config, args.deepspeed_config)
+    ds_config = train_ds_config(args, device, tb_name="step1_model")
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.add_eot_token, args.eot_token, args.trust_remote_code)
     data = build_phase_data(DataConfig(
@@ -87,21 +74,9 @@ def main(argv=None) -> None:
 
     model = create_hf_model(args.model_name_or_path, tokenizer, ds_config=ds_config, dropout=args.dropout,
                             trust_remote_code=args.trust_remote_code)
-    if args.lora_dim > 0:
-        convert_linear_layer_to_lora(model, args.lora_module_name, args.lora_dim)
-        if args.only_optimize_lora:
-            only_optimize_lora_parameters(model)
-            make_model_gradient_checkpointing_compatible(model)
-    optimizer = create_optimizer(
-        get_optimizer_grouped_parameters(model, args.weight_decay, args.lora_learning_rate),
-        lr=args.learning_rate, offload=args.offload, device=device.type)
+    apply_lora(model, args)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps,
-                                       steps_per_epoch * args.num_train_epochs)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                      config=ds_config, dist_init_required=False)
-    if args.gradient_checkpointing:
-        engine.module.gradient_checkpointing_enable()
+    engine, lr_scheduler = initialize_train_engine(model, args, ds_config, device, steps_per_epoch)
 
     metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step1_model")
     eval_loss, ppl = evaluate(engine, eval_loader, device, args.compute_fp32_loss)
