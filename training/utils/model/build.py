@@ -4,6 +4,7 @@ ZeRO-3: when the DeepSpeed config has stage 3, an `HfDeepSpeedConfig` is alive w
 the model, so parameters are partitioned as they are created (a 70B model never materialises on one
 rank). It must stay referenced until `deepspeed.initialize`, hence it is attached to the model.
 """
+import json
 import math
 import os
 
@@ -28,14 +29,39 @@ def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
         if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
             raise UserInputError(f"model directory '{model_name_or_path}' has no config.json: point "
                                  "--model_name_or_path at a Hugging Face model directory (save_pretrained output)")
-        return AutoConfig.from_pretrained(model_name_or_path, local_files_only=True,
-                                          trust_remote_code=trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(model_name_or_path, local_files_only=True,
+                                              trust_remote_code=trust_remote_code)
+        except ValueError as err:
+            raise UserInputError(f"model directory '{model_name_or_path}': transformers cannot build its config.json "
+                                 f"(model_type '{_declared_model_type(model_name_or_path)}'): use an architecture "
+                                 "this transformers version knows, or --trust_remote_code for a model that ships "
+                                 "its own code") from err
     try:
         return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserInputError(f"cannot load model '{model_name_or_path}': not a local directory, and the hub "
                              f"is not reachable or has no such model ({str(err).splitlines()[0]}); "
                              "pass a local model directory or tiny/opt | tiny/llama")
+
+
+def _declared_model_type(directory: str) -> str:
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        return json.load(f).get("model_type", "<missing>")
+
+
+def check_model_class_supports(model_class, config) -> None:
+    """Refuse early, naming the model_type, when an Auto class has no model for this config.
+
+    Otherwise transformers fails deep inside construction with a message about config classes.
+    """
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is None or type(config) in mapping:
+        return
+    if model_class.__name__ in (getattr(config, "auto_map", None) or {}):
+        return  # remote code provides the class
+    raise UserInputError(f"model_type '{config.model_type}' has no {model_class.__name__} in transformers: "
+                         "pick a decoder model that transformers supports (OPT, Llama, Qwen2, GPT-2, Bloom, ...)")
 
 
 def set_dropout(config, dropout: float | None) -> None:
@@ -60,6 +86,7 @@ def create_hf_model(model_name_or_path: str, tokenizer, *, ds_config: dict | Non
 
     model_class = model_class or AutoModelForCausalLM
     config = load_model_config(model_name_or_path, trust_remote_code)
+    check_model_class_supports(model_class, config)
     set_dropout(config, dropout)
     zero3_context = None
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:

@@ -40,9 +40,19 @@ def save_hf_format(model, tokenizer, output_dir: str, *, extra_json: dict[str, d
     arguments); `metrics` (a runtime.MetricsLog) adds the metrics history and a PNG of the curves.
     """
     state = gather_state_dict(model)
+    write_model_directory(output_dir, tokenizer,
+                          lambda tmp: model.save_pretrained(tmp, state_dict=state, safe_serialization=True),
+                          extra_json=extra_json, metrics=metrics, metrics_title=metrics_title)
+
+
+def write_model_directory(output_dir: str, tokenizer, write_weights, *, extra_json: dict[str, dict] | None = None,
+                          metrics=None, metrics_title: str = "") -> None:
+    """The part of every model save after gathering: rank 0 fills a temporary directory with
+    `write_weights(tmp)`, the tokenizer, the `extra_json` files and the metrics, then renames it onto
+    `output_dir`; every rank must call it (it ends with a barrier)."""
     if runtime.is_rank_0():
         with atomic_directory(output_dir) as tmp:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            write_weights(tmp)
             tokenizer.save_pretrained(tmp)
             for name, content in (extra_json or {}).items():
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:

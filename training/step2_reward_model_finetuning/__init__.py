@@ -1,0 +1,1 @@
+"""Step 2: reward model training and evaluation (run main.py / rw_eval.py from this folder)."""

@@ -1,0 +1,110 @@
+"""Score replies with a trained reward model (the one step 2 saved, really loaded).
+
+    python rw_eval.py --model_name_or_path out/reward --prompt "What is 2 + 2?" --chosen " 4" --rejected " 5"
+    python rw_eval.py --model_name_or_path out/reward --pairs prefs.jsonl        # accuracy + per-pair scores
+    python rw_eval.py --model_name_or_path out/reward --samples replies.jsonl    # {"prompt", "response"} rows
+
+Prompts without the "Human: ... Assistant:" markers are wrapped in them; every reply gets the EOS id,
+exactly as in training, so the score is read where the model learnt to put it.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from training.utils.data.collators import PairCollator
+from training.utils.data.conversation import ASSISTANT, Chunk, encode_conversations, format_reply, format_user_turn, prompt_chunks
+from training.utils.data.sources import open_source
+from training.utils.errors import UserInputError, report_user_errors
+from training.utils.model.reward_model import load_reward_model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Score prompt/reply pairs with a trained reward model.")
+    parser.add_argument("--model_name_or_path", required=True, help="A step-2 output directory.")
+    parser.add_argument("--prompt", help="One prompt (plain text or HH format).")
+    parser.add_argument("--chosen", help="A reply to --prompt (with --rejected: a pair).")
+    parser.add_argument("--rejected", help="A second reply to --prompt.")
+    parser.add_argument("--pairs", help="A .json/.jsonl/.parquet file of prompt/chosen/rejected rows: accuracy.")
+    parser.add_argument("--samples", help="A .jsonl file of prompt/response rows: scores only.")
+    parser.add_argument("--max_seq_len", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--show", type=int, default=20, help="Rows of per-sample scores to print.")
+    parser.add_argument("--num_padding_at_beginning", type=int, default=1, help="Accepted and ignored.")
+    parser.add_argument("--output_json", help="Also write every score and the summary to this file.")
+    args = parser.parse_args(argv)
+    if sum(x is not None for x in (args.prompt, args.pairs, args.samples)) != 1:
+        parser.error("give exactly one of --prompt (with --chosen [--rejected]), --pairs FILE, --samples FILE")
+    if args.prompt is not None and args.chosen is None:
+        parser.error("--prompt needs --chosen (and optionally --rejected)")
+    return args
+
+
+def as_prompt(text: str) -> str:
+    return text if ASSISTANT in text else format_user_turn(text)
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts: list[str], replies: list[str], max_seq_len: int, batch_size: int) -> list[float]:
+    """Reward of each (prompt, reply): the value at the EOS that ends the reply (left-truncated prompts)."""
+    conversations = [prompt_chunks(p) + [Chunk(r, ends_turn=True)] for p, r in zip(prompts, replies)]
+    encoded = [ids[-max_seq_len:] for ids, _ in encode_conversations(tokenizer, conversations)]
+    collator, device = PairCollator(tokenizer.pad_token_id), next(model.parameters()).device
+    scores = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        # PairCollator pads chosen + rejected rows together; with no rejected rows it is a plain right pad.
+        batch = collator([{"chosen_ids": ids, "rejected_ids": []} for ids in chunk])
+        n = len(chunk)
+        output = model(input_ids=batch["input_ids"][:n].to(device), attention_mask=batch["attention_mask"][:n].to(device))
+        scores += output.end_scores.float().tolist()
+    return scores
+
+
+def load_rows(path: str, need_pairs: bool):
+    source = open_source(path)
+    rows = source.rows("train")
+    if source.has_eval_split:
+        rows += source.rows("eval")
+    if need_pairs:
+        rows = [r for r in rows if r.chosen and r.rejected]
+        if not rows:
+            raise UserInputError(f"'{path}' has no rows with prompt, chosen and rejected")
+    return rows
+
+
+@report_user_errors
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model, tokenizer, info = load_reward_model(args.model_name_or_path)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    if args.prompt is not None:
+        prompts, chosen = [as_prompt(args.prompt)], [format_reply(args.chosen)]
+        rejected = [format_reply(args.rejected)] if args.rejected is not None else None
+    else:
+        rows = load_rows(args.pairs or args.samples, need_pairs=args.pairs is not None)
+        prompts, chosen = [r.prompt for r in rows], [r.chosen for r in rows]
+        rejected = [r.rejected for r in rows] if args.pairs else None
+    chosen_scores = score(model, tokenizer, prompts, chosen, args.max_seq_len, args.batch_size)
+    rejected_scores = score(model, tokenizer, prompts, rejected, args.max_seq_len, args.batch_size) if rejected else None
+    for i in range(min(args.show, len(prompts))):
+        line = f"[{i}] prompt {prompts[i].strip()[:80]!r}\n    chosen   {chosen_scores[i]:+.4f}  {chosen[i][:80]!r}"
+        if rejected_scores:
+            line += f"\n    rejected {rejected_scores[i]:+.4f}  {rejected[i][:80]!r}"
+        print(line)
+    summary = {"rows": len(prompts), "mean_score": sum(chosen_scores) / len(chosen_scores),
+               "saved_reward_stats": info.get("reward_stats", {})}
+    if rejected_scores:
+        summary["accuracy"] = sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(prompts)
+        summary["mean_margin"] = sum(c - r for c, r in zip(chosen_scores, rejected_scores)) / len(prompts)
+    print(json.dumps(summary))
+    if args.output_json:
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump({**summary, "chosen_scores": chosen_scores, "rejected_scores": rejected_scores}, f, indent=1)
+    sys.stdout.flush()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

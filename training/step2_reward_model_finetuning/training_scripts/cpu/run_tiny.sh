@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Step 2 (reward model) on CPU: the tiny default on the built-in synthetic pairs, fp32, one rank.
+# Usage: bash training_scripts/cpu/run_tiny.sh [OUTPUT_DIR] [ZERO_STAGE] [MODEL]
+#   (run from training/step2_reward_model_finetuning; MODEL: tiny/opt (default), tiny/llama, or a step-1 output)
+set -euo pipefail
+OUTPUT=${1:-./output_step2_tiny}
+ZERO_STAGE=${2:-0}
+MODEL=${3:-tiny/opt}
+mkdir -p "$OUTPUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+deepspeed --num_gpus 1 main.py \
+   --data_path synthetic/arithmetic \
+   --data_split 2,4,4 \
+   --model_name_or_path "$MODEL" \
+   --per_device_train_batch_size 16 \
+   --per_device_eval_batch_size 32 \
+   --max_seq_len 96 \
+   --learning_rate 5e-4 \
+   --weight_decay 0.01 \
+   --num_train_epochs 1 \
+   --num_warmup_steps 20 \
+   --eval_interval 100 \
+   --eval_iters 20 \
+   --dtype fp32 \
+   --zero_stage "$ZERO_STAGE" \
+   --deepspeed \
+   --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
+   --output_dir "$OUTPUT" \
+   2>&1 | tee "$OUTPUT/training.log"
