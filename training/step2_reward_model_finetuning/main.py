@@ -19,7 +19,7 @@ import torch
 from training.utils import args as shared_args
 from training.utils import runtime
 from training.utils.data.collators import PairCollator
-from training.utils.data.pipeline import PHASE_REWARD, DataConfig, build_phase_data, make_loader
+from training.utils.data.pipeline import PHASE_REWARD, DataConfig, build_phase_data, make_loaders
 from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
 from training.utils.errors import report_user_errors
 from training.utils.losses import pairwise_loss, span_pairwise_loss
@@ -98,12 +98,8 @@ def main(argv=None) -> None:
     ds_config = train_ds_config(args, device, tb_name="step2_model")
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.add_eot_token, args.eot_token, args.trust_remote_code)
-    data = build_phase_data(DataConfig(
-        data_path=tuple(args.data_path), data_split=args.data_split, data_output_path=args.data_output_path,
-        data_seed=args.data_seed, max_seq_len=args.max_seq_len), tokenizer, PHASE_REWARD)
-    collator = PairCollator(tokenizer.pad_token_id)
-    train_loader = make_loader(data.train, args.per_device_train_batch_size, collator, args.seed, shuffle=True)
-    eval_loader = make_loader(data.eval, args.per_device_eval_batch_size, collator, args.seed, shuffle=False)
+    data = build_phase_data(DataConfig.from_args(args), tokenizer, PHASE_REWARD)
+    train_loader, eval_loader = make_loaders(data, args, PairCollator(tokenizer.pad_token_id))
     runtime.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval pairs "
                          f"(cache {data.cache_dir}; train {data.stats['train']})")
 

@@ -39,6 +39,14 @@ class DataConfig:
     max_seq_len: int = 512
     train_on_prompt: bool = False  # SFT: also put prompt tokens into the loss
 
+    @classmethod
+    def from_args(cls, args) -> "DataConfig":
+        """From the shared data flags (training.utils.args.add_data_args) of any step."""
+        return cls(data_path=tuple(args.data_path), data_split=args.data_split,
+                   data_output_path=args.data_output_path, data_seed=args.data_seed,
+                   sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ())),
+                   max_seq_len=args.max_seq_len, train_on_prompt=getattr(args, "train_on_prompt", False))
+
 
 @dataclass
 class PhaseData:
@@ -314,6 +322,12 @@ class RaggedDataset:
     def lengths(self, name: str) -> np.ndarray:
         offsets = self.fields[name][1]
         return offsets[1:] - offsets[:-1]
+
+
+def make_loaders(data: PhaseData, args, collator) -> tuple[DataLoader, DataLoader]:
+    """Shuffled train and ordered eval loaders from the shared batch-size flags."""
+    return (make_loader(data.train, args.per_device_train_batch_size, collator, args.seed, shuffle=True),
+            make_loader(data.eval, args.per_device_eval_batch_size, collator, args.seed, shuffle=False))
 
 
 def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool) -> DataLoader:

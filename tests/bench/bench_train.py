@@ -1,13 +1,14 @@
-"""Step-1 (SFT) throughput benchmark: prints one JSON document.
+"""Training throughput benchmark for step 1 (SFT) and step 2 (reward model): prints one JSON document.
 
-    python tests/bench/bench_step1.py                       # tiny/opt and tiny/opt-20m, synthetic data
-    python tests/bench/bench_step1.py --data_path ../shared/data/gsm8k_train.sft.jsonl --max_seq_len 256
+    python tests/bench/bench_train.py --step sft            # tiny/opt and tiny/opt-20m, synthetic data
+    python tests/bench/bench_train.py --step rm             # reward model: pairs/s
+    python tests/bench/bench_train.py --data_path ../shared/data/gsm8k_train.sft.jsonl --max_seq_len 256
 
-Each row runs in its own process (so peak RSS is that row's own), one rank, the same components as
-step 1 (tokenizer, phase-1 cache, SFTCollator, DeepSpeed engine, causal_lm_loss). Rows: every model x
-{pad to the longest sample in the batch (what step 1 does), pad to --max_seq_len (the reference)}.
-Figures: samples/s, real tokens/s (non-pad), computed tokens/s, padding efficiency (real / computed),
-peak RSS in MiB.
+Each row runs in its own process (so peak RSS is that row's own), one rank, the same components as the
+step (tokenizer, phase cache, collator, model, DeepSpeed engine, loss). SFT rows: every model x {pad to the
+longest sample in the batch (what step 1 does), pad to --max_seq_len (the reference)}. RM rows: every
+model, padded to the longest of the batch's 2B sequences. Figures: samples/s (pairs/s for rm), real
+tokens/s (non-pad), computed tokens/s, padding efficiency (real / computed), peak RSS in MiB.
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ import time
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step", choices=["sft", "rm"], default="sft")
     parser.add_argument("--models", nargs="*", default=["tiny/opt", "tiny/opt-20m"])
     parser.add_argument("--data_path", default="synthetic/arithmetic")
     parser.add_argument("--max_seq_len", type=int, default=128)
@@ -35,26 +37,32 @@ def run_row(args, model_name: str, padding: str) -> dict:
     import torch
 
     from training.utils import runtime
-    from training.utils.data.collators import SFTCollator
-    from training.utils.data.pipeline import PHASE_SFT, DataConfig, build_phase_data
+    from training.utils.data.collators import PairCollator, SFTCollator
+    from training.utils.data.pipeline import PHASE_REWARD, PHASE_SFT, DataConfig, build_phase_data
     from training.utils.ds_config import get_train_ds_config
-    from training.utils.losses import causal_lm_loss
+    from training.utils.losses import causal_lm_loss, pairwise_loss
     from training.utils.model.build import create_hf_model
+    from training.utils.model.reward_model import create_reward_model
     from training.utils.tokenizer import load_tokenizer
 
     device = runtime.init_distributed()
     runtime.set_random_seed(0)
     tokenizer = load_tokenizer(model_name)
-    data = build_phase_data(DataConfig(data_path=(args.data_path,), data_split="10,0,0",
+    reward = args.step == "rm"
+    data = build_phase_data(DataConfig(data_path=(args.data_path,), data_split="0,1,0" if reward else "1,0,0",
                                        data_output_path=args.data_output_path, max_seq_len=args.max_seq_len),
-                            tokenizer, PHASE_SFT)
-    collator = SFTCollator(tokenizer.pad_token_id, pad_to=args.max_seq_len if padding == "max_length" else None)
+                            tokenizer, PHASE_REWARD if reward else PHASE_SFT)
+    if reward:
+        collator = PairCollator(tokenizer.pad_token_id)
+    else:
+        collator = SFTCollator(tokenizer.pad_token_id, pad_to=args.max_seq_len if padding == "max_length" else None)
     loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True, collate_fn=collator,
                                          generator=torch.Generator().manual_seed(0))
     ds_config = get_train_ds_config(offload=False, dtype="fp32", stage=0, train_batch_size=args.batch_size,
                                     micro_batch_size=args.batch_size, gradient_accumulation_steps=1,
                                     device=device.type)
-    model = create_hf_model(model_name, tokenizer, ds_config=ds_config)
+    build = create_reward_model if reward else create_hf_model
+    model = build(model_name, tokenizer, ds_config=ds_config)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -69,15 +77,19 @@ def run_row(args, model_name: str, padding: str) -> dict:
         if step == 3:
             start = time.perf_counter()
             samples = real_tokens = computed_tokens = 0
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss = causal_lm_loss(logits, batch["labels"])
+        output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if reward:
+            chosen, rejected = output.end_scores.chunk(2)
+            loss = pairwise_loss(chosen, rejected)
+        else:
+            loss = causal_lm_loss(output.logits, batch["labels"])
         engine.backward(loss)
         engine.step()
-        samples += batch["input_ids"].size(0)
+        samples += batch["input_ids"].size(0) // (2 if reward else 1)
         real_tokens += int(batch["attention_mask"].sum())
         computed_tokens += batch["input_ids"].numel()
     elapsed = time.perf_counter() - start
-    return {"model": model_name, "params": params, "padding": padding, "data_path": args.data_path,
+    return {"step": args.step, "model": model_name, "params": params, "padding": padding, "data_path": args.data_path,
             "max_seq_len": args.max_seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "samples_per_s": round(samples / elapsed, 2), "real_tokens_per_s": round(real_tokens / elapsed, 1),
             "computed_tokens_per_s": round(computed_tokens / elapsed, 1),
@@ -96,7 +108,7 @@ def main(argv=None) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("HF_HUB_OFFLINE", "1")
     for model_name in args.models:
-        for padding in ("longest", "max_length"):
+        for padding in ("longest",) if args.step == "rm" else ("longest", "max_length"):
             result = subprocess.run([sys.executable, __file__, *base, "--row", model_name, padding],
                                     capture_output=True, text=True, env=env)
             lines = [l for l in result.stdout.splitlines() if l.startswith("BENCH_ROW ")]
@@ -106,7 +118,7 @@ def main(argv=None) -> None:
             print(f"{model_name:>14} pad={padding:<10} {rows[-1]['samples_per_s']:>8} samples/s "
                   f"{rows[-1]['real_tokens_per_s']:>9} real tok/s  eff {rows[-1]['padding_efficiency']}",
                   file=sys.stderr)
-    print(json.dumps({"benchmark": "step1_sft", "rows": rows}, indent=1))
+    print(json.dumps({"benchmark": f"train_{args.step}", "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
