@@ -111,3 +111,17 @@ def test_bad_model_directories(tmp_path, tokenizer):
         create_hf_model(str(pickle_dir), tokenizer)
     with pytest.raises(UserInputError, match="unknown tiny model"):
         create_hf_model("tiny/gpt9", tokenizer)
+
+
+def test_zero3_construction_does_not_leak_into_later_models(distributed, tokenizer):
+    """transformers registers the ZeRO-3 config process-wide; a later ZeRO-0 model must stay whole."""
+    from training.utils.ds_config import get_train_ds_config
+
+    zero3 = get_train_ds_config(offload=False, dtype="fp32", stage=3, train_batch_size=1, micro_batch_size=1,
+                                gradient_accumulation_steps=1)
+    partitioned = create_hf_model("tiny/opt", tokenizer, ds_config=zero3)
+    # (the tied input embedding may be left for deepspeed.initialize to partition)
+    assert sum(hasattr(p, "ds_id") for p in partitioned.parameters()) >= len(list(partitioned.parameters())) - 1
+    plain = create_hf_model("tiny/opt", tokenizer)
+    assert not any(hasattr(p, "ds_id") for p in plain.parameters())
+    assert sum(p.numel() for p in plain.parameters()) > 1_000_000

@@ -1,8 +1,10 @@
 """Build a causal LM from a tiny in-repo config, a local Hugging Face directory, or a hub id.
 
-ZeRO-3: when the DeepSpeed config has stage 3, an `HfDeepSpeedConfig` is alive while transformers builds
-the model, so parameters are partitioned as they are created (a 70B model never materialises on one
-rank). It must stay referenced until `deepspeed.initialize`, hence it is attached to the model.
+ZeRO-3: when the DeepSpeed config has stage 3, an `HfDeepSpeedConfig` is registered while transformers
+builds the model (and resizes its embeddings), so parameters are partitioned as they are created (a 70B
+model never materialises on one rank). transformers keeps that registration process-wide, so it is
+removed right after: otherwise every later model of the process (say a ZeRO-0 reward model next to a
+ZeRO-3 actor in step 3) would be partitioned too.
 """
 import json
 import math
@@ -82,15 +84,23 @@ def create_hf_model(model_name_or_path: str, tokenizer, *, ds_config: dict | Non
     generates with the right stop token without extra flags.
     """
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     model_class = model_class or AutoModelForCausalLM
     config = load_model_config(model_name_or_path, trust_remote_code)
     check_model_class_supports(model_class, config)
     set_dropout(config, dropout)
-    zero3_context = None
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
-        zero3_context = HfDeepSpeedConfig(ds_config)
+    unset_hf_deepspeed_config()
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    zero3_registration = HfDeepSpeedConfig(ds_config) if zero3 else None
+    try:
+        return _build(model_class, model_name_or_path, config, tokenizer, trust_remote_code)
+    finally:
+        del zero3_registration
+        unset_hf_deepspeed_config()
+
+
+def _build(model_class, model_name_or_path: str, config, tokenizer, trust_remote_code: bool):
     if model_name_or_path.startswith(TINY_PREFIX):
         model = model_class.from_config(config, dtype=torch.float32)
     else:
@@ -101,7 +111,6 @@ def create_hf_model(model_name_or_path: str, tokenizer, *, ds_config: dict | Non
                                  "model.save_pretrained(dir) (safe_serialization is the default)")
         model = model_class.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
                                             local_files_only=local, trust_remote_code=trust_remote_code)
-    model._hf_ds_config = zero3_context  # keep ZeRO-3 construction context alive with the model
     configure_special_tokens(model, tokenizer)
     model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
     return model

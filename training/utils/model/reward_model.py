@@ -23,8 +23,8 @@ On-disk format (written by `save_reward_model`, read by `load_reward_model`): on
 Weights are safetensors only; pickle files are refused, never loaded. `reward_stats` (the scores'
 distribution on the eval split) lets step 3 normalise rewards.
 
-ZeRO-3: the backbone is built by `create_hf_model` under `HfDeepSpeedConfig`, which stays referenced on
-the backbone (`_hf_ds_config`) until `deepspeed.initialize`. The value head is a plain parameter until
+ZeRO-3: the backbone is built by `create_hf_model`, partitioned as it is created (under an
+`HfDeepSpeedConfig` registered for that build only). The value head is a plain parameter until
 then; DeepSpeed partitions it (broadcasting rank 0's copy) at initialize. Saving gathers one
 parameter at a time; loading the head gathers it if it is partitioned. No code here reads a
 parameter's shape or data outside a gather.
