@@ -51,6 +51,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_pickle_only_model_dir(model, directory: Path) -> Path:
+    """A model directory as older tools leave it: config.json plus pickle weights (pytorch_model.bin) only."""
+    import torch
+
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from training.utils.tokenizer import load_tokenizer

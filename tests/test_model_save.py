@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import write_pickle_only_model_dir
+
 from training.utils.errors import UserInputError
 from training.utils.lora import LoRALinear, convert_linear_layer_to_lora
 from training.utils.model.build import create_hf_model
@@ -103,10 +105,7 @@ def test_bad_model_directories(tmp_path, tokenizer):
         create_hf_model(str(tmp_path / "empty"), tokenizer)
     with pytest.raises(UserInputError, match="no tokenizer files"):
         load_tokenizer(str(tmp_path / "empty"))
-    pickle_dir = tmp_path / "pickle"
-    model = create_hf_model("tiny/opt", tokenizer)
-    model.config.save_pretrained(pickle_dir)
-    torch.save(model.state_dict(), pickle_dir / "pytorch_model.bin")
+    pickle_dir = write_pickle_only_model_dir(create_hf_model("tiny/opt", tokenizer), tmp_path / "pickle")
     with pytest.raises(UserInputError, match="pickle"):
         create_hf_model(str(pickle_dir), tokenizer)
     with pytest.raises(UserInputError, match="unknown tiny model"):

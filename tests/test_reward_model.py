@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
+from conftest import write_pickle_only_model_dir
+
 from training.utils.errors import UserInputError
 from training.utils.lora import LoRALinear, convert_linear_layer_to_lora
 from training.utils.losses import pairwise_accuracy, pairwise_loss, span_pairwise_loss
@@ -218,10 +220,8 @@ def test_errors_name_the_input(tmp_path, tokenizer):
     with pytest.raises(UserInputError, match="model_type 'trocr' has no AutoModel"):
         create_reward_model(str(unknown), tokenizer)
 
-    pickle_dir = tmp_path / "pickle"
     model = new_reward_model("tiny/opt", tokenizer)
-    model.config.save_pretrained(pickle_dir)
-    torch.save(model.state_dict(), pickle_dir / "pytorch_model.bin")
+    pickle_dir = write_pickle_only_model_dir(model, tmp_path / "pickle")
     with pytest.raises(UserInputError, match="pickle"):
         create_reward_model(str(pickle_dir), tokenizer)
     with pytest.raises(UserInputError, match="not a reward model directory.*pickle"):

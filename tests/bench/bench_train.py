@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         print("BENCH_ROW " + json.dumps(run_row(args, *args.row)), flush=True)
         return
     rows = []
-    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    base = list(argv if argv is not None else sys.argv[1:])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("HF_HUB_OFFLINE", "1")
     for model_name in args.models:

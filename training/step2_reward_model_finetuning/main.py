@@ -84,6 +84,10 @@ def evaluate(engine, loader, device, max_batches: int = 0) -> dict:
             "std": math.sqrt(max(square_sum / (2 * pairs) - mean * mean, 0.0)), "pairs": int(pairs)}
 
 
+def log_eval(metrics, step: int, stats: dict) -> None:
+    metrics.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
+
+
 def describe(stats: dict) -> str:
     return (f"accuracy {stats['accuracy']:.4f}, chosen {stats['chosen_mean']:.3f}, rejected "
             f"{stats['rejected_mean']:.3f}, margin {stats['margin_mean']:.3f}, reward mean {stats['mean']:.3f} "
@@ -111,7 +115,7 @@ def main(argv=None) -> None:
 
     metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step2_model")
     stats = evaluate(engine, eval_loader, device, args.eval_iters)
-    metrics.log(0, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
+    log_eval(metrics, 0, stats)
     runtime.print_rank_0(f"before training: {describe(stats)}")
 
     global_step = 0
@@ -139,16 +143,19 @@ def main(argv=None) -> None:
             metrics.log(global_step, **{"train/loss": loss.item(), "train/lr": lr_scheduler.get_last_lr()[0]})
             if args.eval_interval and global_step % args.eval_interval == 0:
                 stats = evaluate(engine, eval_loader, device, args.eval_iters)
-                metrics.log(global_step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
+                log_eval(metrics, global_step, stats)
                 runtime.print_rank_0(f"step {global_step}: {describe(stats)}")
         elapsed = time.time() - epoch_start
         stats = evaluate(engine, eval_loader, device, args.eval_iters)
-        metrics.log(global_step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
+        log_eval(metrics, global_step, stats)
         runtime.print_rank_0(f"epoch {epoch + 1}/{args.num_train_epochs}: train loss "
                              f"{epoch_loss / max(epoch_batches, 1):.4f}, {describe(stats)}, "
                              f"{epoch_pairs * runtime.world_size() / elapsed:.1f} pairs/s")
 
-    final = evaluate(engine, eval_loader, device)
+    # The statistics saved with the model cover the whole eval split; the last epoch's evaluation
+    # already did when --eval_iters does not cut it short.
+    covered_all = args.eval_iters == 0 or args.eval_iters >= len(eval_loader)
+    final = stats if covered_all else evaluate(engine, eval_loader, device)
     runtime.print_rank_0(f"final (whole eval split): {describe(final)}")
     save_reward_model(engine.module, tokenizer, args.output_dir, reward_stats=final, metrics=metrics,
                       metrics_title="step 2: reward model",

@@ -13,10 +13,11 @@ import sys
 
 import torch
 
-from training.utils.data.collators import PairCollator
+from training.utils.data.collators import pad_batch
 from training.utils.data.conversation import ASSISTANT, Chunk, encode_conversations, format_reply, format_user_turn, prompt_chunks
 from training.utils.data.sources import open_source
 from training.utils.errors import UserInputError, report_user_errors
+from training.utils.losses import pairwise_accuracy
 from training.utils.model.reward_model import load_reward_model
 
 
@@ -50,14 +51,12 @@ def score(model, tokenizer, prompts: list[str], replies: list[str], max_seq_len:
     """Reward of each (prompt, reply): the value at the EOS that ends the reply (left-truncated prompts)."""
     conversations = [prompt_chunks(p) + [Chunk(r, ends_turn=True)] for p, r in zip(prompts, replies)]
     encoded = [ids[-max_seq_len:] for ids, _ in encode_conversations(tokenizer, conversations)]
-    collator, device = PairCollator(tokenizer.pad_token_id), next(model.parameters()).device
+    device = next(model.parameters()).device
     scores = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        # PairCollator pads chosen + rejected rows together; with no rejected rows it is a plain right pad.
-        batch = collator([{"chosen_ids": ids, "rejected_ids": []} for ids in chunk])
-        n = len(chunk)
-        output = model(input_ids=batch["input_ids"][:n].to(device), attention_mask=batch["attention_mask"][:n].to(device))
+        input_ids, attention_mask = pad_batch(chunk, tokenizer.pad_token_id, max(map(len, chunk)))
+        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         scores += output.end_scores.float().tolist()
     return scores
 
@@ -96,7 +95,7 @@ def main(argv=None) -> dict:
     summary = {"rows": len(prompts), "mean_score": sum(chosen_scores) / len(chosen_scores),
                "saved_reward_stats": info.get("reward_stats", {})}
     if rejected_scores:
-        summary["accuracy"] = sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(prompts)
+        summary["accuracy"] = pairwise_accuracy(torch.tensor(chosen_scores), torch.tensor(rejected_scores)).item()
         summary["mean_margin"] = sum(c - r for c, r in zip(chosen_scores, rejected_scores)) / len(prompts)
     print(json.dumps(summary))
     if args.output_json:

@@ -8,7 +8,8 @@ import torch
 from training.utils.losses import IGNORE_INDEX
 
 
-def _pad(seqs: list[list[int]], pad_id: int, length: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad_id: int, length: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids padded to `length` (right, or left) and the matching attention mask."""
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for row, seq in enumerate(seqs):
@@ -30,8 +31,8 @@ class SFTCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         length = self.pad_to or max(len(item["input_ids"]) for item in items)
-        input_ids, attention_mask = _pad([item["input_ids"] for item in items], self.pad_token_id, length)
-        loss_mask, _ = _pad([item["loss_mask"] for item in items], 0, length)
+        input_ids, attention_mask = pad_batch([item["input_ids"] for item in items], self.pad_token_id, length)
+        loss_mask, _ = pad_batch([item["loss_mask"] for item in items], 0, length)
         labels = input_ids.masked_fill(loss_mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -43,7 +44,7 @@ class PairCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
-        input_ids, attention_mask = _pad(seqs, self.pad_token_id, max(map(len, seqs)))
+        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, max(map(len, seqs)))
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -54,5 +55,5 @@ class PromptCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [item["prompt_ids"] for item in items]
-        input_ids, attention_mask = _pad(seqs, self.pad_token_id, max(map(len, seqs)), left=True)
+        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, max(map(len, seqs)), left=True)
         return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -114,7 +114,6 @@ def build_phase_data(config: DataConfig, tokenizer, phase: int) -> PhaseData:
     """Open, split, tokenise and cache the data of one phase; every rank gets the same PhaseData."""
     sources = [open_source(name) for name in config.data_path]
     sft_only = [open_source(name) for name in config.sft_only_data_path] if phase == PHASE_SFT else []
-    parse_data_split(config.data_split)
     key = cache_key(config, phase, sources, sft_only, tokenizer)
     cache_dir = os.path.join(os.path.abspath(config.data_output_path), f"phase{phase}_{key}")
 
