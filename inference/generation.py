@@ -27,6 +27,13 @@ class SamplingConfig:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kwargs
 
+    @classmethod
+    def from_temperature(cls, max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                         repetition_penalty: float = 1.0, greedy: bool = False) -> "SamplingConfig":
+        """Chat-style controls: sample when `temperature > 0` and not `greedy`; temperature 0 is greedy."""
+        return cls(max_new_tokens, do_sample=temperature > 0 and not greedy, temperature=temperature,
+                   top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+
 
 def add_sampling_args(parser) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -48,6 +55,7 @@ def load_causal_lm(path: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     from training.utils.model.configs import TINY_PREFIX
+    from training.utils.model.reward_model import is_reward_model_dir
     from training.utils.tokenizer import load_tokenizer
 
     if path.startswith(TINY_PREFIX):  # a random-initialised tiny model: the "before training" baseline
@@ -55,12 +63,28 @@ def load_causal_lm(path: str, device: torch.device):
 
         tokenizer = load_tokenizer(path)
         return create_hf_model(path, tokenizer).to(device).eval(), tokenizer
+    if not os.path.exists(path):
+        raise UserInputError(f"model path '{path}' does not exist: pass the --output_dir of a training step, "
+                             "another Hugging Face model directory, or tiny/opt | tiny/llama")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserInputError(f"'{path}' is not a model directory (no config.json): pass the --output_dir "
                              "of a training step or another Hugging Face model directory")
+    if is_reward_model_dir(path):
+        raise UserInputError(f"'{path}' is a reward model (step 2 output), not a language model: pass an actor "
+                             "saved by step 1, DPO or step 3")
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-    return model, tokenizer
+    try:  # safetensors only: pickle checkpoints are refused, never unpickled
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"cannot load a causal LM from '{path}': {str(err).splitlines()[0]} (safetensors "
+                             "weights are needed; pickle *.bin files are never loaded: re-save them with "
+                             "model.save_pretrained(dir))") from err
+    return model.to(device).eval(), tokenizer
+
+
+def default_device() -> torch.device:
+    """cuda when a GPU is present, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()

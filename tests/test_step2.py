@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 from conftest import REPO, STEP1_DIR, run_script, write_jsonl
 
 STEP2_DIR = REPO / "training" / "step2_reward_model_finetuning"
-SYNTHETIC = "synthetic/arithmetic:size=3000,eval_size=300"
-# Every rejected reply is the right answer followed by rambling without EOS: learning to prefer the reply
-# that stops needs the score read at the reply's EOS, so this checks the end convention end to end.
-STOP_VS_RAMBLE = "synthetic/arithmetic:size=3000,eval_size=300,ramble_share=1.0"
+# The default synthetic pairs: 30% of rejected replies are the right copy followed by rambling without
+# EOS (preferring the reply that stops needs the score read at the reply's EOS, so this checks the end
+# convention end to end), the rest drop, add or stutter a digit.
+SYNTHETIC = "synthetic/copy:size=3000,eval_size=300"
 
 
 def step2_args(tmp_path, output, *extra, model="tiny/opt") -> list[str]:
@@ -35,13 +35,12 @@ def trained_reward_model(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rm")
     output = tmp_path / "reward"
     args = step2_args(tmp_path, output, "--eval_interval", "50")
-    args[args.index(SYNTHETIC)] = STOP_VS_RAMBLE
     result = run_script(STEP2_DIR, args)
     assert_ok(result)
     return tmp_path, output, result
 
 
-def test_reward_model_learns_to_prefer_replies_that_stop(trained_reward_model):
+def test_reward_model_learns_the_synthetic_preferences(trained_reward_model):
     _, output, result = trained_reward_model
     rows = eval_rows(output)
     assert 0.2 <= rows[0]["eval/accuracy"] <= 0.8, rows[0]  # near chance before training
@@ -57,7 +56,7 @@ def test_rw_eval_reloads_the_trained_model_with_identical_scores(trained_reward_
     from training.utils.data.synthetic import generate_rows, parse_synthetic_name
 
     _, output, _ = trained_reward_model
-    rows = generate_rows(parse_synthetic_name(STOP_VS_RAMBLE), "eval")[:40]
+    rows = generate_rows(parse_synthetic_name(SYNTHETIC), "eval")[:40]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     result = run_script(STEP2_DIR, ["rw_eval.py", "--model_name_or_path", str(output), "--pairs", str(pairs),
                                     "--output_json", str(tmp_path / "scores.json")])
@@ -76,16 +75,6 @@ def test_rw_eval_reloads_the_trained_model_with_identical_scores(trained_reward_
     assert_ok(single)
     summary = json.loads(single.stdout.strip().splitlines()[-1])
     assert abs(summary["mean_score"] - scores["chosen_scores"][0]) < 1e-4
-
-
-def test_default_mix_learns_above_chance(tmp_path):
-    """The default pairs mix rambles (easy) with arithmetic near misses (hard for a 2M model in a short
-    run): accuracy must rise well above chance; the near misses need longer training."""
-    output = tmp_path / "reward"
-    assert_ok(run_script(STEP2_DIR, step2_args(tmp_path, output, "--eval_iters", "0")))
-    rows = eval_rows(output)
-    assert rows[-1]["eval/accuracy"] >= 0.6 and rows[-1]["eval/accuracy"] > rows[0]["eval/accuracy"] + 0.05, rows
-    assert rows[-1]["eval/margin_mean"] > rows[0]["eval/margin_mean"] + 1.0
 
 
 def test_reward_model_from_a_step1_actor_with_lora(tmp_path):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from training.utils.assets import TOKENIZER_DIR
 from training.utils.assets.train_tokenizer import synthetic_texts, train
 from training.utils.data.conversation import format_user_turn
-from training.utils.data.synthetic import (ArithmeticSpec, answer_for, check_answer, generate_rows,
+from training.utils.data.synthetic import (ArithmeticSpec, CopySpec, answer_for, check_answer, generate_rows,
                                            is_synthetic_name, parse_synthetic_name)
 from training.utils.errors import UserInputError
 from training.utils.model.configs import list_tiny_configs, load_tiny_config
@@ -48,6 +48,7 @@ def test_parse_name_reads_every_key_and_defaults():
     ("synthetic/arithmetic:size=0", "size=0"),
     ("synthetic/arithmetic:seed=1,seed=2", "seed"),
     ("synthetic/algebra", "synthetic/algebra"),
+    ("synthetic/copy:digits=3", "eval_size=1000"),  # 1000 sequences, most of them seen in train
     ("synthetic/arithmetic:digits=1", "eval_size=1000"),  # 100 questions cannot hold 1000 unseen ones
 ])
 def test_bad_spec_is_a_user_error_naming_the_input(name, offending):
@@ -58,7 +59,7 @@ def test_bad_spec_is_a_user_error_naming_the_input(name, offending):
 
 
 def test_unknown_key_error_lists_valid_keys():
-    with pytest.raises(UserInputError, match="size, eval_size, digits, ops, wrong_share, ramble_share, seed"):
+    with pytest.raises(UserInputError, match="size, eval_size, wrong_share, ramble_share, seed, digits, ops"):
         parse_synthetic_name("synthetic/arithmetic:colour=red")
 
 
@@ -104,7 +105,7 @@ def test_rejected_is_a_wrong_number_or_a_ramble_after_the_right_one(small_train_
 
 def test_subtraction_results_are_never_negative():
     rows = generate_rows(ArithmeticSpec(size=500, eval_size=10, ops="-"), "train")
-    assert all(" - " in row["prompt"] and answer_for(row["prompt"]) >= 0 for row in rows)
+    assert all(" - " in row["prompt"] and int(answer_for(row["prompt"])) >= 0 for row in rows)
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -129,10 +130,43 @@ def test_check_answer_hand_written_cases(response, expected):
 
 def test_checker_reads_the_last_human_turn_and_subtraction():
     prompt = ("\n\nHuman: What is 1 + 1?\n\nAssistant: 2" + format_user_turn("What is 90 - 7?"))
-    assert answer_for(prompt) == 83
+    assert answer_for(prompt) == "83"
     assert check_answer(prompt, " 83") and not check_answer(prompt, " 2")
     with pytest.raises(ValueError):
         answer_for(format_user_turn("Tell me a joke."))
+
+
+def test_copy_task_name_defaults_and_rows():
+    assert parse_synthetic_name("synthetic/copy") == CopySpec()
+    spec = parse_synthetic_name("synthetic/copy:size=300,eval_size=50,digits=5,seed=3")
+    assert spec == CopySpec(size=300, eval_size=50, digits=5, seed=3) and parse_synthetic_name(spec.name) == spec
+    train_rows, eval_rows = generate_rows(spec, "train"), generate_rows(spec, "eval")
+    assert not {r["prompt"] for r in eval_rows} & {r["prompt"] for r in train_rows}
+    for row in train_rows:
+        digits = row["prompt"].split("Repeat: ")[1].split("\n")[0]
+        assert len(digits.split()) == 5 and row["chosen"] == " " + digits == " " + answer_for(row["prompt"])
+        assert row["correct"] == (row["response"] == row["chosen"]) == check_answer(row["prompt"], row["response"])
+        rejected = row["rejected"].split()
+        assert not check_answer(row["prompt"], row["rejected"])
+        if "and" in rejected:  # a ramble: the right copy, then no end
+            assert row["rejected"].startswith(row["chosen"] + " and ")
+        else:  # a near miss: one digit dropped, added or stuttered
+            assert abs(len(rejected) - 5) == 1
+    with pytest.raises(UserInputError, match="ops"):
+        parse_synthetic_name("synthetic/copy:ops=+")  # arithmetic's key is not the copy task's
+
+
+@pytest.mark.parametrize("response, expected", [
+    (" 4 8 1 9", True), ("4 8 1 9", True), (" 4 8 1 9<|endoftext|>", True), (" 4 8 1 9 ", True),
+    (" 4 8 1", False), (" 4 8 1 9 9", False), (" 4819", False), (" 4 8 9 1", False), ("", False),
+])
+def test_copy_checker_hand_written_cases(response, expected):
+    assert check_answer(format_user_turn("Repeat: 4 8 1 9"), response) is expected
+
+
+def test_unknown_synthetic_prompt_is_refused():
+    with pytest.raises(ValueError, match="not a synthetic prompt"):
+        check_answer(format_user_turn("Repeat: 48 19"), " 48 19")
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -8,7 +8,8 @@ import json
 from training.utils.errors import UserInputError
 
 
-def add_data_args(parser: argparse.ArgumentParser, *, sft_only: bool, max_seq_len: int = 512) -> None:
+def add_data_args(parser: argparse.ArgumentParser, *, sft_only: bool, max_seq_len: int | None = 512) -> None:
+    """The data flags; `max_seq_len=None` leaves out --max_seq_len (step 3 limits prompt and answer apart)."""
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
                        help="Datasets to blend: DeepSpeed-Chat hub names, synthetic/arithmetic[:k=v,...], "
@@ -22,8 +23,9 @@ def add_data_args(parser: argparse.ArgumentParser, *, sft_only: bool, max_seq_le
                        help="Where split indices and the tokenised cache are stored (shared by all ranks).")
     group.add_argument("--data_seed", type=int, default=1234,
                        help="[new] Seed of the phase split, independent of --seed so phases never overlap.")
-    group.add_argument("--max_seq_len", type=int, default=max_seq_len,
-                       help="Maximum tokens of prompt + reply; longer samples lose the start of the prompt.")
+    if max_seq_len is not None:
+        group.add_argument("--max_seq_len", type=int, default=max_seq_len,
+                           help="Maximum tokens of prompt + reply; longer samples lose the start of the prompt.")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

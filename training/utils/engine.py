@@ -44,3 +44,12 @@ def initialize_train_engine(model, args, ds_config: dict, device, steps_per_epoc
     if args.gradient_checkpointing:
         engine.module.gradient_checkpointing_enable()
     return engine, lr_scheduler
+
+
+def initialize_frozen_engine(model, ds_config: dict):
+    """A DeepSpeed engine for a model that only runs forward passes (a reference or reward model):
+    no optimizer, no gradients, eval mode (dropout off), parameters partitioned under a stage-3 config."""
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+    engine.eval()
+    return engine

@@ -83,3 +83,202 @@ def span_pairwise_loss(chosen_values: torch.Tensor, rejected_values: torch.Tenso
 def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """Share of pairs ranked right: (1/B) * sum_b [r_c[b] > r_r[b]] (a tie counts as wrong)."""
     return (chosen_scores > rejected_scores).float().mean()
+
+
+# ---------------------------------------------------------------- PPO
+# Every PPO tensor below covers the action region only: [B, T] over the T generated positions, with
+# action_mask[b, t] = 1 for each token row b generated, its EOS included, and 0 after it. The mask
+# comes from generation lengths, never from comparing ids with pad (pad may equal EOS). A row may
+# have no action at all (an empty answer): its mask is all 0 and it contributes nothing.
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over the entries where mask = 1 (over all entries, or along `dim`).
+
+        masked_mean(x, m) = sum(x * m) / max(sum(m), 1)
+
+    An empty mask gives 0 (not NaN), so a batch of empty answers still yields a finite loss whose
+    backward pass every rank can run.
+    """
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """x normalised with the mean and (population) variance of its masked entries only.
+
+        mu = masked_mean(x, m),  var = masked_mean((x - mu)^2, m)
+        out = (x - mu) / sqrt(var + eps)          (+ mu again when shift_mean is False)
+        out = 0 where m = 0
+
+    `shift_mean=False` only rescales (used for rewards, whose sign carries meaning).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+def gather_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] log-probability of each label under its logits row (the caller aligns them: logits at
+    position t score the token at t + 1).
+
+        log p(y | z) = z_y - logsumexp_v(z_v)
+
+    In fp32, one batch row at a time: no [B, L, V] log_softmax is materialised, only one row's [L, V]
+    temporary (fp32 logits are not copied at all). Under torch.no_grad (the experience pass) that is
+    the whole extra memory; with gradients, autograd keeps each row's fp32 upcast of bf16/fp16 logits.
+    """
+    label_logits = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
+    normalisers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    return label_logits - normalisers
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[B, L] entropy of the softmax distribution at each position, in nats.
+
+        H(z) = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v,   p = softmax(z)
+    """
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+@torch.no_grad()
+def kl_penalty_rewards(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, action_mask: torch.Tensor,
+                       end_scores: torch.Tensor, kl_coef: float | torch.Tensor,
+                       clip_reward_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO rewards: a KL penalty on every action, the reward model's score on the last one.
+
+        kl[b, t]      = (log pi(a_t) - log pi_ref(a_t)) * m[b, t]
+        rewards[b, t] = -kl_coef * kl[b, t]
+                        + clip(end_scores[b], -c, c)   at t = last action of row b (its EOS, or the
+                                                       last generated token of a truncated answer)
+
+    A row with no action gets no score. Returns (rewards, kl), both [B, T] and 0 outside the mask.
+    """
+    mask = action_mask.to(log_probs.dtype)
+    kl = (log_probs - ref_log_probs) * mask
+    last = last_real_token_index(action_mask).unsqueeze(1)
+    end_rewards = end_scores.to(kl.dtype).clamp(-clip_reward_value, clip_reward_value) * mask.amax(dim=1)
+    rewards = (-kl_coef * kl).scatter_add(1, last, end_rewards.unsqueeze(1))
+    return rewards, kl
+
+
+@torch.no_grad()
+def gae_advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor,
+                               gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) that stops exactly at each row's end.
+
+        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}          (A_T = 0, m_T = 0)
+        R_t     = A_t + V_t
+        A, R    = 0 where m = 0
+
+    m_{t+1} = 0 past the last action, so the last action gets A = r - V and no value or reward from a
+    position after the answer leaks in (DeepSpeed-Chat's end index lets one through). Returns
+    (advantages, returns), both [B, T].
+    """
+    mask = action_mask.to(values.dtype)
+    next_mask = F.pad(mask[:, 1:], (0, 1))
+    next_values = F.pad(values[:, 1:], (0, 1)) * next_mask
+    deltas = rewards + gamma * next_values - values
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        running = deltas[:, t] + gamma * lam * next_mask[:, t] * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                action_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate objective, as a loss averaged over all actions of the batch.
+
+        ratio_t = exp(log pi(a_t) - log pi_old(a_t))
+        loss    = masked_mean( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)) )
+
+    stats (detached float tensors):
+        clip_fraction = masked_mean([clipped term > unclipped term])   share of actions whose gradient
+                                                                       the clip removes
+        approx_kl     = masked_mean((ratio_t - 1) - log ratio_t)       the k3 estimator of KL(old || new)
+    """
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), action_mask)
+    with torch.no_grad():
+        stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), action_mask),
+                 "approx_kl": masked_mean((ratio - 1.0) - log_ratio, action_mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor,
+               cliprange_value: float) -> torch.Tensor:
+    """The critic's clipped squared error, averaged over all actions of the batch.
+
+        V_clip = clip(V, V_old - c, V_old + c)
+        loss   = 0.5 * masked_mean( max((V - R)^2, (V_clip - R)^2) )
+    """
+    clipped_values = values.clamp(old_values - cliprange_value, old_values + cliprange_value)
+    squared_error = torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
+    return 0.5 * masked_mean(squared_error, action_mask)
+
+
+def apply_truncation_penalty(end_scores: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Scores with `penalty` (a number <= 0) added to answers cut at the length limit before their EOS.
+
+        score'[b] = score[b] + penalty * [row b did not end with EOS]
+    """
+    return end_scores + penalty * (~ended_with_eos.bool()).to(end_scores.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPO: direct preference optimisation (Rafailov et al. 2023), IPO (Azar et al. 2023), conservative DPO.
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, reply_mask: torch.Tensor) -> torch.Tensor:
+    """[B] log-probability of each row's reply: next-token log-probs summed over the reply mask, in fp32.
+
+        logp[b] = sum_{t=1..T-1} reply_mask[b, t] * log softmax(logits[b, t-1])[input_ids[b, t]]
+
+    Token t is predicted by the logits at t - 1, so the mask is read from position 1 on. With the
+    phase-2 reply mask the sum covers the reply and the EOS that ends it; prompt and padding add
+    exactly zero whatever their ids or logits.
+    """
+    token_log_probs = gather_log_probs(logits[:, :-1, :], input_ids[:, 1:])
+    scored = reply_mask[:, 1:] != 0
+    return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses [B] and implicit rewards [B], from sequence log-probs [B].
+
+        h   = (logp_pi(y_c) - logp_ref(y_c)) - (logp_pi(y_r) - logp_ref(y_r))
+        sigmoid (DPO; with eps = label_smoothing > 0 conservative DPO, which assumes each label is
+                 flipped with probability eps):
+              loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+        ipo:  loss = (h - 1 / (2 * beta))^2          (eps unused; h over summed sequence log-probs)
+        r_c = beta * (logp_pi(y_c) - logp_ref(y_c)),  r_r = beta * (logp_pi(y_r) - logp_ref(y_r))
+
+    The rewards are detached: they are what DPO implicitly optimises, reported, never trained on.
+    With policy == reference, h = 0: the sigmoid loss is log 2 and both rewards are 0.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    chosen_log_ratio = policy_chosen - reference_chosen
+    rejected_log_ratio = policy_rejected - reference_rejected
+    h = chosen_log_ratio - rejected_log_ratio
+    if loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()

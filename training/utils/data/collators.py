@@ -39,13 +39,19 @@ class SFTCollator:
 
 @dataclass
 class PairCollator:
-    """Chosen rows then rejected rows in one batch of 2B, right-padded to the longest of all 2B."""
+    """Chosen rows then rejected rows in one batch of 2B, right-padded to the longest of all 2B.
+    Items with reply masks (phase-2 data) also give `reply_mask`: 1 on reply + EOS tokens, same row order."""
     pad_token_id: int
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
-        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, max(map(len, seqs)))
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        length = max(map(len, seqs))
+        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, length)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "chosen_reply_mask" in items[0]:
+            masks = [item["chosen_reply_mask"] for item in items] + [item["rejected_reply_mask"] for item in items]
+            batch["reply_mask"] = pad_batch(masks, 0, length)[0]
+        return batch
 
 
 @dataclass

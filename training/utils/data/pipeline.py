@@ -45,7 +45,8 @@ class DataConfig:
         return cls(data_path=tuple(args.data_path), data_split=args.data_split,
                    data_output_path=args.data_output_path, data_seed=args.data_seed,
                    sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ())),
-                   max_seq_len=args.max_seq_len, train_on_prompt=getattr(args, "train_on_prompt", False))
+                   max_seq_len=getattr(args, "max_seq_len", cls.max_seq_len),
+                   train_on_prompt=getattr(args, "train_on_prompt", False))
 
 
 @dataclass
@@ -116,17 +117,23 @@ def build_phase_data(config: DataConfig, tokenizer, phase: int) -> PhaseData:
     sft_only = [open_source(name) for name in config.sft_only_data_path] if phase == PHASE_SFT else []
     key = cache_key(config, phase, sources, sft_only, tokenizer)
     cache_dir = os.path.join(os.path.abspath(config.data_output_path), f"phase{phase}_{key}")
+    build_cache_once(cache_dir, lambda: _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir))
+    return load_phase_data(cache_dir)
+
+
+def build_cache_once(cache_dir: str, build) -> None:
+    """Make `cache_dir` exist on every rank's disk: `build()` (which must write it atomically) runs on
+    global rank 0 while the others wait; a node that does not share that disk builds its own
+    (identical) copy on its local rank 0."""
 
     def build_if_missing():
         if not os.path.isdir(cache_dir):
-            _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir)
+            build()
 
-    # Global rank 0 builds once; a node that does not share that disk builds its own (identical) copy.
     runtime.run_on_rank_0(build_if_missing)
     if not os.path.isdir(cache_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         build_if_missing()
     runtime.barrier()
-    return load_phase_data(cache_dir)
 
 
 def load_phase_data(cache_dir: str) -> PhaseData:
@@ -247,7 +254,8 @@ def _last_run_start(trained: list[bool]) -> int:
 
 
 def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
-    """chosen_ids / rejected_ids, each ending with EOS (the position the reward model scores).
+    """chosen_ids / rejected_ids, each ending with EOS (the position the reward model scores), and
+    chosen_reply_mask / rejected_reply_mask, 1 on the reply's tokens and its EOS (the tokens DPO scores).
     Prompts are cut from the left to fit; pairs whose reply alone does not fit are dropped."""
     counts = {"no_pair": 0, "identical_pair": 0, "too_long": 0, "prompt_truncated": 0}
     conversations = []
@@ -261,7 +269,7 @@ def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["
             conversations.append(context + [Chunk(sample.chosen, ends_turn=True, trained=True)])
             conversations.append(context + [Chunk(sample.rejected, ends_turn=True, trained=True)])
     encoded = encode_conversations(tokenizer, conversations)
-    chosen, rejected, limit = [], [], config.max_seq_len
+    chosen, rejected, chosen_reply, rejected_reply, limit = [], [], [], [], config.max_seq_len
     for (c_ids, c_mask), (r_ids, r_mask) in zip(encoded[0::2], encoded[1::2]):
         if max(sum(c_mask), sum(r_mask)) > limit - 1:
             counts["too_long"] += 1
@@ -270,7 +278,10 @@ def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["
             counts["prompt_truncated"] += 1
         chosen.append(c_ids[-limit:])
         rejected.append(r_ids[-limit:])
-    return RaggedDataset({"chosen_ids": chosen, "rejected_ids": rejected}), counts
+        chosen_reply.append([int(t) for t in c_mask[-limit:]])
+        rejected_reply.append([int(t) for t in r_mask[-limit:]])
+    return RaggedDataset({"chosen_ids": chosen, "rejected_ids": rejected, "chosen_reply_mask": chosen_reply,
+                          "rejected_reply_mask": rejected_reply}), counts
 
 
 def tokenise_prompts(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:

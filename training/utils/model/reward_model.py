@@ -92,6 +92,9 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
+    def gradient_checkpointing_disable(self) -> None:
+        self.backbone.gradient_checkpointing_disable()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 use_cache: bool = False) -> RewardOutput:
         extra = {"position_ids": positions_from_mask(attention_mask)} if self._takes_position_ids else {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Step 1 (SFT) on CPU: the tiny OPT default on the built-in synthetic arithmetic task, fp32, one rank.
+# Step 1 (SFT) on CPU: the tiny OPT default on the built-in synthetic copy task (DATA_PATH overrides), fp32, one rank.
 # Usage: bash training_scripts/cpu/run_tiny.sh [OUTPUT_DIR] [ZERO_STAGE] [MODEL]
 #   (run from training/step1_supervised_finetuning; MODEL defaults to tiny/opt, tiny/llama also works)
 set -euo pipefail
@@ -7,10 +7,12 @@ OUTPUT=${1:-./output_step1_tiny}
 ZERO_STAGE=${2:-0}
 MODEL=${3:-tiny/opt}
 mkdir -p "$OUTPUT"
+DATA_PATH=${DATA_PATH:-synthetic/copy}
+EXTRA_ARGS=${EXTRA_ARGS:-}  # appended last, so its flags override the ones above
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 deepspeed --num_gpus 1 main.py \
-   --data_path synthetic/arithmetic \
+   --data_path "$DATA_PATH" \
    --data_split 2,4,4 \
    --model_name_or_path "$MODEL" \
    --lora_module_name layers. \
@@ -27,4 +29,5 @@ deepspeed --num_gpus 1 main.py \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
+   $EXTRA_ARGS \
    2>&1 | tee "$OUTPUT/training.log"

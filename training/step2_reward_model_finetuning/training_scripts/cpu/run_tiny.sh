@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Step 2 (reward model) on CPU: the tiny default on the built-in synthetic pairs, fp32, one rank.
+# Step 2 (reward model) on CPU: the tiny default on the built-in synthetic copy pairs (DATA_PATH overrides), fp32, one rank.
 # Usage: bash training_scripts/cpu/run_tiny.sh [OUTPUT_DIR] [ZERO_STAGE] [MODEL]
 #   (run from training/step2_reward_model_finetuning; MODEL: tiny/opt (default), tiny/llama, or a step-1 output)
 set -euo pipefail
@@ -7,10 +7,12 @@ OUTPUT=${1:-./output_step2_tiny}
 ZERO_STAGE=${2:-0}
 MODEL=${3:-tiny/opt}
 mkdir -p "$OUTPUT"
+DATA_PATH=${DATA_PATH:-synthetic/copy}
+EXTRA_ARGS=${EXTRA_ARGS:-}  # appended last, so its flags override the ones above
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 deepspeed --num_gpus 1 main.py \
-   --data_path synthetic/arithmetic \
+   --data_path "$DATA_PATH" \
    --data_split 2,4,4 \
    --model_name_or_path "$MODEL" \
    --per_device_train_batch_size 16 \
@@ -28,4 +30,5 @@ deepspeed --num_gpus 1 main.py \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
+   $EXTRA_ARGS \
    2>&1 | tee "$OUTPUT/training.log"

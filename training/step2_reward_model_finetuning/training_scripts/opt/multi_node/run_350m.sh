@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Step 2 (reward model): OPT-350M on several nodes (hostfile in $HOSTFILE, default ./hostfile).
+# Step 2 (reward model): OPT-350M on several nodes (hostfile in $HOSTFILE, default ./hostfile;
+#   extra deepspeed launcher flags in $DS_LAUNCHER_FLAGS).
 # Usage: bash training_scripts/opt/multi_node/run_350m.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step2_reward_model_finetuning)
 set -euo pipefail
 OUTPUT=${1:-./output_step2_run_350m}
 ZERO_STAGE=${2:-0}
+HOSTFILE=${HOSTFILE:-hostfile}
+# deepspeed silently falls back to the local GPUs when the hostfile is missing: refuse instead
+[ -f "$HOSTFILE" ] || { echo "error: hostfile '$HOSTFILE' not found: set HOSTFILE to a file with one '<host> slots=<gpus>' line per node (docs/launching.md)" >&2; exit 2; }
 mkdir -p "$OUTPUT"
 
-deepspeed --hostfile "${HOSTFILE:-hostfile}" main.py \
+# $DS_LAUNCHER_FLAGS stays unquoted: it holds several flags (docs/launching.md: Slurm, Kubernetes)
+deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
    --model_name_or_path facebook/opt-350m \

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Step 2 alternative (DPO) on CPU: the tiny default on the built-in synthetic copy pairs, fp32, one rank.
+# Usage: bash training_scripts/cpu/run_tiny.sh [OUTPUT_DIR] [ZERO_STAGE] [MODEL]
+#   (run from training/step2_dpo_finetuning; MODEL: tiny/opt (default), tiny/llama, or a step-1 output)
+set -euo pipefail
+OUTPUT=${1:-./output_step2_dpo_tiny}
+ZERO_STAGE=${2:-0}
+MODEL=${3:-tiny/opt}
+mkdir -p "$OUTPUT"
+DATA_PATH=${DATA_PATH:-synthetic/copy}
+EXTRA_ARGS=${EXTRA_ARGS:-}  # appended last, so its flags override the ones above
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+deepspeed --num_gpus 1 main.py \
+   --data_path "$DATA_PATH" \
+   --data_split 2,4,4 \
+   --model_name_or_path "$MODEL" \
+   --lora_module_name layers. \
+   --per_device_train_batch_size 16 \
+   --per_device_eval_batch_size 32 \
+   --max_seq_len 96 \
+   --learning_rate 1e-3 \
+   --weight_decay 0.0 \
+   --num_train_epochs 1 \
+   --num_warmup_steps 20 \
+   --dropout 0.0 \
+   --beta 0.1 \
+   --eval_interval 100 \
+   --dtype fp32 \
+   --zero_stage "$ZERO_STAGE" \
+   --deepspeed \
+   --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
+   --output_dir "$OUTPUT" \
+   $EXTRA_ARGS \
+   2>&1 | tee "$OUTPUT/training.log"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Step 2 alternative (DPO): the step-1 OPT-66B actor on several nodes (hostfile in $HOSTFILE, default ./hostfile;
+#   extra deepspeed launcher flags in $DS_LAUNCHER_FLAGS). The reference model is ZeRO-3 and offloaded to CPU.
+# Usage: bash training_scripts/opt/multi_node/run_66b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step2_dpo_finetuning)
+set -euo pipefail
+OUTPUT=${1:-./output_step2_dpo_run_66b}
+ZERO_STAGE=${2:-3}
+HOSTFILE=${HOSTFILE:-hostfile}
+# deepspeed silently falls back to the local GPUs when the hostfile is missing: refuse instead
+[ -f "$HOSTFILE" ] || { echo "error: hostfile '$HOSTFILE' not found: set HOSTFILE to a file with one '<host> slots=<gpus>' line per node (docs/launching.md)" >&2; exit 2; }
+mkdir -p "$OUTPUT"
+
+# $DS_LAUNCHER_FLAGS stays unquoted: it holds several flags (docs/launching.md: Slurm, Kubernetes)
+deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
+   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
+   --data_split 2,4,4 \
+   --model_name_or_path ../step1_supervised_finetuning/output_step1_run_66b \
+   --per_device_train_batch_size 2 --per_device_eval_batch_size 2 --learning_rate 5e-6 --weight_decay 0. --dropout 0.0 --lora_dim 128 --offload_reference_model --beta 0.1 --eval_interval 200 \
+   --max_seq_len 512 \
+   --num_train_epochs 1 \
+   --gradient_accumulation_steps 1 \
+   --lr_scheduler_type cosine \
+   --num_warmup_steps 0 \
+   --seed 1234 \
+   --gradient_checkpointing \
+   --zero_stage $ZERO_STAGE \
+   --deepspeed \
+   --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
+   --output_dir "$OUTPUT" \
+   2>&1 | tee "$OUTPUT/training.log"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Step 2 alternative (DPO): the step-1 OPT-1.3B actor on one node (all its GPUs).
+#   The policy starts from step 1's output of the same script (opt/single_node/run_1.3b.sh).
+# Usage: bash training_scripts/opt/single_node/run_1.3b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step2_dpo_finetuning)
+set -euo pipefail
+OUTPUT=${1:-./output_step2_dpo_run_1.3b}
+ZERO_STAGE=${2:-2}
+mkdir -p "$OUTPUT"
+
+deepspeed main.py \
+   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
+   --data_split 2,4,4 \
+   --model_name_or_path ../step1_supervised_finetuning/output_step1_run_1.3b \
+   --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --learning_rate 5e-6 --weight_decay 0. --dropout 0.0 --beta 0.1 --eval_interval 200 \
+   --max_seq_len 512 \
+   --num_train_epochs 1 \
+   --gradient_accumulation_steps 1 \
+   --lr_scheduler_type cosine \
+   --num_warmup_steps 0 \
+   --seed 1234 \
+   --gradient_checkpointing \
+   --zero_stage $ZERO_STAGE \
+   --deepspeed \
+   --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
+   --output_dir "$OUTPUT" \
+   2>&1 | tee "$OUTPUT/training.log"

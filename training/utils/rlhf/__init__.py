@@ -1,0 +1,1 @@
+"""RLHF (step 3): the PPO engine, trainer and their controllers."""
