@@ -11,16 +11,22 @@ import torch.distributed as dist
 from training.utils.errors import UserInputError
 
 
+# Variables through which torchrun/deepspeed, Open MPI and MPICH/Intel MPI give a process its rank.
+# (Not SLURM_PROCID: a plain `python main.py` inside an sbatch script has it too.)
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def init_distributed(local_rank: int = -1) -> torch.device:
     """Start the process group the way the `deepspeed` launcher expects, and return this rank's device.
 
     Plain `python main.py` (no launcher) gets single-process defaults, so DeepSpeed does not go looking
-    for MPI. On CPU DeepSpeed picks the gloo backend itself.
+    for MPI. Under mpirun (`deepspeed --launcher openmpi|mpich`) the rank comes from their
+    variables, which DeepSpeed reads itself. On CPU DeepSpeed picks the gloo backend itself.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:
+    if not any(name in os.environ for name in _RANK_VARIABLES):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank >= 0 else 0))
