@@ -1,0 +1,1 @@
+"""Step 3: RLHF with PPO (run main.py from this folder, or import its functions)."""

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Step 3 (PPO): OPT-30B actor with LoRA, OPT-350M reward model and critic, one node.
+# Usage: bash opt/single_node/run_30b_lora.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
+#   (run from training/step3_rlhf_finetuning; the defaults are the outputs of the matching step-1 and step-2 scripts)
+set -euo pipefail
+ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_run_30b}
+CRITIC_MODEL_PATH=${2:-../step2_reward_model_finetuning/output_step2_run_350m}
+ACTOR_ZERO_STAGE=${3:-3}
+CRITIC_ZERO_STAGE=${4:-3}
+OUTPUT=${5:-./output_step3_30b_lora}
+mkdir -p "$OUTPUT"
+
+deepspeed main.py \
+   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
+   --data_split 2,4,4 \
+   --actor_model_name_or_path "$ACTOR_MODEL_PATH" \
+   --critic_model_name_or_path "$CRITIC_MODEL_PATH" \
+   --num_padding_at_beginning 1 \
+   --per_device_generation_batch_size 4 \
+   --per_device_training_batch_size 4 \
+   --generation_batches 1 \
+   --ppo_epochs 1 \
+   --max_answer_seq_len 256 \
+   --max_prompt_seq_len 256 \
+   --actor_learning_rate 5e-4 \
+   --critic_learning_rate 5e-6 \
+   --actor_weight_decay 0.1 \
+   --critic_weight_decay 0.1 \
+   --num_train_epochs 1 \
+   --lr_scheduler_type cosine \
+   --gradient_accumulation_steps 1 \
+   --num_warmup_steps 100 \
+   --seed 1234 \
+   --actor_dropout 0.0 \
+   --enable_hybrid_engine \
+   --inference_tp_size 4 \
+   --actor_gradient_checkpointing \
+   --critic_gradient_checkpointing \
+   --offload_reference_model \
+   --actor_lora_dim 128 \
+   --actor_lora_module_name decoder.layers. \
+   --only_optimize_lora \
+   --actor_zero_stage $ACTOR_ZERO_STAGE \
+   --critic_zero_stage $CRITIC_ZERO_STAGE \
+   --deepspeed \
+   --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
+   --output_dir "$OUTPUT" \
+   2>&1 | tee "$OUTPUT/training.log"

@@ -1,0 +1,182 @@
+"""PPO's data between generation and training: capped prompts, rollouts, the experience buffer.
+
+Layout of one batch of experience (B rows):
+
+    prompt_ids  [B, P]   left-padded to the batch's longest prompt (prompt_mask marks real tokens)
+    answer_ids  [B, A]   the generated tokens, right-padded; action_mask[b, t] = 1 for t < length[b]
+    per-token   [B, A]   old log-probs, old values, advantages, returns: one entry per answer token
+
+An answer's length counts its tokens up to and including the first EOS, or all A when it has none
+(cut at --max_answer_seq_len). It is found from the generated ids by position, so the pad after an
+early EOS is excluded even when the tokenizer's pad id equals its EOS id.
+
+The buffer holds --generation_batches such batches and re-cuts them into mini-batches of
+--per_device_training_batch_size rows (re-padding prompts on the left and answers on the right), so
+generation and training batch sizes are independent. Every rank holds the same number of rows, so
+every rank runs the same number of mini-batches (ZeRO-3 needs matching collectives).
+"""
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils.data import Dataset
+
+from training.utils.data.collators import pad_batch
+from training.utils.errors import UserInputError
+from training.utils.losses import masked_whiten
+
+PER_TOKEN_FIELDS = ("log_probs", "values", "advantages", "returns")
+
+
+def answer_lengths(answer_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] answer lengths, [B] bool ended with EOS) of generated answers [B, A].
+
+        length[b] = 1 + first t with answer_ids[b, t] = EOS,   or A when row b has no EOS
+
+    Only the first EOS counts: what follows it is padding, whatever its id.
+    """
+    is_eos = answer_ids == eos_token_id
+    ended = is_eos.any(dim=1)
+    first_eos = is_eos.int().argmax(dim=1)
+    width = torch.full_like(first_eos, answer_ids.size(1))
+    return torch.where(ended, first_eos + 1, width), ended
+
+
+def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] long mask with mask[b, t] = 1 for t < lengths[b]."""
+    positions = torch.arange(width, device=lengths.device)
+    return (positions.unsqueeze(0) < lengths.unsqueeze(1)).long()
+
+
+class CappedPrompts(Dataset):
+    """Phase-3 prompts with --max_prompt_seq_len applied: longer prompts keep their last tokens
+    (`truncate`; the BOS is kept in front when the tokenizer starts sequences with one) or are left
+    out (`drop`). The same on every rank, so all ranks see the same number of prompts. `limit` keeps
+    only the first prompts (held-out evaluation uses a fixed subset)."""
+
+    def __init__(self, dataset, max_len: int, overflow: str, bos_token_id: int | None = None,
+                 limit: int | None = None):
+        lengths = dataset.lengths("prompt_ids")
+        too_long = lengths > max_len
+        self.dataset, self.max_len, self.bos_token_id = dataset, max_len, bos_token_id
+        self.indices = [i for i in range(len(dataset)) if overflow == "truncate" or not too_long[i]][:limit]
+        self.counts = {"prompts": len(dataset), "over_max_prompt_seq_len": int(too_long.sum()),
+                       "truncated" if overflow == "truncate" else "dropped": int(too_long.sum())}
+        if len(dataset) and not self.indices:
+            raise UserInputError(f"every prompt is longer than --max_prompt_seq_len {max_len} (longest "
+                                 f"{int(lengths.max())}): raise it, or use --prompt_overflow truncate")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        ids = self.dataset[self.indices[index]]["prompt_ids"]
+        if len(ids) > self.max_len:
+            keep_bos = self.bos_token_id is not None and ids[0] == self.bos_token_id
+            ids = ids[:1] + ids[len(ids) - self.max_len + 1:] if keep_bos else ids[-self.max_len:]
+        return {"prompt_ids": ids}
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts with everything PPO trains on (see the module docstring for shapes)."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    answer_ids: torch.Tensor
+    action_mask: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.answer_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.action_mask], dim=1)
+
+    def rows(self) -> list[dict[str, torch.Tensor]]:
+        """Each row without its padding: prompt tokens, answer tokens and its per-token entries."""
+        prompt_lengths, answer_lengths_ = self.prompt_mask.sum(dim=1).tolist(), self.action_mask.sum(dim=1).tolist()
+        rows = []
+        for b, (p, a) in enumerate(zip(prompt_lengths, answer_lengths_)):
+            row = {"prompt_ids": self.prompt_ids[b, self.prompt_ids.size(1) - p:], "answer_ids": self.answer_ids[b, :a]}
+            row.update({name: getattr(self, name)[b, :a] for name in PER_TOKEN_FIELDS})
+            rows.append(row)
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> "Experience":
+        """Rows re-padded into a batch: prompts on the left, answers and per-token entries on the right."""
+        prompt_width = max(len(r["prompt_ids"]) for r in rows)
+        answer_width = max(len(r["answer_ids"]) for r in rows)
+        prompt_ids, prompt_mask = pad_batch([r["prompt_ids"].tolist() for r in rows], pad_token_id, prompt_width,
+                                            left=True)
+        answer_ids, action_mask = pad_batch([r["answer_ids"].tolist() for r in rows], pad_token_id, answer_width)
+        per_token = {}
+        for name in PER_TOKEN_FIELDS:
+            padded = torch.zeros(len(rows), answer_width, dtype=rows[0][name].dtype)
+            for b, row in enumerate(rows):
+                padded[b, :len(row[name])] = row[name].cpu()
+            per_token[name] = padded
+        return cls(prompt_ids, prompt_mask, answer_ids, action_mask, **per_token)
+
+    def to(self, device) -> "Experience":
+        return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+class ExperienceBuffer:
+    """--generation_batches batches of experience, served as shuffled mini-batches for --ppo_epochs.
+
+    With `whiten`, advantages are whitened once over every answer token in the buffer (this rank's),
+    so mini-batches share one scale and PPO epochs see the same advantages.
+    """
+
+    def __init__(self, capacity: int, whiten: bool, pad_token_id: int, seed: int):
+        self.capacity, self.whiten, self.pad_token_id = capacity, whiten, pad_token_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: list[dict[str, torch.Tensor]] = []
+        self.batches = 0
+        self.whitened = False
+
+    def add(self, experience: Experience) -> None:
+        self.rows += experience.rows()
+        self.batches += 1
+
+    @property
+    def full(self) -> bool:
+        return self.batches >= self.capacity
+
+    def minibatches(self, batch_size: int) -> list[Experience]:
+        """One pass (a PPO epoch) over the buffer in a fresh random order."""
+        if self.whiten and not self.whitened:
+            self._whiten_advantages()
+        order = torch.randperm(len(self.rows), generator=self.generator).tolist()
+        return [Experience.from_rows([self.rows[i] for i in order[start:start + batch_size]], self.pad_token_id)
+                for start in range(0, len(order), batch_size)]
+
+    def _whiten_advantages(self) -> None:
+        flat = torch.cat([row["advantages"] for row in self.rows]).unsqueeze(0)
+        whitened = masked_whiten(flat, torch.ones_like(flat)).squeeze(0)
+        start = 0
+        for row in self.rows:
+            n = len(row["advantages"])
+            row["advantages"] = whitened[start:start + n]
+            start += n
+        self.whitened = True
+
+    def clear(self) -> None:
+        self.rows, self.batches, self.whitened = [], 0, False
+
+
+def endless_batches(loader):
+    """Batches of `loader` forever, reshuffled each pass (PPO-ptx draws one per PPO mini-batch, so the
+    pre-training text never runs out before the prompts do)."""
+    epoch = 0
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+

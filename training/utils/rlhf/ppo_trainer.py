@@ -1,0 +1,276 @@
+"""PPO for RLHF with DeepSpeed-Chat's trainer API.
+
+    trainer = PPOTrainer(rlhf_engine, PPOConfig.from_args(args))
+    experience, rollout = trainer.generate_experience(prompt_batch)  # sample, score; no gradients
+    stats = trainer.train_rlhf(minibatch)                            # one actor and one critic update
+    trainer.train_unsupervised(lm_batch, unsup_coef)                 # PPO-ptx: language-model loss
+    trainer.update_ema()
+
+For every generated token a_t of an answer (the action region, formulas in training/utils/losses.py):
+
+    log_probs   log pi(a_t | s_t) under the actor at rollout time (PPO's old policy)
+    rewards     -beta * (log pi(a_t) - log pi_ref(a_t)), plus the clipped reward-model score at the
+                answer's last token: its EOS, or the last token of an answer cut at the length limit
+    values      V(s_t), the critic's value at the position right before a_t
+    advantages  GAE(gamma, lambda) that stops at the answer's end; returns = advantages + values
+
+s_t is the prompt plus a_<t: logits at sequence position P + t - 1 score a_t, where P is the width of
+the left-padded prompt block. Scores, values and log-probs are read from positions found from the
+masks, never by comparing ids with pad.
+"""
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, fields
+
+import deepspeed
+import torch
+
+from inference.generation import SamplingConfig
+from training.utils import runtime
+from training.utils.losses import (apply_truncation_penalty, causal_lm_loss, entropy_from_logits, gae_advantages_and_returns,
+                                   gather_log_probs, kl_penalty_rewards, masked_mean, policy_loss, value_loss)
+from training.utils.model.reward_model import positions_from_mask
+from training.utils.rlhf.control import RewardNormalizer, make_kl_controller
+from training.utils.rlhf.experience import Experience, answer_lengths, mask_from_lengths
+
+
+@dataclass
+class PPOConfig:
+    """The PPO settings (the step-3 flags of the same names, documented in training/utils/rlhf/args.py)."""
+    max_answer_seq_len: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    kl_ctl: float = 0.1
+    target_kl: float | None = None
+    kl_horizon: float = 10000
+    clip_reward_value: float = 5.0
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    normalize_reward: bool = False
+    truncation_penalty: float = 0.0
+    ema_beta: float = 0.992
+    compute_fp32_loss: bool = False
+    actor_gradient_checkpointing: bool = False
+    critic_gradient_checkpointing: bool = False
+    align_overflow: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "PPOConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+@dataclass
+class Rollout:
+    """What one generation batch looked like, per answer (CPU tensors [B]), and where the time went."""
+    scores: torch.Tensor  # the reward model's raw score
+    kl: torch.Tensor  # sum over the answer of log pi - log pi_ref
+    lengths: torch.Tensor  # tokens, EOS included
+    ended: torch.Tensor  # True when the answer ended with EOS
+    generation_s: float
+    scoring_s: float
+
+
+class PPOTrainer:
+    def __init__(self, rlhf_engine, config: PPOConfig):
+        self.engine, self.config = rlhf_engine, config
+        self.tokenizer = rlhf_engine.tokenizer
+        self.device = rlhf_engine.actor.device
+        self.kl_ctl = make_kl_controller(config.kl_ctl, config.target_kl, config.kl_horizon)
+        self.reward_normalizer = RewardNormalizer.from_reward_model_meta(rlhf_engine.reward_meta,
+                                                                         config.normalize_reward)
+        self.sampling = SamplingConfig.from_temperature(config.max_answer_seq_len, config.temperature, config.top_p,
+                                                        config.top_k, config.repetition_penalty)
+        # ZeRO-3 gathers parameters in every forward: each rank must keep stepping until all ranks are done.
+        self.synced_gpus = runtime.world_size() > 1 and rlhf_engine.actor.zero_optimization_stage() == 3
+        self._positions = {id(e): "position_ids" in inspect.signature(e.module.forward).parameters
+                           for e in (rlhf_engine.actor, rlhf_engine.ref)}
+        self._warned_fp32_overflow = False
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """[B, A] answers to left-padded prompts, sampled with the rollout settings, stopped at EOS (what
+        follows an answer's EOS is padding)."""
+        actor = self.engine.actor
+        actor.eval()
+        generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
+        output = generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=self.tokenizer.eos_token_id,
+                          pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.synced_gpus,
+                          **self.sampling.generate_kwargs())
+        # The Hybrid Engine swaps its inference kernels back out on train(); scoring must use the
+        # training forward (so PPO's ratio starts at 1) with dropout off.
+        actor.train()
+        actor.module.eval()
+        return output[:, prompt_ids.size(1):]
+
+    @torch.no_grad()
+    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> tuple[Experience, Rollout]:
+        """Sample answers for a batch of prompts and turn them into PPO experience."""
+        prompt_ids = prompt_batch["input_ids"].to(self.device)
+        prompt_mask = prompt_batch["attention_mask"].to(self.device)
+        start = time.perf_counter()
+        answer_ids = self.generate(prompt_ids, prompt_mask)
+        generated = time.perf_counter()
+
+        lengths, ended = answer_lengths(answer_ids, self.tokenizer.eos_token_id)
+        action_mask = mask_from_lengths(lengths, answer_ids.size(1))
+        answer_ids = answer_ids.masked_fill(action_mask == 0, self.tokenizer.pad_token_id)
+        sequences = torch.cat([prompt_ids, answer_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
+        prompt_width = prompt_ids.size(1)
+
+        log_probs = gather_log_probs(self._action_logits(self.engine.actor, sequences, attention_mask, prompt_width),
+                                     answer_ids)
+        ref_log_probs = gather_log_probs(self._action_logits(self.engine.ref, sequences, attention_mask, prompt_width),
+                                         answer_ids)
+        self.engine.critic.eval()
+        values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
+        raw_scores = self.reward_scores(sequences, attention_mask)
+
+        scores = apply_truncation_penalty(self.reward_normalizer(raw_scores), ended, self.config.truncation_penalty)
+        rewards, kl = kl_penalty_rewards(log_probs, ref_log_probs, action_mask, scores, self.kl_ctl.value,
+                                         self.config.clip_reward_value)
+        advantages, returns = gae_advantages_and_returns(rewards, values, action_mask, self.config.gamma,
+                                                         self.config.lam)
+        experience = Experience(prompt_ids.cpu(), prompt_mask.cpu(), answer_ids.cpu(), action_mask.cpu(),
+                                (log_probs * action_mask).cpu(), (values * action_mask).cpu(), advantages.cpu(),
+                                returns.cpu())
+        rollout = Rollout(raw_scores.float().cpu(), kl.sum(dim=1).cpu(), lengths.cpu(), ended.cpu(),
+                          generation_s=generated - start, scoring_s=time.perf_counter() - generated)
+        return experience, rollout
+
+    @torch.no_grad()
+    def reward_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B] reward-model scores of prompt + answer, read at each row's last real token (its EOS)."""
+        return self.engine.reward(input_ids=sequences, attention_mask=attention_mask).end_scores
+
+    def _action_logits(self, engine, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
+        """[B, A, V] logits that score the answer tokens (position P + t - 1 predicts token P + t), at
+        the sampling temperature so log-probabilities are those of the distribution sampled from."""
+        extra = {"position_ids": positions_from_mask(attention_mask)} if self._positions[id(engine)] else {}
+        logits = engine(input_ids=sequences, attention_mask=attention_mask, use_cache=False, **extra).logits
+        logits = logits[:, prompt_width - 1:-1]
+        if self.config.compute_fp32_loss:
+            logits = logits.float()
+        if self.config.temperature > 0 and self.config.temperature != 1.0:
+            logits = logits / self.config.temperature
+        return logits
+
+    @staticmethod
+    def _action_values(critic, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
+        """[B, A] V(s_t): the critic's value at the position right before each answer token."""
+        return critic(input_ids=sequences, attention_mask=attention_mask).values[:, prompt_width - 1:-1]
+
+    # ------------------------------------------------------------------ training
+    def train_rlhf(self, experience: Experience) -> dict[str, float]:
+        """One PPO update of the actor and the critic on a mini-batch of experience."""
+        actor, critic, config = self.engine.actor, self.engine.critic, self.config
+        experience = experience.to(self.device)
+        sequences, attention_mask = experience.sequences, experience.attention_mask
+        prompt_width, mask = experience.prompt_ids.size(1), experience.action_mask
+
+        with training_pass(actor, config.actor_gradient_checkpointing):
+            logits = self._action_logits(actor, sequences, attention_mask, prompt_width)
+            log_probs = gather_log_probs(logits, experience.answer_ids)
+            actor_loss, stats = policy_loss(log_probs, experience.log_probs, experience.advantages, mask,
+                                            config.cliprange)
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), mask)
+            actor.backward(actor_loss)
+        with training_pass(critic, config.critic_gradient_checkpointing):
+            values = self._action_values(critic, sequences, attention_mask, prompt_width)
+            critic_loss = value_loss(values, experience.values, experience.returns, mask, config.cliprange_value)
+            critic.backward(critic_loss)
+        skipped = self._step_both(actor, critic)
+        return {"actor_loss": actor_loss.item(), "critic_loss": critic_loss.item(),
+                "clip_fraction": stats["clip_fraction"].item(), "approx_kl": stats["approx_kl"].item(),
+                "entropy": entropy.item(), "skipped_step": float(skipped)}
+
+    def train_unsupervised(self, batch: dict[str, torch.Tensor], unsup_coef: float) -> float:
+        """PPO-ptx: one actor update on unsup_coef x the language-model loss of a pre-training batch."""
+        actor = self.engine.actor
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with training_pass(actor, self.config.actor_gradient_checkpointing):
+            logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            loss = causal_lm_loss(logits, batch["labels"], self.config.compute_fp32_loss)
+            actor.backward(unsup_coef * loss)
+        actor.step()
+        return loss.item()
+
+    def _step_both(self, actor, critic) -> bool:
+        """Step both engines. With --align_overflow, when either one's fp16 gradients overflowed, neither
+        moves: DeepSpeed skips the step of the one that overflowed (and lowers its loss scale); the other
+        steps with learning rate 0. Returns whether the update was skipped."""
+        skip = False
+        if self.config.align_overflow and actor.is_gradient_accumulation_boundary():
+            if not (actor.fp16_enabled() or critic.fp16_enabled()):
+                if not self._warned_fp32_overflow:
+                    runtime.print_rank_0("--align_overflow: no fp16 engine, so no gradient overflow to align")
+                    self._warned_fp32_overflow = True
+            else:
+                overflowed = [gradients_overflowed(actor), gradients_overflowed(critic)]
+                skip = runtime.all_reduce_sum([float(any(overflowed))], self.device)[0] > 0
+        for engine in (actor, critic):
+            with hold_weights(engine) if skip else contextlib.nullcontext():
+                engine.step()
+        return skip
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """actor_ema <- beta * actor_ema + (1 - beta) * actor, parameter by parameter (gathered under ZeRO-3)."""
+        if self.engine.actor_ema is None:
+            return
+        beta = self.config.ema_beta
+        actor_params = dict(self.engine.actor.module.named_parameters())
+        for name, ema_param in self.engine.actor_ema.module.named_parameters():
+            param = actor_params[name]
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")), \
+                    deepspeed.zero.GatheredParameters([ema_param], modifier_rank=0, enabled=hasattr(ema_param, "ds_id")):
+                ema_param.data.copy_(torch.lerp(param.data.to(ema_param.dtype), ema_param.data, beta))
+
+
+@contextlib.contextmanager
+def training_pass(engine, gradient_checkpointing: bool):
+    """Train mode, with activation checkpointing on for this pass only (generation and scoring run
+    without it: it would turn off the KV cache and slow generation down)."""
+    engine.train()
+    if gradient_checkpointing:
+        engine.module.gradient_checkpointing_enable()
+    try:
+        yield
+    finally:
+        if gradient_checkpointing:
+            engine.module.gradient_checkpointing_disable()
+
+
+def gradients_overflowed(engine) -> bool:
+    """Whether this step's fp16 gradients hold inf/NaN, by DeepSpeed's own check (ZeRO's agrees over the
+    data-parallel ranks). Only meaningful after backward and before step."""
+    if not engine.fp16_enabled():
+        return False
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "has_overflow"):  # ZeRO stages 1-3
+        return bool(optimizer.has_overflow(partition_gradients=getattr(optimizer, "partition_gradients", True)))
+    return bool(optimizer.overflow_checker.check())  # fp16 without ZeRO
+
+
+@contextlib.contextmanager
+def hold_weights(engine):
+    """One optimizer step that leaves the weights in place: learning rate 0 for its duration (Adam's
+    moment estimates still absorb the gradients). Afterwards the rates are the schedule's again: set by
+    the LR scheduler when the step advanced it, restored otherwise."""
+    groups, scheduler = engine.optimizer.param_groups, engine.lr_scheduler
+    saved, scheduler_step = [group["lr"] for group in groups], getattr(scheduler, "last_epoch", None)
+    for group in groups:
+        group["lr"] = 0.0
+    try:
+        yield
+    finally:
+        if getattr(scheduler, "last_epoch", None) == scheduler_step:
+            for group, lr in zip(groups, saved):
+                group["lr"] = lr
