@@ -1,0 +1,308 @@
+"""Run the whole pipeline (step 1 SFT -> step 2 reward model -> step 3 PPO, or SFT -> DPO) with one command.
+
+    python applications/e2e_rlhf.py                                  # CPU: tiny default on synthetic data
+    python applications/e2e_rlhf.py --deployment-type single_gpu --actor-model 1.3b --reward-model 350m
+    python applications/e2e_rlhf.py --step 2 3 --output-dir ./output  # resume the pipeline after step 1
+    python applications/e2e_rlhf.py --algo dpo                        # SFT, then DPO instead of steps 2-3
+
+Outputs (as DeepSpeed-Chat): <output>/actor-models/<name>, <output>/reward-models/<name>,
+<output>/step3-models/<name> (actor/, critic/), <output>/dpo-models/<name>. Each step's full log is
+streamed to the terminal and written to <output>/step<N>/training.log (DPO: <output>/dpo/training.log).
+
+How a step is launched: with `--deployment-type cpu` the step's `training_scripts/cpu/run_tiny.sh`;
+otherwise the per-topology script `training_scripts/<family>/<deployment>/run_<size>.sh` when one exists
+for exactly that model (e.g. facebook/opt-1.3b on single_gpu), else a `deepspeed ... main.py` command
+built from the step's own defaults with the model, ZeRO stage and output directory filled in.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.utils.errors import UserInputError, report_user_errors
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOYMENTS = ("cpu", "single_gpu", "single_node", "multi_node")
+DEFAULT_DATA = "synthetic/copy"
+QUICK_DATA = "synthetic/copy:size=1500,eval_size=200"
+# Short overrides per step for --quick (a smoke run of the pipeline, not a quality run).
+QUICK_ARGS = {
+    "step1": "--num_train_epochs 1",
+    "step2": "--num_train_epochs 1 --eval_interval 0 --eval_iters 0",
+    "dpo": "--num_train_epochs 1",
+    "step3": "--test_stop_step 4 --eval_interval 2 --eval_prompts 32 --per_device_generation_batch_size 8 "
+             "--per_device_training_batch_size 8 --print_answers_interval 2",
+}
+FAILURE_HINTS = [
+    (r"out of memory|OutOfMemoryError", "GPU memory: lower the per-device batch size, raise "
+                                        "--gradient_accumulation_steps, add --offload or use ZeRO stage 3"),
+    (r"Killed|exit code -9|returncode=-9", "host memory: lower the batch size or the number of ranks"),
+    (r"fp16 is not supported|Type fp16", "fp16 needs a GPU: use --dtype fp32 (or bf16) on CPU"),
+    (r"Address already in use", "another run holds the port: set MASTER_PORT to a free port"),
+    (r"offline|Cannot reach|couldn't connect|LocalEntryNotFoundError", "no network: pass a local model "
+                                                                       "directory or dataset file"),
+    (r"hostfile", "multi_node needs a hostfile: set HOSTFILE (see docs/launching.md)"),
+]
+
+
+@dataclass
+class Step:
+    key: str  # step1 | step2 | dpo | step3
+    folder: str  # training/<folder>
+    command: list[str]
+    model_dir: Path
+    env: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    figures: str = ""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    has_cuda = _has_cuda()
+    parser = argparse.ArgumentParser(description="Run RLHF steps 1-3 (or SFT + DPO) one after the other.")
+    parser.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
+                        help="Steps to run (with --algo dpo, step 2 is DPO and step 3 does not exist).")
+    parser.add_argument("--algo", choices=("ppo", "dpo"), default="ppo",
+                        help="[new] ppo: reward model + PPO (steps 2-3); dpo: DPO replaces steps 2-3.")
+    parser.add_argument("--actor-model", default=None,
+                        help="Actor: an OPT size as in DeepSpeed-Chat (1.3b, 6.7b, 13b, 66b), a hub id or a local "
+                             "path, or tiny/opt. Default: tiny/opt on cpu, facebook/opt-1.3b otherwise.")
+    parser.add_argument("--reward-model", default=None,
+                        help="Reward model: an OPT size (350m), a hub id, a local path, or tiny/opt. "
+                             "Default: tiny/opt on cpu, facebook/opt-350m otherwise.")
+    parser.add_argument("--actor-zero-stage", type=str, default="",
+                        help="ZeRO stage of the actor (empty: the script's default).")
+    parser.add_argument("--reward-zero-stage", type=str, default="",
+                        help="ZeRO stage of the reward model / critic (empty: the script's default).")
+    parser.add_argument("--output-dir", default="./output", help="Where the three model folders go.")
+    parser.add_argument("--deployment-type", choices=DEPLOYMENTS, default="single_gpu" if has_cuda else "cpu",
+                        help="cpu (the default without a CUDA device) | single_gpu | single_node | multi_node.")
+    parser.add_argument("--data-path", default=None,
+                        help=f"[new] --data_path of every step (default: the scripts' own; cpu: {DEFAULT_DATA}).")
+    parser.add_argument("--quick", action="store_true",
+                        help="[new] Smoke run: small synthetic data and a few steps each (minutes on CPU).")
+    parser.add_argument("--check-prompts", type=int, default=200,
+                        help="[new] Held-out synthetic prompts on which the step-1 and final actors are checked.")
+    args = parser.parse_args(argv)
+    if args.data_path is None and args.deployment_type == "cpu":
+        args.data_path = QUICK_DATA if args.quick else DEFAULT_DATA
+    if args.algo == "dpo" and 3 in args.step:
+        if args.step != [1, 2, 3]:
+            raise UserInputError("--algo dpo has no step 3 (DPO replaces steps 2-3): use --step 1 2")
+        args.step = [1, 2]
+    return args
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def model_id(name: str | None, default_size: str, cpu: bool) -> str:
+    """DeepSpeed-Chat's bare OPT sizes (1.3b, 350m) become hub ids; everything else passes through."""
+    if name is None:
+        return "tiny/opt" if cpu else f"facebook/opt-{default_size}"
+    return f"facebook/opt-{name}" if re.fullmatch(r"\d+(\.\d+)?[mb]", name) else name
+
+
+def short_name(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1]) or "model"
+
+
+def find_script(folder: str, deployment: str, model: str, names_model: bool = True) -> Path | None:
+    """The per-topology script for `model`'s family and size on `deployment`, if the repo has one; with
+    `names_model`, only a script that trains exactly that model (steps 1-2 name it inside the script)."""
+    if deployment == "cpu":
+        return REPO / "training" / folder / "training_scripts" / "cpu" / "run_tiny.sh"
+    size = re.search(r"(\d+(?:\.\d+)?[mb])", model.lower())
+    family = "llama2" if "llama-2" in model.lower() else model.lower().split("/")[-1].split("-")[0]
+    if size is None:
+        return None
+    root = REPO / "training" / folder / "training_scripts" / family
+    for candidate in (root / deployment / f"run_{size.group(1)}.sh", root / f"run_{size.group(1)}.sh"):
+        if candidate.is_file() and (model in candidate.read_text() or not names_model):
+            return candidate
+    return None
+
+
+def launcher(deployment: str) -> list[str]:
+    if deployment == "multi_node":
+        return ["deepspeed", "--hostfile", os.environ.get("HOSTFILE", "/job/hostfile")]
+    return ["deepspeed"] + (["--num_gpus", "1"] if deployment == "single_gpu" else [])
+
+
+def build_steps(args) -> list[Step]:
+    cpu = args.deployment_type == "cpu"
+    out = Path(args.output_dir).resolve()
+    actor = model_id(args.actor_model, "1.3b", cpu)
+    reward = model_id(args.reward_model, "350m", cpu)
+    sft_dir = out / "actor-models" / short_name(actor)
+    rm_dir = out / "reward-models" / short_name(reward)
+    data = args.data_path
+    steps = []
+    plan = [(1, "step1", "step1_supervised_finetuning", actor, sft_dir, args.actor_zero_stage)]
+    if args.algo == "ppo":
+        plan.append((2, "step2", "step2_reward_model_finetuning", reward, rm_dir, args.reward_zero_stage))
+    else:
+        plan.append((2, "dpo", "step2_dpo_finetuning", actor, out / "dpo-models" / short_name(actor),
+                     args.actor_zero_stage))
+    for number, key, folder, model, model_dir, zero in plan:
+        if number in args.step:
+            # DPO starts from the step-1 actor; a hub/tiny name only when step 1 is skipped and never ran.
+            start = str(sft_dir) if key == "dpo" and (sft_dir.is_dir() or 1 in args.step) else model
+            steps.append(single_model_step(args, key, folder, start, model_dir, zero, data))
+    if args.algo == "ppo" and 3 in args.step:
+        steps.append(ppo_step(args, sft_dir, rm_dir, out / "step3-models" / short_name(actor), data, actor))
+    return steps
+
+
+def single_model_step(args, key, folder, model, model_dir, zero, data) -> Step:
+    script = find_script(folder, args.deployment_type, model)
+    if script is not None:
+        command = ["bash", str(script), str(model_dir), zero or "0"]
+        if args.deployment_type == "cpu":
+            command.append(model)
+    else:
+        command = launcher(args.deployment_type) + ["main.py", "--model_name_or_path", model,
+                                                    "--output_dir", str(model_dir), "--deepspeed",
+                                                    "--enable_tensorboard", "--tensorboard_path", str(model_dir)]
+        command += ["--zero_stage", zero] if zero else []
+        command += ["--data_path", data] if data else []
+    return Step(key, folder, command, model_dir, env=_script_env(args, key, data))
+
+
+def ppo_step(args, sft_dir: Path, rm_dir: Path, model_dir: Path, data, actor: str) -> Step:
+    folder = "step3_rlhf_finetuning"
+    script = find_script(folder, args.deployment_type, actor, names_model=False)  # takes model paths as $1 $2
+    if script is not None:
+        command = ["bash", str(script), str(sft_dir), str(rm_dir), args.actor_zero_stage or "0",
+                   args.reward_zero_stage or "0", str(model_dir)]
+    else:
+        command = launcher(args.deployment_type) + [
+            "main.py", "--actor_model_name_or_path", str(sft_dir), "--critic_model_name_or_path", str(rm_dir),
+            "--output_dir", str(model_dir), "--deepspeed", "--enable_tensorboard", "--tensorboard_path", str(model_dir)]
+        command += ["--actor_zero_stage", args.actor_zero_stage] if args.actor_zero_stage else []
+        command += ["--critic_zero_stage", args.reward_zero_stage] if args.reward_zero_stage else []
+        command += ["--data_path", data] if data else []
+    return Step("step3", folder, command, model_dir, env=_script_env(args, "step3", data))
+
+
+def _script_env(args, key: str, data) -> dict:
+    """The CPU scripts read DATA_PATH and append EXTRA_ARGS (so --quick can shorten them)."""
+    env = {"DATA_PATH": data} if data else {}
+    if args.quick:
+        env["EXTRA_ARGS"] = QUICK_ARGS[key]
+    return env
+
+
+def run_step(step: Step, log_path: Path) -> int:
+    """Run one step with its output streamed to the terminal and to `log_path`; returns the exit code."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **step.env}
+    print(f"\n=== {step.key}: (cd training/{step.folder} && "
+          f"{' '.join(f'{k}={shlex.quote(v)}' for k, v in step.env.items())} {shlex.join(step.command)})", flush=True)
+    start = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(step.command, cwd=REPO / "training" / step.folder, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, errors="replace")
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        code = process.wait()
+    step.seconds = time.time() - start
+    return code
+
+
+def explain_failure(step: Step, log_path: Path, code: int) -> str:
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    tail = "\n".join(lines[-25:])
+    hints = [hint for pattern, hint in FAILURE_HINTS if re.search(pattern, tail, re.IGNORECASE)]
+    errors = [line for line in lines if line.startswith("error:")]
+    message = [f"\n{step.key} failed (exit {code}) after {step.seconds:.0f} s; last lines of {log_path}:", tail]
+    if errors:
+        message.append(f"the step said: {errors[-1]}")
+    message += [f"hint: {hint}" for hint in hints] or ["hint: read the log above; rerun only this step with "
+                                                      f"--step {step.key[-1] if step.key[-1].isdigit() else 2}"]
+    return "\n".join(message)
+
+
+def key_figures(step: Step) -> str:
+    """The headline numbers of a finished step, read from what it saved."""
+    metrics = _metrics(step.model_dir / ("actor" if step.key == "step3" else ""))
+    if step.key == "step1":
+        ppl = [row["eval/perplexity"] for row in metrics if "eval/perplexity" in row]
+        return f"eval perplexity {ppl[0]:.2f} -> {ppl[-1]:.2f}" if ppl else ""
+    if step.key == "step2":
+        stats = json.loads((step.model_dir / "reward_model.json").read_text())["reward_stats"]
+        return f"reward accuracy {stats['accuracy']:.3f} (held-out pairs)"
+    if step.key == "dpo":
+        accuracy = [row["eval/reward_accuracy"] for row in metrics if "eval/reward_accuracy" in row]
+        return f"reward accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}" if accuracy else ""
+    reward = [row["eval/reward_mean"] for row in metrics if "eval/reward_mean" in row]
+    return f"mean reward {reward[0]:.3f} -> {reward[-1]:.3f} (held-out prompts)" if reward else ""
+
+
+def _metrics(directory: Path) -> list[dict]:
+    for path in (directory / "training_metrics.jsonl", directory.parent / "training_metrics.jsonl"):
+        if path.is_file():
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return []
+
+
+def final_actor(steps: list[Step]) -> Path:
+    last = steps[-1]
+    return last.model_dir / "actor" if last.key == "step3" else last.model_dir
+
+
+def checker_accuracy(actor_dir: Path, data: str, prompts: int) -> float:
+    """Share of held-out synthetic prompts the actor answers right (greedy), by the task's checker."""
+    import torch
+
+    from inference.generation import SamplingConfig, generate_replies, load_causal_lm
+    from training.utils.data.synthetic import check_answer, generate_rows, parse_synthetic_name
+
+    rows = generate_rows(parse_synthetic_name(data), "eval")[:prompts]
+    model, tokenizer = load_causal_lm(str(actor_dir), torch.device("cpu"))
+    replies = generate_replies(model, tokenizer, [r["prompt"] for r in rows], SamplingConfig(max_new_tokens=24))
+    return sum(check_answer(r["prompt"], reply) for r, reply in zip(rows, replies)) / len(rows)
+
+
+def summary(steps: list[Step], args) -> None:
+    data = args.data_path
+    print("\n| step | wall time | key figures | output |\n| --- | ---: | --- | --- |")
+    for step in steps:
+        print(f"| {step.key} | {step.seconds:.0f} s | {step.figures} | {step.model_dir} |")
+    actor = final_actor(steps)
+    print(f"\nfinal actor: {actor}\nchat with it: python applications/chat.py --path {actor}")
+    sft_dir = next((s.model_dir for s in steps if s.key == "step1"), None)
+    if data and data.startswith("synthetic/") and sft_dir is not None and actor != sft_dir and args.check_prompts:
+        before, after = checker_accuracy(sft_dir, data, args.check_prompts), checker_accuracy(actor, data, args.check_prompts)
+        print(f"held-out checker accuracy ({args.check_prompts} prompts, greedy): step-1 actor {before:.3f}, "
+              f"final actor {after:.3f} ({after - before:+.3f})")
+
+
+@report_user_errors
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    steps = build_steps(args)
+    out = Path(args.output_dir).resolve()
+    print(f"e2e: {args.algo}, steps {args.step}, deployment {args.deployment_type}, output {out}")
+    for step in steps:
+        log_path = out / ("dpo" if step.key == "dpo" else step.key) / "training.log"
+        code = run_step(step, log_path)
+        if code != 0:
+            print(explain_failure(step, log_path, code), file=sys.stderr)
+            sys.exit(code)
+        step.figures = key_figures(step)
+        print(f"=== {step.key} done in {step.seconds:.0f} s: {step.figures}", flush=True)
+    summary(steps, args)
+
+
+if __name__ == "__main__":
+    main()
