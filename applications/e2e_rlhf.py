@@ -260,16 +260,17 @@ def final_actor(steps: list[Step]) -> Path:
     return last.model_dir / "actor" if last.key == "step3" else last.model_dir
 
 
-def checker_accuracy(actor_dir: Path, data: str, prompts: int) -> float:
-    """Share of held-out synthetic prompts the actor answers right (greedy), by the task's checker."""
+def checker_accuracy(actor_dir: Path, data: str, prompts: int, sampling) -> float:
+    """Share of held-out synthetic prompts the actor answers right, by the task's checker."""
     import torch
 
-    from inference.generation import SamplingConfig, generate_replies, load_causal_lm
+    from inference.generation import generate_replies, load_causal_lm
     from training.utils.data.synthetic import check_answer, generate_rows, parse_synthetic_name
 
     rows = generate_rows(parse_synthetic_name(data), "eval")[:prompts]
     model, tokenizer = load_causal_lm(str(actor_dir), torch.device("cpu"))
-    replies = generate_replies(model, tokenizer, [r["prompt"] for r in rows], SamplingConfig(max_new_tokens=24))
+    torch.manual_seed(0)  # the same sampling noise for every actor checked
+    replies = generate_replies(model, tokenizer, [r["prompt"] for r in rows], sampling)
     return sum(check_answer(r["prompt"], reply) for r, reply in zip(rows, replies)) / len(rows)
 
 
@@ -282,9 +283,16 @@ def summary(steps: list[Step], args) -> None:
     print(f"\nfinal actor: {actor}\nchat with it: python applications/chat.py --path {actor}")
     sft_dir = next((s.model_dir for s in steps if s.key == "step1"), None)
     if data and data.startswith("synthetic/") and sft_dir is not None and actor != sft_dir and args.check_prompts:
-        before, after = checker_accuracy(sft_dir, data, args.check_prompts), checker_accuracy(actor, data, args.check_prompts)
-        print(f"held-out checker accuracy ({args.check_prompts} prompts, greedy): step-1 actor {before:.3f}, "
-              f"final actor {after:.3f} ({after - before:+.3f})")
+        from inference.generation import SamplingConfig
+
+        # Greedy shows the most likely answer; sampling at temperature 1 (what PPO's rollouts do) shows
+        # how much of the policy's probability sits on right answers, which greedy can hide.
+        for label, sampling in (("greedy", SamplingConfig(max_new_tokens=24)),
+                                ("sampled at temperature 1", SamplingConfig(max_new_tokens=24, do_sample=True))):
+            before = checker_accuracy(sft_dir, data, args.check_prompts, sampling)
+            after = checker_accuracy(actor, data, args.check_prompts, sampling)
+            print(f"held-out checker accuracy ({args.check_prompts} prompts, {label}): step-1 actor {before:.3f}, "
+                  f"final actor {after:.3f} ({after - before:+.3f})")
 
 
 @report_user_errors

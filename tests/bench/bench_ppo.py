@@ -13,12 +13,11 @@ training, and peak RSS in MiB.
 """
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
+
+import rows  # tests/bench/rows.py, beside this script
 
 
 def parse_args(argv=None):
@@ -86,31 +85,24 @@ def run_row(args, model_name: str, answer_len: int) -> dict:
             "samples_per_s": round(samples / elapsed, 2), "generated_tokens_per_s": round(generated_tokens / elapsed, 1),
             **{k: round(v, 3) for k, v in timings.items()},
             "time_share": {k.removesuffix("_s"): round(v / elapsed, 3) for k, v in timings.items()},
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": rows.peak_rss_mib(),
             "torch_threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.row:
-        print("BENCH_ROW " + json.dumps(run_row(args, args.row[0], int(args.row[1]))), flush=True)
+        rows.print_row(run_row(args, args.row[0], int(args.row[1])))
         return
-    rows = []
+    results = []
     base = list(argv if argv is not None else sys.argv[1:])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
     for model_name in args.models:
         for answer_len in args.answer_lens:
-            result = subprocess.run([sys.executable, __file__, *base, "--row", model_name, str(answer_len)],
-                                    capture_output=True, text=True, env=env, check=False)
-            lines = [l for l in result.stdout.splitlines() if l.startswith("BENCH_ROW ")]
-            if result.returncode != 0 or not lines:
-                sys.exit(f"benchmark row {model_name}/{answer_len} failed:\n{result.stderr[-3000:]}")
-            rows.append(json.loads(lines[0][len("BENCH_ROW "):]))
-            row = rows[-1]
+            results.append(rows.run_row(__file__, base, [model_name, str(answer_len)]))
+            row = results[-1]
             print(f"{model_name:>14} answer={answer_len:<4} {row['samples_per_s']:>7} samples/s "
                   f"{row['generated_tokens_per_s']:>8} gen tok/s  split {row['time_share']}", file=sys.stderr)
-    print(json.dumps({"benchmark": "ppo_step3", "rows": rows}, indent=1))
+    print(json.dumps({"benchmark": "ppo_step3", "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ tokens/s (non-pad), computed tokens/s, padding efficiency (real / computed), pea
 """
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
+
+import rows  # tests/bench/rows.py, beside this script
 
 
 def parse_args(argv=None):
@@ -94,31 +93,24 @@ def run_row(args, model_name: str, padding: str) -> dict:
             "samples_per_s": round(samples / elapsed, 2), "real_tokens_per_s": round(real_tokens / elapsed, 1),
             "computed_tokens_per_s": round(computed_tokens / elapsed, 1),
             "padding_efficiency": round(real_tokens / computed_tokens, 4),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": rows.peak_rss_mib(),
             "torch_threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.row:
-        print("BENCH_ROW " + json.dumps(run_row(args, *args.row)), flush=True)
+        rows.print_row(run_row(args, *args.row))
         return
-    rows = []
+    results = []
     base = list(argv if argv is not None else sys.argv[1:])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
     for model_name in args.models:
         for padding in ("longest",) if args.step == "rm" else ("longest", "max_length"):
-            result = subprocess.run([sys.executable, __file__, *base, "--row", model_name, padding],
-                                    capture_output=True, text=True, env=env)
-            lines = [l for l in result.stdout.splitlines() if l.startswith("BENCH_ROW ")]
-            if result.returncode != 0 or not lines:
-                sys.exit(f"benchmark row {model_name}/{padding} failed:\n{result.stderr[-3000:]}")
-            rows.append(json.loads(lines[0][len("BENCH_ROW "):]))
-            print(f"{model_name:>14} pad={padding:<10} {rows[-1]['samples_per_s']:>8} samples/s "
-                  f"{rows[-1]['real_tokens_per_s']:>9} real tok/s  eff {rows[-1]['padding_efficiency']}",
+            results.append(rows.run_row(__file__, base, [model_name, padding]))
+            print(f"{model_name:>14} pad={padding:<10} {results[-1]['samples_per_s']:>8} samples/s "
+                  f"{results[-1]['real_tokens_per_s']:>9} real tok/s  eff {results[-1]['padding_efficiency']}",
                   file=sys.stderr)
-    print(json.dumps({"benchmark": f"train_{args.step}", "rows": rows}, indent=1))
+    print(json.dumps({"benchmark": f"train_{args.step}", "rows": results}, indent=1))
 
 
 if __name__ == "__main__":
