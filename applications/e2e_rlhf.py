@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.utils import runtime
 from training.utils.errors import UserInputError, report_user_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,8 +195,11 @@ def ppo_step(args, sft_dir: Path, rm_dir: Path, model_dir: Path, data, actor: st
 
 
 def _script_env(args, key: str, data) -> dict:
-    """The CPU scripts read DATA_PATH and append EXTRA_ARGS (so --quick can shorten them)."""
+    """The CPU scripts read DATA_PATH and MASTER_PORT and append EXTRA_ARGS (so --quick can shorten them).
+    A free port per step keeps the pipeline clear of other DeepSpeed jobs on the default port 29500."""
     env = {"DATA_PATH": data} if data else {}
+    if args.deployment_type == "cpu":
+        env["MASTER_PORT"] = str(runtime.free_port())
     if args.quick:
         env["EXTRA_ARGS"] = QUICK_ARGS[key]
     return env

@@ -28,7 +28,7 @@ def init_distributed(local_rank: int = -1) -> torch.device:
 
     if not any(name in os.environ for name in _RANK_VARIABLES):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank >= 0 else 0))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":
@@ -41,7 +41,7 @@ def init_distributed(local_rank: int = -1) -> torch.device:
     return device
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

@@ -7,7 +7,7 @@ ZERO_STAGE=${2:-2}
 mkdir -p "$OUTPUT"
 export OMP_NUM_THREADS=1   # two ranks on two cores: one thread each
 
-deepspeed --num_gpus 2 main.py \
+deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" main.py \
    --data_path synthetic/arithmetic \
    --model_name_or_path tiny/opt \
    --per_device_train_batch_size 8 \

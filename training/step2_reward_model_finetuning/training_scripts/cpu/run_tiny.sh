@@ -11,7 +11,7 @@ DATA_PATH=${DATA_PATH:-synthetic/copy}
 EXTRA_ARGS=${EXTRA_ARGS:-}  # appended last, so its flags override the ones above
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-deepspeed --num_gpus 1 main.py \
+deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --data_path "$DATA_PATH" \
    --data_split 2,4,4 \
    --model_name_or_path "$MODEL" \
