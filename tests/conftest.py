@@ -1,4 +1,5 @@
 """Shared test helpers: offline environment, the shipped tokenizer, and running step scripts for real."""
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +43,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def assert_ok(result):
+    """A finished subprocess exited 0; otherwise fail with the end of its output."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def read_metrics(directory) -> list[dict]:
+    """The rows of a run's training_metrics.jsonl (written by runtime.MetricsLog)."""
+    with open(Path(directory) / "training_metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

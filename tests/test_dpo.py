@@ -1,7 +1,6 @@
 """Step 2 alternative, DPO: the loss math on hand-worked numbers, the reply mask, policy == reference, learning
 on the built-in copy pairs, reload of the saved policy, two-rank ZeRO-3 with an offloaded reference, bad input."""
 import argparse
-import json
 import math
 import os
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, run_script, write_jsonl
+from conftest import REPO, assert_ok, read_metrics, run_script, write_jsonl
 
 from training.utils.data.collators import PairCollator
 from training.utils.data.pipeline import PHASE_REWARD, DataConfig, build_phase_data, make_loader, tokenise_pairs
@@ -29,13 +28,8 @@ def dpo_args(tmp_path, output, *extra, data=COPY) -> list[str]:
             "--learning_rate", "1e-3", "--num_warmup_steps", "10", "--dtype", "fp32", "--dropout", "0.0", *extra]
 
 
-def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-
-
 def eval_rows(output) -> list[dict]:
-    with open(output / "training_metrics.jsonl", encoding="utf-8") as f:
-        return [row for row in map(json.loads, f) if "eval/loss" in row]
+    return [row for row in read_metrics(output) if "eval/loss" in row]
 
 
 def loss_settings(**overrides) -> argparse.Namespace:

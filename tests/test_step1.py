@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import STEP1_DIR, run_script, write_jsonl
+from conftest import STEP1_DIR, assert_ok, read_metrics, run_script, write_jsonl
 
 SYNTHETIC = "synthetic/arithmetic:size=2000,eval_size=200"
 
@@ -18,21 +18,12 @@ def step1_args(tmp_path, output, *extra) -> list[str]:
             "--learning_rate", "2e-3", "--num_warmup_steps", "5", "--dtype", "fp32", *extra]
 
 
-def metrics(output) -> list[dict]:
-    with open(os.path.join(output, "training_metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-
-
 def test_sft_learns_and_saves_a_model_that_generates(tmp_path):
     output = tmp_path / "actor"
     result = run_script(STEP1_DIR, step1_args(tmp_path, output, "--num_train_epochs", "2", "--enable_tensorboard",
                                               "--tensorboard_path", str(tmp_path / "tb")))
     assert_ok(result)
-    rows = metrics(output)
+    rows = read_metrics(output)
     ppl = [r["eval/perplexity"] for r in rows if "eval/perplexity" in r]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(ppl) == 3  # before training and after each of the two epochs
@@ -72,7 +63,7 @@ def test_llama_lora_with_gradient_checkpointing(tmp_path):
                       "--gradient_checkpointing", "--lora_learning_rate", "5e-3")
     args[args.index("tiny/opt")] = "tiny/llama"
     assert_ok(run_script(STEP1_DIR, args))
-    ppl = [r["eval/perplexity"] for r in metrics(output) if "eval/perplexity" in r]
+    ppl = [r["eval/perplexity"] for r in read_metrics(output) if "eval/perplexity" in r]
     assert ppl[-1] < ppl[0]
     from safetensors.torch import load_file
 
@@ -86,7 +77,7 @@ def test_two_ranks_with_zero(tmp_path, stage):
                       "--data_split", "2,4,4")
     result = run_script(STEP1_DIR, args, num_ranks=2)
     assert_ok(result)
-    ppl = [r["eval/perplexity"] for r in metrics(output) if "eval/perplexity" in r]
+    ppl = [r["eval/perplexity"] for r in read_metrics(output) if "eval/perplexity" in r]
     assert ppl[-1] < ppl[0] / 5, ppl
     model = AutoModelForCausalLM.from_pretrained(output, local_files_only=True)
     assert model.config.num_hidden_layers == 3
@@ -100,7 +91,7 @@ def test_zero_offload_with_cpu_adam(tmp_path):
     output = tmp_path / "actor"
     result = run_script(STEP1_DIR, step1_args(tmp_path, output, "--zero_stage", "2", "--offload"))
     assert_ok(result)
-    ppl = [r["eval/perplexity"] for r in metrics(output) if "eval/perplexity" in r]
+    ppl = [r["eval/perplexity"] for r in read_metrics(output) if "eval/perplexity" in r]
     assert ppl[-1] < ppl[0] / 5, ppl
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, STEP1_DIR, run_script, write_jsonl
+from conftest import REPO, STEP1_DIR, assert_ok, read_metrics, run_script, write_jsonl
 
 STEP2_DIR = REPO / "training" / "step2_reward_model_finetuning"
 # The default synthetic pairs: 30% of rejected replies are the right copy followed by rambling without
@@ -21,13 +21,8 @@ def step2_args(tmp_path, output, *extra, model="tiny/opt") -> list[str]:
             "--learning_rate", "1e-3", "--num_warmup_steps", "10", "--dtype", "fp32", "--dropout", "0.0", *extra]
 
 
-def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-
-
 def eval_rows(output) -> list[dict]:
-    with open(output / "training_metrics.jsonl", encoding="utf-8") as f:
-        return [row for row in map(json.loads, f) if "eval/accuracy" in row]
+    return [row for row in read_metrics(output) if "eval/accuracy" in row]
 
 
 @pytest.fixture(scope="module")

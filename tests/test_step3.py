@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, STEP1_DIR, run_script, write_jsonl
+from conftest import REPO, STEP1_DIR, assert_ok, read_metrics, run_script, write_jsonl
 
 STEP2_DIR = REPO / "training" / "step2_reward_model_finetuning"
 STEP3_DIR = REPO / "training" / "step3_rlhf_finetuning"
@@ -17,15 +17,6 @@ STEP3_DIR = REPO / "training" / "step3_rlhf_finetuning"
 # short (a fast reward model), and the SFT actor stops anyway.
 TASK = "synthetic/copy:size=8000,eval_size=400,ramble_share=0.0"
 SPLIT = "4,4,2"
-
-
-def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-
-def metrics(directory) -> list[dict]:
-    with open(directory / "training_metrics.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +205,7 @@ def test_ppo_raises_held_out_reward_and_accuracy_over_the_sft_actor(sft_and_rewa
                                             "--enable_test_mode", "--test_stop_step", "24", "--enable_tensorboard",
                                             "--tensorboard_path", str(work / "tb")))
     assert_ok(result)
-    rows = metrics(output / "actor")
+    rows = read_metrics(output / "actor")
     evals = [row for row in rows if "eval/accuracy" in row]
     before, after = evals[0], evals[-1]
     assert (before["step"], after["step"]) == (0, 24)
@@ -254,7 +245,7 @@ def ema_epochs_run(sft_and_reward):
 
 def test_ppo_epochs_and_generation_batches_train_in_minibatches(ema_epochs_run):
     actor, output, result = ema_epochs_run
-    steps = [row for row in metrics(output / "actor") if "ppo/approx_kl" in row]
+    steps = [row for row in read_metrics(output / "actor") if "ppo/approx_kl" in row]
     assert [row["step"] for row in steps] == [1, 2]
     for row in steps:
         # 16 answers re-cut into mini-batches of 6, two passes: later mini-batches see a moved policy
@@ -300,7 +291,7 @@ def test_lora_actor_and_critic_with_ppo_ptx(sft_and_reward):
         "--critic_lora_learning_rate", "1e-3", "--unsupervised_dataset_name", str(text), "--unsup_coef", "1.0",
         "--actor_gradient_checkpointing", "--critic_gradient_checkpointing", "--enable_test_mode",
         "--test_stop_step", "2")))
-    rows = [row for row in metrics(output / "actor") if "loss/unsupervised" in row]
+    rows = [row for row in read_metrics(output / "actor") if "loss/unsupervised" in row]
     assert len(rows) == 2 and all(0 < row["loss/unsupervised"] < 20 for row in rows)
     sft, trained = load_file(str(actor / "model.safetensors")), load_file(str(output / "actor" / "model.safetensors"))
     assert sft.keys() == trained.keys()  # LoRA folded into plain weights
@@ -360,7 +351,7 @@ def test_two_ranks_zero3_when_one_rank_stops_early(tmp_path):
             "--critic_learning_rate", "1e-5", "--temperature", "0", "--num_warmup_steps", "0", "--dtype", "fp32",
             "--actor_dropout", "0.0", "--deepspeed"]
     assert_ok(run_script(STEP3_DIR, args, num_ranks=2, timeout=400))
-    steps = [row for row in metrics(output / "actor") if "answer/length" in row]
+    steps = [row for row in read_metrics(output / "actor") if "answer/length" in row]
     assert len(steps) == 2
     for row in steps:  # one rank: a short answer + EOS (at most 8 tokens); the other: 24 tokens, no EOS
         assert row["answer/eos_rate"] == 0.5 and 12.5 <= row["answer/length"] <= 16, row

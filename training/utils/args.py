@@ -35,8 +35,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "tiny/opt-20m | tiny/llama-20m (random-initialised configs shipped in the repo).")
     group.add_argument("--dropout", type=float, default=None,
                        help="Override every dropout probability of the model config (None keeps them).")
+    add_tokenizer_args(group)
+
+
+def add_tokenizer_args(group) -> None:
+    """The end-of-turn token and remote-code flags, shared by every step's model group."""
     group.add_argument("--add_eot_token", action="store_true",
-                       help="Add --eot_token as a special token and use it as the end-of-turn (EOS) token.")
+                       help="Add --eot_token as a special token and use it as the end-of-turn (EOS) token "
+                            "(step 3: give it exactly as steps 1 and 2 did).")
     group.add_argument("--eot_token", type=str, default="<|endoftext|>", help="See --add_eot_token.")
     group.add_argument("--trust_remote_code", action="store_true",
                        help="[new] Allow model code from the model directory / hub (off by default).")

@@ -84,7 +84,7 @@ def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def _code_version() -> str:
+def code_version() -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256()
     for pattern in _CODE_FILES:
@@ -106,7 +106,7 @@ def cache_key(config: DataConfig, phase: int, sources: list[Source], sft_only: l
         "train_on_prompt": config.train_on_prompt if phase == PHASE_SFT else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "eos": tokenizer.eos_token_id,
-        "code": _code_version(),
+        "code": code_version(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 

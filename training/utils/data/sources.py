@@ -323,12 +323,12 @@ def _directory_source(name: str, path: Path) -> Source:
 # ---------------------------------------------------------------- local files
 
 def _file_source(name: str, files: dict[str, Path]) -> Source:
-    fingerprint = ";".join(f"{split}={_file_fingerprint(path)}" for split, path in files.items())
+    fingerprint = ";".join(f"{split}={file_fingerprint(path)}" for split, path in files.items())
     return Source(name, fingerprint=fingerprint, has_eval_split="eval" in files,
-                  read=lambda split: _read_file(files[split]), convert=_generic, fields=GENERIC_SCHEMAS)
+                  read=lambda split: read_data_file(files[split]), convert=_generic, fields=GENERIC_SCHEMAS)
 
 
-def _file_fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
     stat = path.stat()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -337,7 +337,7 @@ def _file_fingerprint(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{digest.hexdigest()}"
 
 
-def _read_file(path: Path) -> list[dict]:
+def read_data_file(path: Path) -> list[dict]:
     """Rows of a local file; a `.json` file may hold one list of objects or JSON lines."""
     if path.suffix == ".parquet":
         import pyarrow.parquet

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from training.utils import runtime
-from training.utils.data.pipeline import RaggedDataset, _code_version, build_cache_once, make_loader
-from training.utils.data.sources import _file_fingerprint, _read_file
+from training.utils.data.pipeline import RaggedDataset, code_version, build_cache_once, make_loader
+from training.utils.data.sources import file_fingerprint, read_data_file
 from training.utils.errors import UserInputError
 from training.utils.io import atomic_directory
 from training.utils.tokenizer import tokenizer_fingerprint
@@ -53,7 +53,7 @@ def build_unsupervised_dataset(name: str, config_name: str | None, tokenizer, bl
                              "--max_prompt_seq_len + --max_answer_seq_len at least 2")
     texts, identity = _open_texts(name, config_name)
     key_payload = {"source": identity, "tokenizer": tokenizer_fingerprint(tokenizer), "eos": tokenizer.eos_token_id,
-                   "block_size": block_size, "code": _code_version()}
+                   "block_size": block_size, "code": code_version()}
     key = hashlib.sha256(json.dumps(key_payload, sort_keys=True).encode()).hexdigest()[:20]
     cache_dir = os.path.join(os.path.abspath(data_output_path), f"unsupervised_{key}")
     build_cache_once(cache_dir, lambda: _build_cache(name, texts(), tokenizer, block_size, cache_dir))
@@ -113,9 +113,9 @@ def _open_texts(name: str, config_name: str | None):
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix == TEXT_SUFFIX:
-            return lambda: _paragraphs(path), _file_fingerprint(path)
+            return lambda: _paragraphs(path), file_fingerprint(path)
         if path.suffix in ROW_SUFFIXES:
-            return lambda: _text_field(name, _read_file(path)), _file_fingerprint(path)
+            return lambda: _text_field(name, read_data_file(path)), file_fingerprint(path)
         raise UserInputError(f"unsupervised dataset '{name}' is a file but not {TEXT_SUFFIX} or "
                              f"{'/'.join(ROW_SUFFIXES)}: convert it to one of those")
     if path.is_dir():

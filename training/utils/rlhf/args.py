@@ -60,11 +60,7 @@ def _add_model_args(parser) -> None:
                        help="Override every dropout probability of the actor (None keeps the config's).")
     group.add_argument("--critic_dropout", type=float, default=None,
                        help="Override every dropout probability of the critic (None keeps the config's).")
-    group.add_argument("--add_eot_token", action="store_true",
-                       help="Use --eot_token as the end-of-turn (EOS) token, as steps 1 and 2 did.")
-    group.add_argument("--eot_token", type=str, default="<|endoftext|>", help="See --add_eot_token.")
-    group.add_argument("--trust_remote_code", action="store_true",
-                       help="[new] Allow model code from the model directory / hub (off by default).")
+    shared_args.add_tokenizer_args(group)
 
 
 def _add_optimization_args(parser) -> None:
