@@ -13,6 +13,7 @@ import torch
 
 from training.utils import args as shared_args
 from training.utils import runtime
+from training.utils.checkpoint import Checkpointer, Position, add_checkpoint_args, validate_checkpoint_args
 from training.utils.data.collators import SFTCollator
 from training.utils.data.pipeline import PHASE_SFT, DataConfig, build_phase_data, make_loaders
 from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
@@ -30,10 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     shared_args.add_training_args(parser, learning_rate=1e-3, tensorboard_path="step1_tensorboard")
     shared_args.add_lora_args(parser)
     shared_args.add_deepspeed_args(parser)
+    add_checkpoint_args(parser)
     parser.add_argument("--train_on_prompt", action="store_true",
                         help="[new] Also train on prompt tokens (default: loss on assistant replies only).")
     args = parser.parse_args(argv)
     shared_args.validate_common(args)
+    validate_checkpoint_args(args)
     return args
 
 
@@ -74,14 +77,20 @@ def main(argv=None) -> None:
     engine, lr_scheduler = initialize_train_engine(model, args, ds_config, device, steps_per_epoch)
 
     metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step1_model")
-    eval_loss, ppl = evaluate(engine, eval_loader, device, args.compute_fp32_loss)
-    metrics.log(0, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
-    runtime.print_rank_0(f"before training: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+    checkpoints = Checkpointer(args, {"model": engine}, device)
+    if args.resume is None:
+        eval_loss, ppl = evaluate(engine, eval_loader, device, args.compute_fp32_loss)
+        metrics.log(0, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
+        runtime.print_rank_0(f"before training: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+    start, _ = checkpoints.resume(metrics, loaders=[train_loader])
+    checkpoints.watch_signals()
 
-    global_step = 0
-    for epoch in range(args.num_train_epochs):
+    global_step = start.global_step
+    for epoch in range(start.epoch, args.num_train_epochs):
         train_loader.sampler.set_epoch(epoch)
+        batches_done = start.batches_done if epoch == start.epoch else 0
         epoch_start, epoch_loss, epoch_batches, epoch_samples, epoch_tokens = time.time(), 0.0, 0, 0, 0
+        step_losses = []
         bar = runtime.progress(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}")
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -91,17 +100,21 @@ def main(argv=None) -> None:
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            epoch_loss += loss.item()
+            step_losses.append(loss.item())
+            epoch_loss += step_losses[-1]
             epoch_batches += 1
+            batches_done += 1
             epoch_samples += batch["input_ids"].size(0)
             epoch_tokens += int(batch["attention_mask"].sum())
+            bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
+            if args.print_loss:
+                print(f"[rank {runtime.rank()}] epoch {epoch + 1} step {global_step} loss {step_losses[-1]:.4f}",
+                      flush=True)
             if boundary:
                 global_step += 1
-                metrics.log(global_step, **{"train/loss": loss.item(), "train/lr": lr_scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if args.print_loss:
-                print(f"[rank {runtime.rank()}] epoch {epoch + 1} step {global_step} loss {loss.item():.4f}",
-                      flush=True)
+                metrics.log(global_step, **{"train/loss": step_losses[-1], "train/lr": lr_scheduler.get_last_lr()[0]})
+                checkpoints.step_boundary(Position(epoch, batches_done, global_step), step_losses, metrics)
+                step_losses = []
         elapsed = time.time() - epoch_start
         eval_loss, ppl = evaluate(engine, eval_loader, device, args.compute_fp32_loss)
         metrics.log(global_step, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
@@ -113,6 +126,7 @@ def main(argv=None) -> None:
 
     save_hf_format(engine.module, tokenizer, args.output_dir, metrics=metrics, metrics_title="step 1: SFT",
                    extra_json={"training_args.json": vars(args), "data_stats.json": data.stats})
+    checkpoints.finish()
     metrics.close()
     runtime.print_rank_0(f"saved the SFT model to {args.output_dir}")
     runtime.shutdown_distributed()

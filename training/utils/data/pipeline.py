@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from training.utils import runtime
@@ -344,6 +345,30 @@ def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool) ->
     """A DataLoader whose sampler shards by rank (also with one rank, so the order depends only on seed
     and epoch). Every rank gets the same number of batches, which ZeRO-3's per-forward collectives
     need; for that the sampler repeats up to world_size - 1 samples when the split does not divide."""
-    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size(), rank=runtime.rank(),
-                                 shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    sampler = ResumableSampler(dataset, num_replicas=runtime.world_size(), rank=runtime.rank(), shuffle=shuffle,
+                               seed=seed)
+    # Its own generator: creating an iterator then draws nothing from the global RNG, so a resumed run
+    # (which creates its iterator mid-epoch) sees the same random stream as an uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose next pass can start part-way, after the batches a resumed run already
+    trained on (the order itself still depends only on seed and epoch)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def skip_batches(self, batches: int, batch_size: int) -> None:
+        """Leave out this rank's first `batches` batches of the next pass (only that pass)."""
+        self._skip = min(batches * batch_size, self.num_samples)
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self._skip:]
+        self._skip = 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip

@@ -1,0 +1,299 @@
+"""Resumable checkpoints, shared by every step: periodic saves, --resume, a stop on a non-finite loss,
+and a checkpoint on SIGTERM/SIGINT.
+
+A checkpoint is `<output_dir>/checkpoints/step_00000042/`:
+
+    <engine name>/            DeepSpeed's own checkpoint of each trained engine (module, optimizer, LR
+                              scheduler, its step counters), one shard per rank under ZeRO
+    rank_<r>.pt               that rank's RNG states (python, numpy, torch, cuda) and per-rank extras
+    <name>_rank_<r>.safetensors  weights of frozen-but-changing models (step 3's EMA), this rank's share
+    trainer_state.json        position (epoch, batches of the epoch done, optimizer step), the metrics
+                              history, the flags that must match to resume, step-specific state
+
+It is written into `.tmp-step_...` by all ranks and renamed by rank 0 only after every rank finished,
+so a kill at any moment leaves the previous checkpoints untouched; leftovers of a killed save are
+removed by the next one. Checkpoints are saved at optimizer-step boundaries only (no half-accumulated
+gradients), so resuming replays exactly: the same batches in the same order with the same random draws.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from training.utils import runtime
+from training.utils.errors import UserInputError
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TRAINER_STATE = "trainer_state.json"
+
+# Flags that fix the data order, the LR schedule or the shape of the saved state: a resumed run must
+# use the values the checkpoint was written with (the ones a step does not have are skipped).
+RESUME_MUST_MATCH = (
+    "model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path", "data_path", "data_split",
+    "data_seed", "sft_only_data_path", "max_seq_len", "max_prompt_seq_len", "max_answer_seq_len", "seed",
+    "per_device_train_batch_size", "per_device_generation_batch_size", "per_device_training_batch_size",
+    "generation_batches", "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs", "zero_stage",
+    "actor_zero_stage", "critic_zero_stage", "dtype", "lora_dim", "actor_lora_dim", "critic_lora_dim",
+    "only_optimize_lora", "enable_ema", "unsupervised_dataset_name")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, unit: str = "optimizer steps") -> None:
+    group = parser.add_argument_group("checkpoints [new]")
+    group.add_argument("--save_interval", type=int, default=0,
+                       help=f"Save a resumable checkpoint every N {unit} into <output_dir>/checkpoints "
+                            "(0: only when stopped by SIGTERM/SIGINT).")
+    group.add_argument("--save_total_limit", type=int, default=2,
+                       help="Keep the newest N checkpoints; older ones are deleted once a newer one is complete "
+                            "(0: keep all).")
+    group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                       help="Continue an interrupted run: alone, from the newest checkpoint in "
+                            "<output_dir>/checkpoints; with PATH, from that checkpoint (a step_N directory or a "
+                            "checkpoints directory). Flags that fix data order and schedule must be unchanged.")
+    group.add_argument("--keep_checkpoints", action="store_true",
+                       help="Keep the checkpoints after the run finishes (default: deleted once the final model "
+                            "is saved).")
+
+
+def validate_checkpoint_args(args) -> None:
+    """Flag checks that need no process group: run from parse_args, before anything is written."""
+    if args.save_interval < 0 or args.save_total_limit < 0:
+        raise UserInputError("--save_interval and --save_total_limit must be >= 0")
+    root = os.path.join(args.output_dir, CHECKPOINTS)
+    if args.resume is None and list_checkpoints(root):
+        raise UserInputError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run "
+                             f"({os.path.basename(list_checkpoints(root)[-1])}): add --resume to continue it, or "
+                             "choose another --output_dir")
+    if args.resume is not None:
+        find_checkpoint(args.resume, root)  # fail now, not after the models are built
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints under `root`, oldest first (a killed save leaves only a .tmp- directory)."""
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
+    return [os.path.join(root, name) for _, name in steps]
+
+
+def find_checkpoint(resume: str, default_root: str) -> str:
+    """The checkpoint directory --resume names: the newest one of `default_root` ("latest"), of a given
+    checkpoints directory, or the given step directory itself."""
+    if resume != "latest" and os.path.isfile(os.path.join(resume, _TRAINER_STATE)):
+        return resume
+    root = default_root if resume == "latest" else resume
+    found = list_checkpoints(root)
+    if not found:
+        raise UserInputError(f"--resume: no checkpoint in {root} (checkpoints are written with --save_interval N "
+                             "or when a run is stopped with SIGTERM/SIGINT); drop --resume to start from scratch")
+    return found[-1]
+
+
+@dataclass
+class Position:
+    """Where training stands: resume starts epoch `epoch` after its first `batches_done` batches."""
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+
+
+class NonFiniteLossError(UserInputError):
+    """A loss became NaN or infinite: training stops (reported in one line, like bad input)."""
+
+
+class Checkpointer:
+    """One step's checkpoints: `engines` are the trained DeepSpeed engines by name."""
+
+    def __init__(self, args, engines: dict, device):
+        self.args, self.engines, self.device = args, engines, device
+        self.root = os.path.join(args.output_dir, CHECKPOINTS)
+        self.stop_signal: int | None = None
+        self.resumed_from: str | None = None  # the checkpoint directory --resume loaded
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, metrics, loaders=(), rank_state_consumers=()) -> tuple[Position, dict]:
+        """With --resume: load every engine, the metrics history and RNG states; return the position and the
+        step's own saved state (`{}` and the start position without --resume).
+
+        `loaders` are DataLoaders of ours (ResumableSampler) that will skip the batches already trained in
+        the resumed epoch. Call right before the training loop: the RNG states are restored last.
+        """
+        if self.args.resume is None:
+            return Position(), {}
+        path = self.resumed_from = find_checkpoint(self.args.resume, self.root)
+        with open(os.path.join(path, _TRAINER_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+        self._check_compatible(path, state)
+        for name, engine in self.engines.items():
+            load_path, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise UserInputError(f"--resume: {path}/{name} could not be loaded; resume from an earlier "
+                                     "checkpoint (pass its step_N directory)")
+        metrics.history = state["metrics_history"]
+        position = Position(**state["position"])
+        for loader in loaders:
+            loader.sampler.skip_batches(position.batches_done, loader.batch_size)
+        rank_state = torch.load(os.path.join(path, f"rank_{runtime.rank()}.pt"), weights_only=True)
+        for consume in rank_state_consumers:
+            consume(rank_state)
+        set_rng_state(rank_state["rng"])
+        runtime.print_rank_0(f"resumed from {path}: epoch {position.epoch + 1}, {position.batches_done} batches of it "
+                             f"done, step {position.global_step}")
+        return position, state["step_state"]
+
+    def _check_compatible(self, path: str, state: dict) -> None:
+        """Refuse, before any training, a checkpoint this run cannot continue exactly."""
+        saved = state["run"]
+        if saved["world_size"] != runtime.world_size():
+            raise UserInputError(f"--resume: {path} was written by {saved['world_size']} ranks, this run has "
+                                 f"{runtime.world_size()}: resume with the same number of ranks (ZeRO shards and "
+                                 "the data order depend on it)")
+        current = run_flags(self.args)
+        changed = [f"--{k} {saved['flags'].get(k)!r} -> {current.get(k)!r}" for k in sorted(current)
+                   if saved["flags"].get(k) != current.get(k)]
+        if changed:
+            raise UserInputError(f"--resume: {path} was written with other values of flags that fix the data order, "
+                                 f"schedule or saved state ({'; '.join(changed)}): resume with the original values, "
+                                 "or start a new --output_dir")
+
+    # ------------------------------------------------------------------ save
+    def due(self, global_step: int) -> bool:
+        return bool(self.args.save_interval) and global_step % self.args.save_interval == 0
+
+    def save(self, position: Position, metrics, step_state: dict | None = None, rank_state: dict | None = None,
+             weights: dict | None = None) -> str:
+        """Write a checkpoint atomically; every rank must call it.
+
+        `step_state`: JSON-able state of the step (rank 0's is saved); `rank_state`: tensors/lists of this rank;
+        `weights`: {name: {tensor name: tensor}} of this rank, saved as safetensors (see load_weights).
+        """
+        final = os.path.join(self.root, f"step_{position.global_step:08d}")
+        tmp = os.path.join(self.root, f".tmp-step_{position.global_step:08d}")
+        if runtime.is_rank_0():
+            os.makedirs(self.root, exist_ok=True)
+            for leftover in os.listdir(self.root):  # killed saves, and this step's if it was saved before
+                if leftover.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(self.root, leftover), ignore_errors=True)
+            os.makedirs(tmp)
+        runtime.barrier()
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(tmp, tag=name, save_latest=False)
+        torch.save({"rng": get_rng_state(), **(rank_state or {})}, os.path.join(tmp, f"rank_{runtime.rank()}.pt"))
+        for name, tensors in (weights or {}).items():
+            if tensors:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                          os.path.join(tmp, f"{name}_rank_{runtime.rank()}.safetensors"))
+        if runtime.is_rank_0():
+            state = {"position": asdict(position), "metrics_history": metrics.history, "step_state": step_state or {},
+                     "run": {"world_size": runtime.world_size(), "flags": run_flags(self.args)}}
+            with open(os.path.join(tmp, _TRAINER_STATE), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
+        runtime.barrier()  # every rank's files are complete before the checkpoint becomes visible
+        if runtime.is_rank_0():
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if self.args.save_total_limit:
+                for old in list_checkpoints(self.root)[:-self.args.save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        runtime.barrier()
+        runtime.print_rank_0(f"saved checkpoint {final}")
+        return final
+
+    def latest(self) -> str | None:
+        found = list_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def finish(self) -> None:
+        """After the final model is saved: drop the checkpoints unless --keep_checkpoints."""
+        if runtime.is_rank_0() and not self.args.keep_checkpoints:
+            shutil.rmtree(self.root, ignore_errors=True)
+            # steps 1/2/DPO save the model into output_dir itself; its atomic save carried a copy along
+            shutil.rmtree(os.path.join(self.args.output_dir, CHECKPOINTS), ignore_errors=True)
+        runtime.barrier()
+
+    # ------------------------------------------------------------------ faults
+    def watch_signals(self) -> None:
+        """From now on SIGTERM/SIGINT ask for a checkpoint and exit at the next step boundary; a second one
+        exits at once."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.stop_signal = signum
+        print(f"[rank {runtime.rank()}] {signal.Signals(signum).name}: saving a checkpoint at the end of this step, "
+              "then exiting (send it again to exit at once)", flush=True)
+
+    def step_boundary(self, position: Position, losses: list[float], metrics, state_fn=None) -> None:
+        """Call at every optimizer-step boundary with the losses seen since the last one.
+
+        Stops (raises) on a non-finite loss on any rank, keeping the last good checkpoint; saves a checkpoint
+        when --save_interval says so; on SIGTERM/SIGINT saves one and exits. One all-reduce, so all ranks
+        agree. `state_fn()` returns the keyword arguments of `save` beyond position and metrics.
+        """
+        nonfinite = float(any(not math.isfinite(x) for x in losses))
+        bad, signalled = runtime.all_reduce_sum([nonfinite, float(self.stop_signal is not None)], self.device)
+        if bad:
+            last = self.latest()
+            keep = (f"the last good checkpoint is {last} (continue from it with --resume, e.g. with a lower "
+                    "--learning_rate)" if last else "no checkpoint was saved yet (use --save_interval N)")
+            raise NonFiniteLossError(f"non-finite loss at epoch {position.epoch + 1}, optimizer step "
+                                     f"{position.global_step}: training stopped; {keep}")
+        if not (signalled or self.due(position.global_step)):
+            return
+        saved = self.save(position, metrics, **(state_fn() if state_fn else {}))
+        if signalled:
+            signum = self.stop_signal or signal.SIGTERM
+            runtime.print_rank_0(f"stopped by {signal.Signals(signum).name} after step {position.global_step}: "
+                                 f"continue with the same command plus --resume (checkpoint {saved})")
+            runtime.shutdown_distributed()
+            raise SystemExit(128 + signum)
+
+
+def run_flags(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k in RESUME_MUST_MATCH}
+
+
+def get_rng_state() -> dict:
+    """Every random generator a step draws from, in a form torch.load(weights_only=True) reads back."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt_state), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                                   has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(path: str, name: str) -> dict[str, torch.Tensor] | None:
+    """This rank's `name` weights saved by `Checkpointer.save(weights=...)`, or None when it saved none."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, f"{name}_rank_{runtime.rank()}.safetensors")
+    return load_file(file) if os.path.exists(file) else None
