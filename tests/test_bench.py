@@ -1,0 +1,66 @@
+"""The pure logic of the benchmark and quality scripts (tests/bench/): FLOPs and MFU, the report tables,
+the random OPT shapes. Fast; nothing here trains or times a model."""
+import pytest
+import torch
+
+from tests.bench import flops, report, shapes
+
+
+def test_model_flops_follow_the_2n_6n_rule():
+    assert flops.forward_flops(1_000_000, 100) == 2e8
+    assert flops.train_flops(1_000_000, 100) == 6e8
+    assert flops.gflops_per_s(6e9, 2.0) == 3.0
+    assert flops.mfu(50.0, 200.0) == 0.25
+
+
+def test_add_mfu_handles_training_rows_and_ppo_phase_rows():
+    training = {"rows": [{"model_gflops_per_s": 20.0}]}
+    ppo = {"rows": [{"model_gflops_per_s": {"generation": 10.0, "training": 40.0, "total": 25.0}}]}
+    flops.add_mfu(training, 100.0)
+    flops.add_mfu(ppo, 100.0)
+    assert training["rows"][0]["mfu"] == 0.2
+    assert ppo["rows"][0]["mfu"] == {"generation": 0.1, "training": 0.4, "total": 0.25}
+
+
+def test_matmul_peak_is_a_positive_rate():
+    assert flops.matmul_peak_gflops(size=256, repeats=2) > 0
+
+
+def _report() -> dict:
+    train_row = {"step": "dpo", "model": "tiny/opt", "params": 2_220_096, "padding": "longest",
+                 "samples_per_s": 12.5, "real_tokens_per_s": 900.0, "padding_efficiency": 0.4,
+                 "model_gflops_per_s": 16.0, "mfu": 0.08, "peak_rss_mib": 800.0}
+    ppo_row = {"model": "tiny/opt", "params": 2_220_096, "critic_model": "tiny/opt-20m", "critic_params": 21_275_648,
+               "hybrid_engine": True, "hybrid_generation": False, "mean_answer_tokens": 16.0, "batch_size": 8,
+               "samples_per_s": 40.0, "generated_tokens_per_s": 640.0, "real_tokens_per_s": 1500.0,
+               "padding_efficiency": 1.0, "generation_s": 0.1, "experience_s": 0.2, "training_s": 0.3,
+               "mfu": {"generation": 0.1, "experience": 0.6, "training": 0.5, "total": 0.4}, "peak_rss_mib": 600.0}
+    machine = {"cpu": "test cpu", "cores": 2, "torch": "2.x", "deepspeed": "0.x", "torch_threads": 2,
+               "load_before": 0.1, "load_after": 0.2}
+    return {"date": "2026-01-01", "machine": machine, "mfu_formula": "6 N per token",
+            "matmul_peak_gflops": {"size": 2048, "repeats": 5, "before": 190.0, "after": 200.0, "used": 200.0},
+            "benchmarks": [{"benchmark": "train_dpo", "rows": [train_row]}, {"benchmark": "ppo_step3", "rows": [ppo_row]}]}
+
+
+def test_markdown_report_has_one_row_per_benchmark_row():
+    text = report.markdown(_report())
+    assert "fp32 matmul peak (2048x2048, best of 5): 190.0 GFLOP/s before, 200.0 after" in text
+    assert "| DPO | tiny/opt (2.2M) | longest | 12.5 pairs/s | 900 | 0.40 | 16.00 | 8.0% | 800 |" in text
+    ppo_line = next(line for line in text.splitlines() if line.startswith("| tiny/opt (2.2M) / tiny/opt-20m"))
+    assert "Hybrid Engine (fallback)" in ppo_line
+    assert "10.0% / 60.0% / 50.0% / 40.0%" in ppo_line
+
+
+@pytest.mark.parametrize("name, low, high", [("random/opt-1.3b", 1.20e9, 1.24e9), ("random/opt-350m", 0.30e9, 0.32e9)])
+def test_random_opt_shapes_have_the_published_layer_sizes(tokenizer, name, low, high):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # no memory: only the parameter count is read
+        model = AutoModelForCausalLM.from_config(shapes.opt_shape_config(name, tokenizer))
+    assert low < sum(p.numel() for p in model.parameters()) < high
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_unknown_random_shape_is_refused_with_the_known_names(tokenizer):
+    with pytest.raises(SystemExit, match="random/opt-1.3b"):
+        shapes.opt_shape_config("random/opt-66b", tokenizer)
