@@ -20,6 +20,7 @@ import torch
 
 from training.utils import args as shared_args
 from training.utils import runtime
+from training.utils.checkpoint import Checkpointer, Position, add_checkpoint_args, validate_checkpoint_args
 from training.utils.data.collators import PairCollator
 from training.utils.data.pipeline import PHASE_REWARD, DataConfig, build_phase_data, make_loaders
 from training.utils.ds_config import get_eval_ds_config
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     shared_args.add_training_args(parser, learning_rate=1e-3, tensorboard_path="step2_tensorboard")
     shared_args.add_lora_args(parser)
     shared_args.add_deepspeed_args(parser)
+    add_checkpoint_args(parser)
     group = parser.add_argument_group("DPO")
     group.add_argument("--beta", type=float, default=0.1,
                        help="Strength of the pull towards the reference model (DPO's beta, typically 0.1-0.5); "
@@ -56,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "epoch). Every evaluation covers the whole eval split.")
     args = parser.parse_args(argv)
     shared_args.validate_common(args)
+    validate_checkpoint_args(args)
     if args.beta <= 0:
         raise UserInputError(f"--beta must be positive (got {args.beta}): try 0.1")
     if not 0.0 <= args.label_smoothing < 0.5:
@@ -160,14 +163,20 @@ def main(argv=None) -> None:
                         trust_remote_code=args.trust_remote_code), ref_ds_config)
 
     metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step2_dpo_model")
-    stats = evaluate(engine, reference, eval_loader, device, args)
-    log_eval(metrics, 0, stats)
-    runtime.print_rank_0(f"before training: {describe(stats)}")
+    checkpoints = Checkpointer(args, {"policy": engine}, device)
+    if args.resume is None:
+        stats = evaluate(engine, reference, eval_loader, device, args)
+        log_eval(metrics, 0, stats)
+        runtime.print_rank_0(f"before training: {describe(stats)}")
+    start, _ = checkpoints.resume(metrics, loaders=[train_loader])
+    checkpoints.watch_signals()
 
-    global_step = 0
-    for epoch in range(args.num_train_epochs):
+    global_step = start.global_step
+    for epoch in range(start.epoch, args.num_train_epochs):
         train_loader.sampler.set_epoch(epoch)
+        batches_done = start.batches_done if epoch == start.epoch else 0
         epoch_start, epoch_loss, epoch_batches, epoch_pairs = time.time(), 0.0, 0, 0
+        step_losses = []
         bar = runtime.progress(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}")
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -176,24 +185,28 @@ def main(argv=None) -> None:
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            epoch_loss += loss.item()
+            step_losses.append(loss.item())
+            epoch_loss += step_losses[-1]
             epoch_batches += 1
+            batches_done += 1
             epoch_pairs += losses.numel()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
             if args.print_loss:
-                print(f"[rank {runtime.rank()}] epoch {epoch + 1} step {global_step} loss {loss.item():.4f}",
+                print(f"[rank {runtime.rank()}] epoch {epoch + 1} step {global_step} loss {step_losses[-1]:.4f}",
                       flush=True)
             if not boundary:
                 continue
             global_step += 1
             metrics.log(global_step, **{
-                "train/loss": loss.item(), "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/loss": step_losses[-1], "train/lr": lr_scheduler.get_last_lr()[0],
                 "train/reward_accuracy": correct_pairs(chosen_rewards, rejected_rewards) / losses.numel(),
                 "train/reward_margin": (chosen_rewards - rejected_rewards).mean().item()})
             if args.eval_interval and global_step % args.eval_interval == 0:
                 stats = evaluate(engine, reference, eval_loader, device, args)
                 log_eval(metrics, global_step, stats)
                 runtime.print_rank_0(f"step {global_step}: {describe(stats)}")
+            checkpoints.step_boundary(Position(epoch, batches_done, global_step), step_losses, metrics)
+            step_losses = []
         elapsed = time.time() - epoch_start
         stats = evaluate(engine, reference, eval_loader, device, args)
         log_eval(metrics, global_step, stats)
@@ -203,6 +216,7 @@ def main(argv=None) -> None:
 
     save_hf_format(engine.module, tokenizer, args.output_dir, metrics=metrics, metrics_title="step 2: DPO",
                    extra_json={"training_args.json": vars(args), "data_stats.json": data.stats})
+    checkpoints.finish()
     metrics.close()
     runtime.print_rank_0(f"saved the DPO policy to {args.output_dir}")
     runtime.shutdown_distributed()

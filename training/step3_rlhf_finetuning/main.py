@@ -19,6 +19,8 @@ import os
 import time
 
 from training.utils import runtime
+from training.utils.checkpoint import (Checkpointer, Position, add_checkpoint_args, module_shard, restore_module_shard,
+                                       validate_checkpoint_args)
 from training.utils.data.collators import PromptCollator
 from training.utils.data.conversation import tokenizer_adds_bos
 from training.utils.data.pipeline import PHASE_RLHF, DataConfig, build_phase_data, make_loader
@@ -28,7 +30,7 @@ from training.utils.model.reward_model import save_reward_model
 from training.utils.model.save import save_hf_format
 from training.utils.rlhf.args import add_rlhf_args, validate_rlhf_args
 from training.utils.rlhf.engine import build_rlhf_engine
-from training.utils.rlhf.experience import CappedPrompts, ExperienceBuffer, endless_batches
+from training.utils.rlhf.experience import CappedPrompts, EndlessBatches, ExperienceBuffer
 from training.utils.rlhf.metrics import describe_evaluation, describe_step, evaluate_policy, show_answer, step_metrics
 from training.utils.rlhf.ppo_trainer import PPOConfig, PPOTrainer
 from training.utils.tokenizer import load_tokenizer
@@ -37,8 +39,10 @@ from training.utils.tokenizer import load_tokenizer
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Step 3: RLHF of the actor with PPO.")
     add_rlhf_args(parser)
+    add_checkpoint_args(parser, unit="PPO steps")
     args = parser.parse_args(argv)
     validate_rlhf_args(args)
+    validate_checkpoint_args(args)
     return args
 
 
@@ -58,6 +62,15 @@ def evaluate(trainer, loader, metrics, step: int, seed: int) -> None:
     values = evaluate_policy(trainer, loader, seed)
     metrics.log(step, **values)
     runtime.print_rank_0(f"eval after step {step}: {describe_evaluation(values)}")
+
+
+def restore_step3_state(state: dict, path: str, trainer, rlhf_engine, unsup_batches) -> None:
+    trainer.kl_ctl.load_state_dict(state["kl_controller"])
+    trainer.reward_normalizer.load_state_dict(state["reward_normalizer"])
+    if unsup_batches is not None:
+        unsup_batches.drawn = state["unsupervised_batches_drawn"]
+    if rlhf_engine.actor_ema is not None:
+        restore_module_shard(rlhf_engine.actor_ema.module, path, "actor_ema")
 
 
 @report_user_errors
@@ -84,8 +97,8 @@ def main(argv=None) -> None:
         blocks = build_unsupervised_dataset(args.unsupervised_dataset_name, args.unsupervised_dataset_config_name,
                                             tokenizer, args.max_prompt_seq_len + args.max_answer_seq_len,
                                             args.data_output_path, args.seed)
-        unsup_batches = endless_batches(make_unsupervised_loader(blocks, args.per_device_training_batch_size,
-                                                                 args.seed))
+        unsup_batches = EndlessBatches(make_unsupervised_loader(blocks, args.per_device_training_batch_size,
+                                                                args.seed))
 
     actor_steps, critic_steps = optimizer_steps_per_epoch(args, len(prompt_loader))
     rlhf_engine = build_rlhf_engine(args, tokenizer, device, actor_steps, critic_steps)
@@ -93,14 +106,32 @@ def main(argv=None) -> None:
     buffer = ExperienceBuffer(args.generation_batches, not args.no_whiten_advantages, tokenizer.pad_token_id, args.seed)
 
     metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step3_rlhf")
-    evaluate(trainer, eval_loader, metrics, 0, args.seed)
-    step, rollouts, round_start, stop = 0, [], time.perf_counter(), False
-    for epoch in range(args.num_train_epochs):
+    checkpoints = Checkpointer(args, {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}, device)
+    if args.resume is None:
+        evaluate(trainer, eval_loader, metrics, 0, args.seed)
+    start, saved_state = checkpoints.resume(metrics, loaders=[prompt_loader], rank_state_consumers=[
+        lambda state: buffer.generator.set_state(state["buffer_generator"])])
+    if args.resume is not None:
+        restore_step3_state(saved_state, checkpoints.resumed_from, trainer, rlhf_engine, unsup_batches)
+    checkpoints.watch_signals()
+
+    def checkpoint_state() -> dict:
+        """What step 3 adds to a checkpoint (the experience buffer is empty at a step boundary)."""
+        return {"step_state": {"kl_controller": trainer.kl_ctl.state_dict(),
+                               "reward_normalizer": trainer.reward_normalizer.state_dict(),
+                               "unsupervised_batches_drawn": unsup_batches.drawn if unsup_batches else 0},
+                "rank_state": {"buffer_generator": buffer.generator.get_state()},
+                "weights": {"actor_ema": module_shard(rlhf_engine.actor_ema.module) if rlhf_engine.actor_ema else {}}}
+
+    step, rollouts, round_start, stop = start.global_step, [], time.perf_counter(), False
+    for epoch in range(start.epoch, args.num_train_epochs):
         prompt_loader.sampler.set_epoch(epoch)
+        batches_done = start.batches_done if epoch == start.epoch else 0
         for prompt_batch in runtime.progress(prompt_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}"):
             experience, rollout = trainer.generate_experience(prompt_batch)
             buffer.add(experience)
             rollouts.append(rollout)
+            batches_done += 1
             if not buffer.full:
                 continue
             step += 1
@@ -125,6 +156,9 @@ def main(argv=None) -> None:
 
             if args.eval_interval and step % args.eval_interval == 0:
                 evaluate(trainer, eval_loader, metrics, step, args.seed)
+            losses = [row[k] for row in stats for k in ("actor_loss", "critic_loss", "unsup_loss") if k in row]
+            checkpoints.step_boundary(Position(epoch, batches_done, step), losses + [values["reward/mean"]], metrics,
+                                      checkpoint_state)
             if args.enable_test_mode and step >= args.test_stop_step:
                 stop = True
                 break
@@ -145,6 +179,7 @@ def main(argv=None) -> None:
     if rlhf_engine.actor_ema is not None:
         save_hf_format(rlhf_engine.actor_ema.module, tokenizer, os.path.join(args.output_dir, "actor_ema"),
                        extra_json=extra)
+    checkpoints.finish()
     metrics.close()
     runtime.print_rank_0(f"saved actor/, critic/{', actor_ema/' if args.enable_ema else ''} to {args.output_dir}")
     runtime.shutdown_distributed()

@@ -291,9 +291,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_weights(path: str, name: str) -> dict[str, torch.Tensor] | None:
-    """This rank's `name` weights saved by `Checkpointer.save(weights=...)`, or None when it saved none."""
+def module_shard(module) -> dict[str, torch.Tensor]:
+    """This rank's share of a module's parameters, for `Checkpointer.save(weights=...)`: its ZeRO-3 partitions,
+    or (not partitioned) the whole parameters on rank 0 and nothing elsewhere."""
+    partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
+    if not partitioned and not runtime.is_rank_0():
+        return {}
+    return {name: (p.ds_tensor if partitioned else p).detach() for name, p in module.named_parameters()}
+
+
+def restore_module_shard(module, path: str, name: str) -> None:
+    """Load what `module_shard` saved under `name` in checkpoint `path` back into `module` (same topology)."""
     from safetensors.torch import load_file
 
-    file = os.path.join(path, f"{name}_rank_{runtime.rank()}.safetensors")
-    return load_file(file) if os.path.exists(file) else None
+    own = os.path.join(path, f"{name}_rank_{runtime.rank()}.safetensors")
+    saved = load_file(own if os.path.exists(own) else os.path.join(path, f"{name}_rank_0.safetensors"))
+    with torch.no_grad():
+        for param_name, p in module.named_parameters():
+            (p.ds_tensor if hasattr(p, "ds_id") else p).copy_(saved[param_name])

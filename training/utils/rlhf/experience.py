@@ -170,13 +170,31 @@ class ExperienceBuffer:
         self.rows, self.batches, self.whitened = [], 0, False
 
 
-def endless_batches(loader):
-    """Batches of `loader` forever, reshuffled each pass (PPO-ptx draws one per PPO mini-batch, so the
-    pre-training text never runs out before the prompts do)."""
-    epoch = 0
-    while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class EndlessBatches:
+    """Batches of `loader` (one of ours, see pipeline.make_loader) forever, reshuffled each pass: PPO-ptx
+    draws one per PPO mini-batch, so the pre-training text never runs out before the prompts do.
 
+    `drawn` counts the batches handed out; a resumed run passes it back as `start` and continues with
+    the same batch it would have drawn next.
+    """
+
+    def __init__(self, loader, start: int = 0):
+        self.loader, self.drawn = loader, start
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            epoch, done = divmod(self.drawn, len(self.loader))
+            self.loader.sampler.set_epoch(epoch)
+            self.loader.sampler.skip_batches(done, self.loader.batch_size)
+            self._iterator = iter(self.loader)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:  # a pass ended: the next one starts at epoch drawn // len(loader)
+            self._iterator = None
+            return next(self)
+        self.drawn += 1
+        return batch
