@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.step != [1, 2, 3]:
             raise UserInputError("--algo dpo has no step 3 (DPO replaces steps 2-3): use --step 1 2")
         args.step = [1, 2]
+    if args.deployment_type == "multi_node" and not os.path.isfile(hostfile()):
+        raise UserInputError(f"--deployment-type multi_node needs a hostfile, and '{hostfile()}' does not exist: "
+                             "set HOSTFILE to one (see docs/launching.md)")
     return args
 
 
@@ -132,9 +135,13 @@ def find_script(folder: str, deployment: str, model: str, names_model: bool = Tr
     return None
 
 
+def hostfile() -> str:
+    return os.environ.get("HOSTFILE", "/job/hostfile")
+
+
 def launcher(deployment: str) -> list[str]:
     if deployment == "multi_node":
-        return ["deepspeed", "--hostfile", os.environ.get("HOSTFILE", "/job/hostfile")]
+        return ["deepspeed", "--hostfile", hostfile()]
     return ["deepspeed"] + (["--num_gpus", "1"] if deployment == "single_gpu" else [])
 
 
@@ -159,6 +166,11 @@ def build_steps(args) -> list[Step]:
             start = str(sft_dir) if key == "dpo" and (sft_dir.is_dir() or 1 in args.step) else model
             steps.append(single_model_step(args, key, folder, start, model_dir, zero, data))
     if args.algo == "ppo" and 3 in args.step:
+        # Checked before anything runs, so a refused pipeline leaves no logs or half a run behind.
+        for number, model_dir in ((1, sft_dir), (2, rm_dir)):
+            if number not in args.step and not model_dir.is_dir():
+                raise UserInputError(f"--step 3 needs the step-{number} output '{model_dir}', which does not "
+                                     f"exist: add {number} to --step, or pass the --output-dir of the run that made it")
         steps.append(ppo_step(args, sft_dir, rm_dir, out / "step3-models" / short_name(actor), data, actor))
     return steps
 

@@ -4,8 +4,16 @@ Each option is documented once here. Additions beyond DeepSpeed-Chat are marked 
 """
 import argparse
 import json
+import os
 
 from training.utils.errors import UserInputError
+from training.utils.io import RUN_ARTIFACT_DIRS, RUN_ARTIFACT_SUFFIXES
+from training.utils.model.reward_model import is_reward_model_dir
+from training.utils.optim import check_lr_scheduler_type
+
+# What a step saves, as `saved_kind` names what a directory holds.
+LANGUAGE_MODEL, REWARD_MODEL, RLHF_MODELS = "language model", "reward model", "step-3 actor/ and critic/"
+RLHF_SUBDIRS = ("actor", "critic", "actor_ema")
 
 
 def add_data_args(parser: argparse.ArgumentParser, *, sft_only: bool, max_seq_len: int | None = 512) -> None:
@@ -102,6 +110,62 @@ def validate_common(args) -> None:
                  "num_train_epochs", "max_seq_len"):
         if getattr(args, name, 1) < 1:
             raise UserInputError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    check_lr_scheduler_type(args.lr_scheduler_type)
+    # Step 2's reward-model recipe is the one with --eval_iters; step 1 and DPO save a language model.
+    check_output_dir(args.output_dir, REWARD_MODEL if hasattr(args, "eval_iters") else LANGUAGE_MODEL, {
+        "--model_name_or_path": [args.model_name_or_path], "--data_path": args.data_path,
+        "--sft_only_data_path": getattr(args, "sft_only_data_path", []), "--deepspeed_config": [args.deepspeed_config]})
+
+
+def saved_kind(directory: str) -> str | None:
+    """What an earlier run saved in `directory`: a language model, a reward model, step 3's models, or None."""
+    if is_reward_model_dir(directory):
+        return REWARD_MODEL
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return LANGUAGE_MODEL
+    if any(os.path.isdir(os.path.join(directory, sub)) for sub in RLHF_SUBDIRS):
+        return RLHF_MODELS
+    return None
+
+
+def check_output_dir(output_dir: str, saves: str, inputs: dict[str, list[str | None]]) -> None:
+    """Refuse an --output_dir whose save would destroy something, before any work (so nothing is written).
+
+    Saving replaces the whole directory (steps 1 and 2) or its actor/, critic/ and actor_ema/ (step 3)
+    in one rename (training.utils.io), keeping only run artifacts: logs, checkpoints, TensorBoard events.
+    So the directory must not hold this run's inputs, another step's output, or unrelated files.
+    """
+    out = os.path.realpath(output_dir)
+    replaced = [os.path.join(out, sub) for sub in RLHF_SUBDIRS] if saves == RLHF_MODELS else [out]
+    for flag, paths in inputs.items():
+        for path in filter(None, paths):
+            real = os.path.realpath(path)
+            if os.path.exists(real) and any(os.path.commonpath([real, r]) == r for r in replaced):
+                raise UserInputError(f"--output_dir '{output_dir}' would overwrite the input {flag} '{path}' when "
+                                     "the result is saved: pass a different --output_dir")
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise UserInputError(f"--output_dir '{output_dir}' is a file, not a directory: pass a directory path")
+    found = saved_kind(out)
+    if found not in (None, saves):
+        raise UserInputError(f"--output_dir '{output_dir}' holds another run's {found}, which saving this "
+                             f"{saves} would replace: pass a new directory")
+    if found is None and saves != RLHF_MODELS:
+        others = sorted(e for e in os.listdir(out) if not _is_run_artifact(os.path.join(out, e)))
+        if others:
+            raise UserInputError(f"--output_dir '{output_dir}' holds files that are not a saved model "
+                                 f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), which saving "
+                                 "would delete: pass a new or empty directory")
+
+
+def _is_run_artifact(path: str) -> bool:
+    """A log, a checkpoints/tensorboard directory, or a directory of TensorBoard event files only
+    (--tensorboard_path pointing at the output directory, as DeepSpeed-Chat's scripts do)."""
+    if not os.path.isdir(path):
+        return path.endswith(RUN_ARTIFACT_SUFFIXES)
+    return os.path.basename(path) in RUN_ARTIFACT_DIRS or all(
+        name.startswith("events.out.tfevents") for _, _, files in os.walk(path) for name in files)
 
 
 def resolve_dtype(dtype: str | None, device_type: str) -> str:
@@ -115,8 +179,13 @@ def merge_user_ds_config(built: dict, deepspeed_config: str | None) -> dict:
     try:
         with open(deepspeed_config, encoding="utf-8") as f:
             user = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserInputError(f"--deepspeed_config '{deepspeed_config}' is not a readable JSON file: {err}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else err
+        raise UserInputError(f"--deepspeed_config '{deepspeed_config}' is not a readable JSON file ({reason}): "
+                             "pass a JSON file of DeepSpeed config entries") from None
+    if not isinstance(user, dict):
+        raise UserInputError(f"--deepspeed_config '{deepspeed_config}' holds a JSON {type(user).__name__}: "
+                             'write one object of DeepSpeed config entries, e.g. {"gradient_clipping": 1.0}')
 
     def merge(base: dict, override: dict) -> dict:
         out = dict(base)

@@ -59,10 +59,14 @@ def create_optimizer(param_groups: list[dict], *, lr: float, betas: tuple[float,
     return FusedAdam(param_groups, lr=lr, betas=betas)
 
 
+def check_lr_scheduler_type(name: str) -> None:
+    if name not in LR_SCHEDULERS:
+        raise UserInputError(f"--lr_scheduler_type {name} is not supported: use one of {', '.join(LR_SCHEDULERS)}")
+
+
 def create_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int,
                         num_training_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """`--lr_scheduler_type` as a scheduler; each group's lr (LoRA's too) follows the same shape."""
-    if name not in LR_SCHEDULERS:
-        raise UserInputError(f"--lr_scheduler_type {name} is not supported: use one of {', '.join(LR_SCHEDULERS)}")
+    check_lr_scheduler_type(name)
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
                          num_training_steps=num_training_steps)

@@ -339,11 +339,29 @@ def file_fingerprint(path: Path) -> str:
 
 def read_data_file(path: Path) -> list[dict]:
     """Rows of a local file; a `.json` file may hold one list of objects or JSON lines."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet
+    rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json_rows(path)
+    if not rows:
+        raise UserInputError(f"'{path}' holds no rows: add data to it or pass another file")
+    return rows
 
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
         return pyarrow.parquet.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    except pyarrow.ArrowInvalid as err:
+        raise UserInputError(f"'{path}' is not a readable Parquet file ({str(err).splitlines()[0]}): "
+                             "re-export it, or convert it to JSON lines") from None
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"'{path}' is not UTF-8 text (byte {err.start} cannot be decoded): re-save it as "
+                             "UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         numbered, unit = enumerate(_parse_json(path, text, 1), start=1), "item"
     else:

@@ -31,6 +31,10 @@ def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
         if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
             raise UserInputError(f"model directory '{model_name_or_path}' has no config.json: point "
                                  "--model_name_or_path at a Hugging Face model directory (save_pretrained output)")
+        if "auto_map" in _read_config_json(model_name_or_path) and not trust_remote_code:
+            raise UserInputError(f"model directory '{model_name_or_path}' runs its own Python code (auto_map in "
+                                 "config.json): pass --trust_remote_code if you trust that code, or use a model "
+                                 "transformers supports")
         try:
             return AutoConfig.from_pretrained(model_name_or_path, local_files_only=True,
                                               trust_remote_code=trust_remote_code)
@@ -48,8 +52,20 @@ def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
 
 
 def _declared_model_type(directory: str) -> str:
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        return json.load(f).get("model_type", "<missing>")
+    return _read_config_json(directory).get("model_type", "<missing>")
+
+
+def _read_config_json(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserInputError(f"'{path}' is not valid JSON ({err}): re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise UserInputError(f"'{path}' holds a JSON {type(config).__name__}, not a model config: re-save the "
+                             "model with save_pretrained")
+    return config
 
 
 def check_model_class_supports(model_class, config) -> None:

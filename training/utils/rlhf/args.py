@@ -7,6 +7,7 @@ import argparse
 
 from training.utils import args as shared_args
 from training.utils.errors import UserInputError
+from training.utils.optim import check_lr_scheduler_type
 
 PROMPT_OVERFLOW = ("truncate", "drop")
 
@@ -220,3 +221,18 @@ def validate_rlhf_args(args) -> None:
         raise UserInputError("--enable_test_mode needs --test_stop_step >= 1 (the step to stop after)")
     if args.eval_interval < 0 or args.eval_prompts < 0:
         raise UserInputError("--eval_interval and --eval_prompts must be >= 0")
+    check_lr_scheduler_type(args.lr_scheduler_type)
+    if args.inference_tp_size > 1 and args.actor_zero_stage != 3:
+        raise UserInputError(f"--inference_tp_size {args.inference_tp_size} needs ZeRO stage 3 for the actor (got "
+                             f"{args.actor_zero_stage}): set --actor_zero_stage 3 or --inference_tp_size 1")
+    if args.offload and 0 in (args.actor_zero_stage, args.critic_zero_stage):
+        raise UserInputError(f"--offload moves the actor's and critic's partitioned optimizer state, so both need "
+                             f"ZeRO stage 1-3 (got actor {args.actor_zero_stage}, critic {args.critic_zero_stage}): "
+                             "raise --actor_zero_stage / --critic_zero_stage or drop --offload")
+    if args.enable_mixed_precision_lora and args.actor_lora_dim <= 0:
+        raise UserInputError("--enable_mixed_precision_lora needs --actor_lora_dim > 0 (it quantizes the frozen "
+                             "base weights under LoRA)")
+    shared_args.check_output_dir(args.output_dir, shared_args.RLHF_MODELS, {
+        "--actor_model_name_or_path": [args.actor_model_name_or_path],
+        "--critic_model_name_or_path": [args.critic_model_name_or_path], "--data_path": args.data_path,
+        "--unsupervised_dataset_name": [args.unsupervised_dataset_name], "--deepspeed_config": [args.deepspeed_config]})

@@ -136,9 +136,6 @@ def _eval_config(args, device, dtype: str, stage: int, offload: bool, name: str)
 
 
 def _build_actor(args, tokenizer, device, dtype: str, steps_per_epoch: int):
-    if args.enable_mixed_precision_lora and args.actor_lora_dim <= 0:
-        raise UserInputError("--enable_mixed_precision_lora needs --actor_lora_dim > 0 (it quantizes the frozen "
-                             "base weights under LoRA)")
     config = _train_config(args, device, dtype, args.actor_zero_stage, actor=True)
     model = create_hf_model(args.actor_model_name_or_path, tokenizer, ds_config=config, dropout=args.actor_dropout,
                             trust_remote_code=args.trust_remote_code)

@@ -1,0 +1,261 @@
+"""The bad-input catalogue (README "Bad input"): one test per row, with the row's id.
+
+Each case gives a real entry point one bad input and checks what a user sees: exit code 2, a last
+stderr line `error: ...` (argparse's own errors: `main.py: error: ...`) that names the input, no
+traceback, and no partial output: every file under the test's directory and the shared model
+directories is byte-for-byte as before (so a new --output_dir does not exist afterwards).
+
+Most cases run the entry point as a subprocess, as a user would. Cases whose check fires while the
+flags are parsed (in_process=True) call its `main(argv)` in this process instead, which saves a
+Python + DeepSpeed start-up (~3 s) per case; nothing after parse_args runs for them.
+"""
+import importlib
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, clean_env, write_jsonl, write_pickle_only_model_dir
+
+DATA = "synthetic/copy:size=200,eval_size=20"
+TOOLS = {  # name: (working directory, script, module for in-process runs, base flags)
+    "step1": ("training/step1_supervised_finetuning", "main.py", "training.step1_supervised_finetuning.main", {
+        "--model_name_or_path": "tiny/opt", "--data_path": DATA, "--data_output_path": "{tmp}/cache",
+        "--output_dir": "{out}", "--dtype": "fp32", "--max_seq_len": "64"}),
+    "step2": ("training/step2_reward_model_finetuning", "main.py", "training.step2_reward_model_finetuning.main", {
+        "--model_name_or_path": "tiny/opt", "--data_path": DATA, "--data_output_path": "{tmp}/cache",
+        "--output_dir": "{out}", "--dtype": "fp32", "--max_seq_len": "64"}),
+    "dpo": ("training/step2_dpo_finetuning", "main.py", "training.step2_dpo_finetuning.main", {
+        "--model_name_or_path": "tiny/opt", "--data_path": DATA, "--data_output_path": "{tmp}/cache",
+        "--output_dir": "{out}", "--dtype": "fp32", "--max_seq_len": "64"}),
+    "step3": ("training/step3_rlhf_finetuning", "main.py", "training.step3_rlhf_finetuning.main", {
+        "--actor_model_name_or_path": "{actor}", "--critic_model_name_or_path": "{reward}", "--data_path": DATA,
+        "--data_output_path": "{tmp}/cache", "--output_dir": "{out}", "--max_prompt_seq_len": "32",
+        "--max_answer_seq_len": "16", "--per_device_generation_batch_size": "4",
+        "--per_device_training_batch_size": "4"}),
+    "chat": (".", "applications/chat.py", "applications.chat", {"--path": "{actor}", "--greedy": True}),
+    "e2e": (".", "applications/e2e_rlhf.py", "applications.e2e_rlhf", {
+        "--deployment-type": "cpu", "--quick": True, "--output-dir": "{out}"}),
+}
+
+
+@dataclass
+class Case:
+    id: str
+    tool: str
+    flags: dict  # overrides of the tool's base flags: a value, True for a bare flag, None to leave it out
+    phrase: str  # must appear in the error line ({tmp}-style placeholders allowed)
+    setup: object = None  # setup(tmp: Path, models: dict) writes the bad input
+    in_process: bool = False
+    env: dict = field(default_factory=dict)
+
+
+def write_text(name: str, text: str):
+    return lambda tmp, models: (tmp / name).write_text(text, encoding="utf-8")
+
+
+def write_bytes(name: str, data: bytes):
+    return lambda tmp, models: (tmp / name).write_bytes(data)
+
+
+def model_dir_with(config: dict | None):
+    """`tmp/model`: the shipped tokenizer, plus a config.json holding `config` when given."""
+    def setup(tmp, models):
+        from training.utils.tokenizer import load_tokenizer
+
+        load_tokenizer("tiny/opt").save_pretrained(tmp / "model")
+        if config is not None:
+            (tmp / "model" / "config.json").write_text(json.dumps(config))
+    return setup
+
+
+def pickle_only_model_dir(tmp, models):
+    from training.utils.model.build import create_hf_model
+    from training.utils.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny/opt")
+    (tmp / "model").mkdir()
+    write_pickle_only_model_dir(create_hf_model("tiny/opt", tokenizer), tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+
+
+def output_dir_with_notes(tmp, models):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "notes.txt").write_text("not a model")
+
+
+def sft_rows(tmp, models):
+    write_jsonl(tmp / "rows.jsonl", [{"prompt": f"q{i}", "response": f" a{i}"} for i in range(50)])
+
+
+REMOTE_CODE = {"model_type": "fancy", "auto_map": {"AutoConfig": "configuration_fancy.FancyConfig",
+                                                   "AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"}}
+ROWS = "{tmp}/rows.jsonl"
+
+CASES = [
+    # CLI flags and flag combinations
+    Case("step1-only-lora-without-rank", "step1", {"--only_optimize_lora": True},
+         "--only_optimize_lora needs --lora_dim > 0", in_process=True),
+    Case("step1-zero-batch-size", "step1", {"--per_device_train_batch_size": "0"},
+         "--per_device_train_batch_size must be at least 1", in_process=True),
+    Case("step1-zero-stage-4", "step1", {"--zero_stage": "4"}, "argument --zero_stage: invalid choice: 4"),
+    Case("step1-unknown-lr-scheduler", "step1", {"--lr_scheduler_type": "cosine_warm"},
+         "--lr_scheduler_type cosine_warm is not supported", in_process=True),
+    Case("step1-data-split-two-numbers", "step1", {"--data_split": "2,4"}, "--data_split '2,4' must be three"),
+    Case("step1-fp16-on-cpu", "step1", {"--dtype": "fp16"}, "--dtype fp16 is not supported on CPU"),
+    Case("step1-offload-at-zero-0", "step1", {"--offload": True}, "--offload needs ZeRO stage 1, 2 or 3"),
+    Case("step1-deepspeed-config-missing", "step1", {"--deepspeed_config": "{tmp}/ds.json"},
+         "--deepspeed_config '{tmp}/ds.json' is not a readable JSON file"),
+    Case("step1-deepspeed-config-not-an-object", "step1", {"--deepspeed_config": "{tmp}/ds.json"},
+         "--deepspeed_config '{tmp}/ds.json' holds a JSON list", setup=write_text("ds.json", "[1, 2]")),
+    Case("step1-no-output-dir", "step1", {"--output_dir": None}, "--output_dir is required", in_process=True),
+    Case("step1-output-dir-is-the-input-model", "step1", {"--model_name_or_path": "{actor}", "--output_dir": "{actor}"},
+         "would overwrite the input --model_name_or_path '{actor}'", in_process=True),
+    Case("step1-output-dir-holds-other-files", "step1", {}, "--output_dir '{out}' holds files that are not a saved "
+         "model (notes.txt)", setup=output_dir_with_notes, in_process=True),
+    Case("step2-output-dir-holds-another-run", "step2", {"--output_dir": "{actor}"},
+         "--output_dir '{actor}' holds another run's language model", in_process=True),
+    Case("dpo-label-smoothing-with-ipo", "dpo", {"--label_smoothing": "0.1", "--loss_type": "ipo"},
+         "--label_smoothing applies to --loss_type sigmoid only", in_process=True),
+    Case("dpo-zero-beta", "dpo", {"--beta": "0"}, "--beta must be positive", in_process=True),
+    Case("step3-tp-without-zero-3", "step3", {"--inference_tp_size": "2"}, "--inference_tp_size 2 needs ZeRO stage 3"),
+    Case("step3-offload-with-critic-at-zero-0", "step3", {"--offload": True, "--actor_zero_stage": "2"},
+         "--offload moves the actor's and critic's partitioned optimizer state", in_process=True),
+    Case("step3-only-lora-without-rank", "step3", {"--only_optimize_lora": True},
+         "--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0", in_process=True),
+    Case("step3-mixed-precision-lora-without-lora", "step3", {"--enable_mixed_precision_lora": True},
+         "--enable_mixed_precision_lora needs --actor_lora_dim > 0", in_process=True),
+    Case("step3-positive-truncation-penalty", "step3", {"--truncation_penalty": "1"},
+         "--truncation_penalty 1.0 would reward cut-off answers", in_process=True),
+    Case("step3-test-mode-without-stop-step", "step3", {"--enable_test_mode": True},
+         "--enable_test_mode needs --test_stop_step >= 1", in_process=True),
+    Case("step3-output-dir-holds-the-actor", "step3", {"--output_dir": "{models}"},
+         "would overwrite the input --actor_model_name_or_path '{actor}'", in_process=True),
+    Case("chat-zero-new-tokens", "chat", {"--max_new_tokens": "0"}, "--max_new_tokens must be at least 1",
+         in_process=True),
+    Case("e2e-dpo-step-3", "e2e", {"--algo": "dpo", "--step": "3"}, "--algo dpo has no step 3", in_process=True),
+    Case("e2e-step-3-without-earlier-steps", "e2e", {"--step": "3"}, "--step 3 needs the step-1 output '{out}"),
+    Case("e2e-multi-node-without-hostfile", "e2e", {"--deployment-type": "multi_node"},
+         "multi_node needs a hostfile, and '{tmp}/hostfile' does not exist", env={"HOSTFILE": "{tmp}/hostfile"}),
+    # data files and dataset names
+    Case("data-invalid-json-line", "step1", {"--data_path": ROWS}, "'{tmp}/rows.jsonl' line 3: invalid JSON",
+         setup=write_text("rows.jsonl", '{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": \n')),
+    Case("data-not-utf8", "step1", {"--data_path": ROWS}, "'{tmp}/rows.jsonl' is not UTF-8 text",
+         setup=write_bytes("rows.jsonl", b'{"prompt": "caf\xe9", "response": "b"}\n')),
+    Case("data-empty-file", "step1", {"--data_path": ROWS}, "'{tmp}/rows.jsonl' holds no rows",
+         setup=write_text("rows.jsonl", "")),
+    Case("data-unknown-fields", "step1", {"--data_path": ROWS}, "the first row has fields [question, answer]",
+         setup=write_text("rows.jsonl", '{"question": "q", "answer": "a"}\n')),
+    Case("data-pairs-without-rejected", "step2", {"--data_path": ROWS},
+         "no usable phase-2 training rows in {tmp}/rows.jsonl", setup=sft_rows),
+    Case("data-missing-file", "step1", {"--data_path": "{tmp}/missing.jsonl"},
+         "'{tmp}/missing.jsonl': no such file"),
+    Case("data-csv-file", "step1", {"--data_path": "{tmp}/rows.csv"}, "'{tmp}/rows.csv' is a file but not",
+         setup=write_text("rows.csv", "prompt,response\nq,a\n")),
+    Case("data-unknown-dataset", "step1", {"--data_path": "Nobody/no-such-data"},
+         "unknown dataset 'Nobody/no-such-data'"),
+    Case("data-hub-dataset-offline", "step1", {"--data_path": "Dahoas/rm-static"},
+         "could not load 'Dahoas/rm-static' from the Hugging Face hub"),
+    Case("data-bad-synthetic-parameter", "step1", {"--data_path": "synthetic/copy:size=many"},
+         "bad value 'size=many' in 'synthetic/copy:size=many'"),
+    Case("data-split-leaves-phase-empty", "step1", {"--data_split": "0,5,5"}, "leaves no training rows for phase 1"),
+    Case("step3-every-prompt-too-long", "step3", {"--max_prompt_seq_len": "2", "--prompt_overflow": "drop"},
+         "every prompt is longer than --max_prompt_seq_len 2"),
+    Case("step3-unsupervised-file-missing", "step3", {"--unsupervised_dataset_name": "{tmp}/wiki.txt"},
+         "unsupervised dataset '{tmp}/wiki.txt': no such file or directory"),
+    # model directories
+    Case("model-missing-dir", "step1", {"--model_name_or_path": "{tmp}/no-such-model"},
+         "model path '{tmp}/no-such-model' does not exist"),
+    Case("model-empty-dir", "step1", {"--model_name_or_path": "{tmp}/model"},
+         "model directory '{tmp}/model' has no tokenizer files", setup=lambda tmp, models: (tmp / "model").mkdir()),
+    Case("model-dir-without-config", "step1", {"--model_name_or_path": "{tmp}/model"},
+         "model directory '{tmp}/model' has no config.json", setup=model_dir_with(None)),
+    Case("model-unknown-architecture", "step1", {"--model_name_or_path": "{tmp}/model"},
+         "transformers cannot build its config.json (model_type 'nonexistent-arch')",
+         setup=model_dir_with({"model_type": "nonexistent-arch"})),
+    Case("model-remote-code-not-trusted", "step1", {"--model_name_or_path": "{tmp}/model"},
+         "model directory '{tmp}/model' runs its own Python code", setup=model_dir_with(REMOTE_CODE)),
+    Case("model-pickle-weights-only", "step1", {"--model_name_or_path": "{tmp}/model"},
+         "model directory '{tmp}/model' holds only pickle weights", setup=pickle_only_model_dir),
+    Case("model-unknown-tiny-name", "step1", {"--model_name_or_path": "tiny/gpt5"}, "unknown tiny model 'tiny/gpt5'"),
+    Case("step3-critic-not-a-reward-model", "step3", {"--critic_model_name_or_path": "{actor}"},
+         "'{actor}' is not a reward model directory"),
+    Case("step3-actor-and-reward-tokenizers-differ", "step3", {"--critic_model_name_or_path": "{reward_eot}"},
+         "use different tokenizers"),
+    Case("chat-missing-path", "chat", {"--path": "{tmp}/no-such-model"}, "model path '{tmp}/no-such-model' does not exist"),
+    Case("chat-reward-model-path", "chat", {"--path": "{reward}"}, "'{reward}' is a reward model"),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """An actor, a reward model and a reward model with another tokenizer (an extra end-of-turn token)."""
+    from training.utils.model.build import create_hf_model
+    from training.utils.model.reward_model import create_reward_model, save_reward_model
+    from training.utils.model.save import save_hf_format
+    from training.utils.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer, eot_tokenizer = load_tokenizer("tiny/opt"), load_tokenizer("tiny/opt", True, "<|eot|>")
+    save_hf_format(create_hf_model("tiny/opt", tokenizer), tokenizer, str(root / "actor"))
+    save_reward_model(create_reward_model("tiny/opt", tokenizer), tokenizer, str(root / "reward"), reward_stats={})
+    save_reward_model(create_reward_model("tiny/opt", eot_tokenizer), eot_tokenizer, str(root / "reward_eot"),
+                      reward_stats={})
+    return {"models": str(root), **{name: str(root / name) for name in ("actor", "reward", "reward_eot")}}
+
+
+def argv_for(case: Case, paths: dict) -> list[str]:
+    argv = []
+    for flag, value in (TOOLS[case.tool][3] | case.flags).items():
+        if value is True:
+            argv.append(flag)
+        elif value is not None:
+            argv += [flag, value.format(**paths)]
+    return argv
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every file's bytes and every directory under `roots`, except the data cache."""
+    return {path: path.read_bytes() if path.is_file() else None
+            for root in roots for path in sorted(root.rglob("*")) if "cache" not in path.relative_to(root).parts}
+
+
+def run(case: Case, argv: list[str], env: dict, capsys) -> tuple[int, str, str]:
+    workdir, script, module, _ = TOOLS[case.tool]
+    if case.in_process:
+        with pytest.raises(SystemExit) as exit_:
+            importlib.import_module(module).main(argv)
+        captured = capsys.readouterr()
+        return exit_.value.code, captured.out, captured.err
+    result = subprocess.run([sys.executable, script, *argv], cwd=REPO / workdir, env=clean_env(**env),
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_ends_in_one_line_and_writes_nothing(case, models, tmp_path, capsys):
+    paths = {**models, "tmp": str(tmp_path), "out": str(tmp_path / "out")}
+    if case.setup is not None:
+        case.setup(tmp_path, models)
+    before = snapshot(tmp_path, Path(models["models"]))
+    env = {name: value.format(**paths) for name, value in case.env.items()}
+    code, stdout, stderr = run(case, argv_for(case, paths), env, capsys)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, f"exit {code}\n{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert lines and re.match(r"(\S+: )?error: ", lines[-1]), stderr[-3000:]
+    assert case.phrase.format(**paths) in lines[-1], lines[-1]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert snapshot(tmp_path, Path(models["models"])) == before  # no partial output, inputs untouched
+
+
+def test_every_case_is_a_row_of_the_readme_table():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"`([\w-]+)`\s*\|\s*$", table, flags=re.MULTILINE)
+    assert len({case.id for case in CASES}) == len(CASES)
+    assert {case.id for case in CASES} <= set(listed), {case.id for case in CASES} - set(listed)
+
