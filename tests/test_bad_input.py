@@ -188,6 +188,16 @@ CASES = [
          "use different tokenizers"),
     Case("chat-missing-path", "chat", {"--path": "{tmp}/no-such-model"}, "model path '{tmp}/no-such-model' does not exist"),
     Case("chat-reward-model-path", "chat", {"--path": "{reward}"}, "'{reward}' is a reward model"),
+    # checkpoints and resume (rows for a checkpoint that does not fit the run are in tests/test_resume.py)
+    Case("resume-without-a-checkpoint", "step1", {"--resume": True}, "--resume: no checkpoint in {out}/checkpoints",
+         in_process=True),
+    Case("dpo-resume-from-a-directory-without-checkpoints", "dpo", {"--resume": "{tmp}"},
+         "--resume: no checkpoint in {tmp}", in_process=True),
+    Case("output-dir-holds-checkpoints-of-another-run", "step2", {}, "holds checkpoints of an earlier run (step_00000010)",
+         setup=lambda tmp, models: (tmp / "out" / "checkpoints" / "step_00000010").mkdir(parents=True),
+         in_process=True),
+    Case("step3-negative-save-interval", "step3", {"--save_interval": "-1"}, "--save_interval and --save_total_limit "
+         "must be >= 0", in_process=True),
 ]
 
 

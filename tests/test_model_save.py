@@ -82,11 +82,15 @@ def test_dropout_override(tokenizer):
 
 def test_save_is_atomic_and_keeps_run_logs(tmp_path, tokenizer, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "step1_model").mkdir(parents=True)  # --tensorboard_path pointing into the output dir
+    (out / "step1_model" / "events.out.tfevents.1.host").write_bytes(b"tb")
+    (out / "checkpoints" / "step_00000003").mkdir(parents=True)
     (out / "training.log").write_text("log line\n")
     model = create_hf_model("tiny/opt", tokenizer)
     save_hf_format(model, tokenizer, str(out))
     assert (out / "training.log").read_text() == "log line\n" and (out / "model.safetensors").exists()
+    assert (out / "step1_model" / "events.out.tfevents.1.host").read_bytes() == b"tb"
+    assert (out / "checkpoints" / "step_00000003").is_dir()
     before = (out / "model.safetensors").read_bytes()
 
     def crash(*args, **kwargs):

@@ -7,7 +7,7 @@ import json
 import os
 
 from training.utils.errors import UserInputError
-from training.utils.io import RUN_ARTIFACT_DIRS, RUN_ARTIFACT_SUFFIXES
+from training.utils.io import is_run_artifact
 from training.utils.model.reward_model import is_reward_model_dir
 from training.utils.optim import check_lr_scheduler_type
 
@@ -152,20 +152,11 @@ def check_output_dir(output_dir: str, saves: str, inputs: dict[str, list[str | N
         raise UserInputError(f"--output_dir '{output_dir}' holds another run's {found}, which saving this "
                              f"{saves} would replace: pass a new directory")
     if found is None and saves != RLHF_MODELS:
-        others = sorted(e for e in os.listdir(out) if not _is_run_artifact(os.path.join(out, e)))
+        others = sorted(e for e in os.listdir(out) if not is_run_artifact(os.path.join(out, e)))
         if others:
             raise UserInputError(f"--output_dir '{output_dir}' holds files that are not a saved model "
                                  f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), which saving "
                                  "would delete: pass a new or empty directory")
-
-
-def _is_run_artifact(path: str) -> bool:
-    """A log, a checkpoints/tensorboard directory, or a directory of TensorBoard event files only
-    (--tensorboard_path pointing at the output directory, as DeepSpeed-Chat's scripts do)."""
-    if not os.path.isdir(path):
-        return path.endswith(RUN_ARTIFACT_SUFFIXES)
-    return os.path.basename(path) in RUN_ARTIFACT_DIRS or all(
-        name.startswith("events.out.tfevents") for _, _, files in os.walk(path) for name in files)
 
 
 def resolve_dtype(dtype: str | None, device_type: str) -> str:

@@ -225,19 +225,22 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ faults
     def watch_signals(self) -> None:
-        """From now on SIGTERM/SIGINT ask for a checkpoint and exit at the next step boundary; a second one
-        exits at once."""
+        """From now on SIGTERM/SIGINT ask for a checkpoint and exit at the next step boundary.
+
+        Further signals are ignored (a scheduler signals every process and the deepspeed launcher then
+        signals its ranks again), except a second SIGINT, a person's second Ctrl-C, which exits at once.
+        """
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_signal is not None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            print(f"[rank {runtime.rank()}] {signal.Signals(signum).name}: saving a checkpoint at the end of this "
+                  "step, then exiting (a second Ctrl-C exits at once)", flush=True)
+        elif signum == signal.SIGINT == self.stop_signal:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
-        self.stop_signal = signum
-        print(f"[rank {runtime.rank()}] {signal.Signals(signum).name}: saving a checkpoint at the end of this step, "
-              "then exiting (send it again to exit at once)", flush=True)
 
     def step_boundary(self, position: Position, losses: list[float], metrics, state_fn=None) -> None:
         """Call at every optimizer-step boundary with the losses seen since the last one.

@@ -37,12 +37,21 @@ def atomic_directory(final_dir: str):
         raise
 
 
+def is_run_artifact(path: str) -> bool:
+    """A log, a checkpoints/tensorboard directory, or a directory of TensorBoard event files only
+    (--tensorboard_path pointing at the output directory, as DeepSpeed-Chat's scripts do)."""
+    if not os.path.isdir(path):
+        return path.endswith(RUN_ARTIFACT_SUFFIXES)
+    return os.path.basename(path) in RUN_ARTIFACT_DIRS or all(
+        name.startswith("events.out.tfevents") for _, _, files in os.walk(path) for name in files)
+
+
 def _carry_run_artifacts(src: str, dst: str) -> None:
     for entry in os.listdir(src):
         source, target = os.path.join(src, entry), os.path.join(dst, entry)
-        if os.path.exists(target):
+        if os.path.exists(target) or not is_run_artifact(source):
             continue
-        if os.path.isfile(source) and entry.endswith(RUN_ARTIFACT_SUFFIXES):
+        if os.path.isfile(source):
             os.link(source, target)
-        elif os.path.isdir(source) and entry in RUN_ARTIFACT_DIRS:
+        else:
             shutil.copytree(source, target, copy_function=os.link)
