@@ -107,24 +107,19 @@ def test_sft_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
     assert logged(tmp_path / "full") == logged(tmp_path / "resumed")
 
 
-def test_reward_model_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
-    extra = ("--eval_interval", "10", "--eval_iters", "2")
-    assert_ok(run_script(STEP2_DIR, pair_args(tmp_path, tmp_path / "full", *extra)))
-    kill_and_resume(STEP2_DIR, pair_args(tmp_path, tmp_path / "resumed", *extra, "--save_interval", "5"),
+@pytest.mark.parametrize("step_dir, extra", [
+    (STEP2_DIR, ("--eval_interval", "10", "--eval_iters", "2")),  # reward model: periodic evaluations too
+    (DPO_DIR, ("--dropout", "0.1", "--beta", "0.5")),
+], ids=["reward_model", "dpo"])
+def test_pair_steps_killed_and_resumed_match_an_uninterrupted_run(tmp_path, step_dir, extra):
+    assert_ok(run_script(step_dir, pair_args(tmp_path, tmp_path / "full", *extra)))
+    kill_and_resume(step_dir, pair_args(tmp_path, tmp_path / "resumed", *extra, "--save_interval", "5"),
                     tmp_path / "resumed")
     assert_same_weights(tmp_path / "full", tmp_path / "resumed")
     assert logged(tmp_path / "full") == logged(tmp_path / "resumed")
-    full, resumed = (json.loads((tmp_path / d / "reward_model.json").read_text()) for d in ("full", "resumed"))
-    assert full["reward_stats"] == resumed["reward_stats"]
-
-
-def test_dpo_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
-    extra = ("--dropout", "0.1", "--beta", "0.5")
-    assert_ok(run_script(DPO_DIR, pair_args(tmp_path, tmp_path / "full", *extra)))
-    kill_and_resume(DPO_DIR, pair_args(tmp_path, tmp_path / "resumed", *extra, "--save_interval", "5"),
-                    tmp_path / "resumed")
-    assert_same_weights(tmp_path / "full", tmp_path / "resumed")
-    assert logged(tmp_path / "full") == logged(tmp_path / "resumed")
+    if step_dir == STEP2_DIR:  # the saved score statistics come from the final evaluation
+        full, resumed = (json.loads((tmp_path / d / "reward_model.json").read_text()) for d in ("full", "resumed"))
+        assert full["reward_stats"] == resumed["reward_stats"]
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +274,64 @@ def test_output_dir_with_checkpoints_needs_resume_and_resume_needs_a_checkpoint(
     again = run_script(STEP1_DIR, sft_args(tmp_path, output))
     assert again.returncode == 2 and "holds checkpoints of an earlier run" in again.stderr
     assert "add --resume" in again.stderr
+
+
+# ---------------------------------------------------------------- pieces, in process
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_module_shards_restore_the_exact_weights(tmp_path, distributed, tokenizer, stage):
+    """Step 3 saves its EMA model as this rank's share: the ZeRO-3 partitions (ds_tensor) or the whole
+    parameters. Restoring the share brings back every parameter exactly."""
+    from safetensors.torch import save_file
+
+    from training.utils.checkpoint import module_shard, restore_module_shard
+    from training.utils.ds_config import get_eval_ds_config
+    from training.utils.engine import initialize_frozen_engine
+    from training.utils.model.build import create_hf_model
+
+    config = get_eval_ds_config(offload=False, dtype="fp32", stage=stage, micro_batch_size=1, train_batch_size=1)
+    engine = initialize_frozen_engine(create_hf_model("tiny/opt", tokenizer, ds_config=config), config)
+    shard = module_shard(engine.module)
+    assert all(hasattr(p, "ds_id") for p in engine.module.parameters()) == (stage == 3)
+    save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp_path / "ema_rank_0.safetensors"))
+    saved = {k: v.clone() for k, v in shard.items()}
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            (p.ds_tensor if stage == 3 else p).add_(1.0)
+    restore_module_shard(engine.module, str(tmp_path), "ema")
+    assert all(torch.equal(module_shard(engine.module)[k], saved[k]) for k in saved)
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from training.utils.checkpoint import get_rng_state, set_rng_state
+
+    torch.save({"rng": get_rng_state()}, tmp_path / "rank_0.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(torch.load(tmp_path / "rank_0.pt", weights_only=True)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def test_endless_batches_and_samplers_continue_from_a_position():
+    """PPO-ptx text batches resume at the batch count saved (across a pass boundary), and a resumed sampler
+    skips exactly the batches already trained in its epoch."""
+    from training.utils.data.pipeline import make_loader
+    from training.utils.rlhf.experience import EndlessBatches
+
+    data = [{"x": i} for i in range(10)]
+    collate = lambda rows: torch.tensor([row["x"] for row in rows])  # noqa: E731
+    uninterrupted = EndlessBatches(make_loader(data, 3, collate, seed=5, shuffle=True))
+    drawn = [next(uninterrupted).tolist() for _ in range(7)]  # 4 batches a pass: crosses into the second
+    resumed = EndlessBatches(make_loader(data, 3, collate, seed=5, shuffle=True), start=uninterrupted.drawn - 4)
+    assert [next(resumed).tolist() for _ in range(4)] == drawn[3:]
+
+    loader = make_loader(data, 3, collate, seed=5, shuffle=True)
+    loader.sampler.set_epoch(1)
+    loader.sampler.skip_batches(2, 3)
+    rest = [b.tolist() for b in loader]
+    assert len(rest) == 2 and rest[0] == drawn[6]  # epoch 1 from its third batch on
+    assert [b.tolist() for b in loader][2] == drawn[6]  # the skip applies to one pass only
