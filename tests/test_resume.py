@@ -263,6 +263,23 @@ def test_resume_refuses_a_different_topology_or_data_order_before_training(tmp_p
     assert "was written by 1 ranks, this run has 2" in two_ranks.stderr + two_ranks.stdout
     assert "epoch 1/2" not in two_ranks.stdout  # refused before any training
 
+    # A checkpoint file that carries code instead of weights: DeepSpeed's loader is made weights-only.
+    checkpoint = output / "checkpoints" / f"step_{checkpoint_steps(output)[-1]:08d}"
+    torch.save({"module": PlantedCode(str(tmp_path / "planted"))}, checkpoint / "model" / "mp_rank_00_model_states.pt")
+    planted = run_script(STEP1_DIR, sft_args(tmp_path, output, "--resume"))
+    assert planted.returncode == 2 and not (tmp_path / "planted").exists()
+    assert "holds a pickled object that is not weights" in planted.stderr.strip().splitlines()[-1]
+
+
+class PlantedCode:
+    """Unpickling it runs os.mkdir(path)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
 
 def test_output_dir_with_checkpoints_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
     output = tmp_path / "run"

@@ -16,9 +16,11 @@ removed by the next one. Checkpoints are saved at optimizer-step boundaries only
 gradients), so resuming replays exactly: the same batches in the same order with the same random draws.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -133,8 +135,14 @@ class Checkpointer:
             state = json.load(f)
         self._check_compatible(path, state)
         for name, engine in self.engines.items():
-            load_path, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+            try:
+                with weights_only_loads():
+                    load_path, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
+                                                          load_lr_scheduler_states=True)
+            except pickle.UnpicklingError as err:
+                reason = str(err).split("WeightsUnpickler error: ")[-1].split(". ")[0]
+                raise UserInputError(f"--resume: {path}/{name} holds a pickled object that is not weights ({reason}): "
+                                     "resume only from checkpoints this tool wrote") from None
             if load_path is None:
                 raise UserInputError(f"--resume: {path}/{name} could not be loaded; resume from an earlier "
                                      "checkpoint (pass its step_N directory)")
@@ -266,6 +274,27 @@ class Checkpointer:
                                  f"continue with the same command plus --resume (checkpoint {saved})")
             runtime.shutdown_distributed()
             raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """DeepSpeed reads checkpoints with torch.load(weights_only=False); torch's own switch makes those
+    loads weights_only=True, with the few DeepSpeed classes its checkpoints hold allowed, so resuming
+    never runs code pickled into a file."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def run_flags(args) -> dict:
