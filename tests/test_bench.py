@@ -13,6 +13,18 @@ def test_model_flops_follow_the_2n_6n_rule():
     assert flops.mfu(50.0, 200.0) == 0.25
 
 
+def test_matmul_params_leave_out_embedding_lookups_but_keep_the_tied_output_projection(tokenizer):
+    from training.utils.model.build import create_hf_model
+    from training.utils.model.reward_model import create_reward_model
+
+    lm, reward = create_hf_model("tiny/opt", tokenizer), create_reward_model("tiny/opt", tokenizer)
+    token_table = lm.get_input_embeddings().weight.numel()
+    positions = lm.model.decoder.embed_positions.weight.numel()
+    total = sum(p.numel() for p in lm.parameters())  # the tied table once
+    assert flops.matmul_params(lm) == total - positions  # the table is the output projection's matmul
+    assert flops.matmul_params(reward) == sum(p.numel() for p in reward.parameters()) - token_table - positions
+
+
 def test_add_mfu_handles_training_rows_and_ppo_phase_rows():
     training = {"rows": [{"model_gflops_per_s": 20.0}]}
     ppo = {"rows": [{"model_gflops_per_s": {"generation": 10.0, "training": 40.0, "total": 25.0}}]}

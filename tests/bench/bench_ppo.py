@@ -91,8 +91,10 @@ def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
                                          generator=torch.Generator().manual_seed(0))
     trainer = PPOTrainer(build_rlhf_engine(args3, tokenizer, device, 1000, 1000), PPOConfig.from_args(args3))
     engine = trainer.engine
-    n_actor, n_ref, n_critic, n_reward = (sum(p.numel() for p in e.module.parameters())
+    # FLOPs count the parameters that multiply activations (flops.py); the table shows all parameters.
+    n_actor, n_ref, n_critic, n_reward = (flops.matmul_params(e.module)
                                           for e in (engine.actor, engine.ref, engine.critic, engine.reward))
+    params, critic_params = (sum(p.numel() for p in e.module.parameters()) for e in (engine.actor, engine.critic))
     batches = iter(loader)
     timings = {"generation_s": 0.0, "experience_s": 0.0, "training_s": 0.0}
     samples = generated_tokens = prompt_tokens = computed_tokens = 0
@@ -116,8 +118,9 @@ def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
     phase_flops = {"generation": flops.forward_flops(n_actor, sequence_tokens),
                    "experience": flops.forward_flops(n_actor + n_ref + n_critic + n_reward, sequence_tokens),
                    "training": flops.train_flops(n_actor + n_critic, sequence_tokens)}
-    return {"model": model_name, "critic_model": args.critic_model or model_name, "params": n_actor,
-            "critic_params": n_critic, "answer_len": answer_len, "batch_size": batch_size, "steps": args.steps,
+    return {"model": model_name, "critic_model": args.critic_model or model_name, "params": params,
+            "critic_params": critic_params, "matmul_params": {"actor": n_actor, "critic": n_critic},
+            "answer_len": answer_len, "batch_size": batch_size, "steps": args.steps,
             "dtype": args.dtype, "hybrid_engine": args.hybrid_engine,
             "hybrid_generation": engine.hybrid_generation,
             "mean_answer_tokens": round(generated_tokens / samples, 1),

@@ -65,6 +65,7 @@ def run_row(args, model_name: str, padding: str) -> dict:
     build = create_reward_model if args.step == "rm" else create_hf_model
     model = build(model_name, tokenizer, ds_config=ds_config)
     params = sum(p.numel() for p in model.parameters())
+    flop_params = flops.matmul_params(model)
     # DPO's frozen reference: the same starting weights, forward only (as step 2's DPO builds it).
     reference = create_hf_model(model_name, tokenizer).eval() if args.step == "dpo" else None
     if reference is not None:
@@ -100,10 +101,11 @@ def run_row(args, model_name: str, padding: str) -> dict:
         real_tokens += int(batch["attention_mask"].sum())
         computed_tokens += batch["input_ids"].numel()
     elapsed = time.perf_counter() - start
-    model_flops = flops.train_flops(params, real_tokens)
+    model_flops = flops.train_flops(flop_params, real_tokens)
     if reference is not None:
-        model_flops += flops.forward_flops(params, real_tokens)
-    return {"step": args.step, "model": model_name, "params": params, "padding": padding, "data_path": args.data_path,
+        model_flops += flops.forward_flops(flop_params, real_tokens)
+    return {"step": args.step, "model": model_name, "params": params, "matmul_params": flop_params,
+            "padding": padding, "data_path": args.data_path,
             "max_seq_len": args.max_seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "samples_per_s": round(samples / elapsed, 2), "real_tokens_per_s": round(real_tokens / elapsed, 1),
             "computed_tokens_per_s": round(computed_tokens / elapsed, 1),

@@ -1,7 +1,9 @@
 """Model FLOPs, the machine's measured matmul peak, and model FLOPs utilisation (MFU).
 
-The benchmark rows count model FLOPs with the usual dense-transformer rule, N being the model's parameters
-(`sum(p.numel())`, tied input/output embeddings counted once, so the output projection's matmul is in):
+The benchmark rows count model FLOPs with the usual dense-transformer rule, N being the parameters that
+multiply activations (`matmul_params`: every parameter but the embedding tables, which are lookups, plus
+the output projection of a language model, which is the token embedding again when the two are tied; a
+reward model or critic body has no output projection, and for tiny/opt its embedding is 36% of the weights):
 
     forward only (generation, experience scoring, frozen references)   2 * N FLOPs per token
     forward + backward (a trained model)                               6 * N FLOPs per token
@@ -21,6 +23,15 @@ import torch
 
 FORWARD_FLOPS_PER_PARAM_TOKEN = 2
 TRAIN_FLOPS_PER_PARAM_TOKEN = 6
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """The N of the FLOPs rule for `model` (see the module docstring)."""
+    embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied_head = head is not None and any(head.weight is weight for weight in embeddings)
+    return (sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in embeddings)
+            + (head.weight.numel() if tied_head else 0))
 
 
 def forward_flops(params: int, tokens: int) -> float:

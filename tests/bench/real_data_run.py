@@ -1,0 +1,240 @@
+"""Real-data run: reward model held-out accuracy and a PPO reward curve on the shared preference files.
+
+    python applications/convert_gguf.py --out ./models/smollm2-135m-instruct     # once (see that script)
+    python tests/bench/real_data_run.py --model ./models/smollm2-135m-instruct --output-dir ./output_real
+
+Per data set (`en`: hh_harmless_test.pref.jsonl; `zh`: the LLaMA-Factory and MedicalGPT Chinese DPO files):
+1. A deterministic split written under <output-dir>/<set>/ (the data is never copied into the repository):
+   held-out test pairs (a source's own `_test` file, else the pairs whose sha256(prompt) bucket is 0 of
+   10), and the remaining pairs cut by the same hash into reward-model training pairs (buckets 1-6) and
+   PPO prompts (buckets 7-9), so the three never share a prompt. Caps keep the CPU run short.
+2. Step 2 (`training/step2_reward_model_finetuning/main.py`) trains a reward model on the backbone,
+   evaluated on the whole held-out split before and after training.
+3. Step 3 (`training/step3_rlhf_finetuning/main.py`) runs PPO with the backbone as actor (it is already
+   instruction-tuned, so step 1 is skipped) and the new reward model as critic and reward.
+4. Writes <docs-dir>/results.json, results.md and reward_<set>.png; prints the JSON.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# Step 2 evaluates before training and after the epoch on this many batches of 16 pairs (the "before" figure,
+# a random value head, is chance by construction), then once more on the whole held-out split, saved with
+# the model.
+BEFORE_EVAL_BATCHES = 2
+SETS = {"en": ["hh_harmless_test.pref.jsonl"],
+        "zh": ["llamafactory_dpo_zh_train.pref.jsonl", "llamafactory_dpo_zh_test.pref.jsonl",
+               "medicalgpt_dpo_zh_train.pref.jsonl", "medicalgpt_dpo_zh_test.pref.jsonl"]}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="A Hugging Face model directory (see convert_gguf.py).")
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--output-dir", default="output_real")
+    parser.add_argument("--docs-dir", default=str(REPO / "docs" / "real_data"))
+    parser.add_argument("--sets", nargs="*", choices=sorted(SETS), default=sorted(SETS))
+    parser.add_argument("--rm-pairs", type=int, default=128, help="Reward-model training pairs (cap).")
+    parser.add_argument("--rm-lr", type=float, default=5e-5,
+                        help="Reward-model learning rate (a fresh value head in a few steps needs more than 1e-5).")
+    parser.add_argument("--test-pairs", type=int, default=100, help="Held-out pairs (cap).")
+    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--ppo-steps", type=int, default=12)
+    parser.add_argument("--ppo-batch", type=int, default=4, help="Prompts per PPO step.")
+    parser.add_argument("--answer-len", type=int, default=32)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="Steps 2 and 3 recompute activations in the backward pass: less memory, more time "
+                             "(the zh run at max_seq_len 256 needed it on a 24 GB machine).")
+    return parser.parse_args(argv)
+
+
+def hash_bucket(prompt: str, buckets: int = 10) -> int:
+    """The data README's rule: the first 8 hex digits of sha256(prompt), mod `buckets`."""
+    return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % buckets
+
+
+def split_pairs(files: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """{"test", "rm", "ppo"} rows from {file name: rows}, as the module docstring says. Deterministic; a
+    prompt never lands in two parts."""
+    # A source's own test split is a `_test` file next to its `_train` file (hh_harmless_test alone is not one).
+    test_files = [name for name in files if "_test." in name and name.replace("_test.", "_train.") in files]
+    parts = {"test": [row for name in test_files for row in files[name]], "rm": [], "ppo": []}
+    test_prompts = {row["prompt"] for row in parts["test"]}
+    for name, rows in files.items():
+        if name in test_files:
+            continue
+        has_own_test = "_train." in name and name.replace("_train.", "_test.") in files
+        for row in rows:
+            if row["prompt"] in test_prompts:  # a held-out prompt is never trained on
+                continue
+            bucket = hash_bucket(row["prompt"])
+            if bucket == 0 and not has_own_test:
+                parts["test"].append(row)
+            else:
+                parts["rm" if bucket <= 6 else "ppo"].append(row)
+    return parts
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def prepare(args, name: str, out: Path) -> dict[str, int]:
+    """Write <out>/rm/{train,test}.jsonl and <out>/ppo/{train,test}.jsonl; the row counts.
+
+    Step 2 drops a pair whose reply alone does not fit --max-seq-len, so pairs are filtered by that first
+    and the caps count pairs step 2 keeps (Chinese replies run to hundreds of SmolLM2 tokens: the kept
+    pairs are the shorter ones)."""
+    from training.utils.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    files = {}
+    for file_name in SETS[name]:
+        with open(Path(args.data_dir) / file_name, encoding="utf-8") as f:
+            files[file_name] = [json.loads(line) for line in f if line.strip()]
+    parts = split_pairs(files)
+    reply_limit = args.max_seq_len - 8  # room for the reply's EOS, a BOS and the end of the prompt
+
+    def fits(row: dict) -> bool:
+        return max(len(tokenizer(row[key]).input_ids) for key in ("chosen", "rejected")) <= reply_limit
+
+    test = [row for row in parts["test"] if fits(row)][:args.test_pairs]
+    rm_pairs = [row for row in parts["rm"][:8 * args.rm_pairs] if fits(row)][:args.rm_pairs]
+    ppo_prompts = parts["ppo"][:args.ppo_steps * args.ppo_batch]
+    write_jsonl(out / "rm" / "train.jsonl", rm_pairs)
+    write_jsonl(out / "rm" / "test.jsonl", test)
+    write_jsonl(out / "ppo" / "train.jsonl", ppo_prompts)
+    write_jsonl(out / "ppo" / "test.jsonl", test[:8])  # step 3's held-out evaluation prompts
+    return {"source_pairs": sum(map(len, files.values())), "fitting_test_pairs": sum(map(fits, parts["test"])),
+            "all_test_pairs": len(parts["test"]), "rm_train_pairs": len(rm_pairs), "test_pairs": len(test),
+            "ppo_prompts": len(ppo_prompts)}
+
+
+def run_step(folder: str, flags: list[str], log: Path) -> float:
+    """One step through the deepspeed launcher on a free port, as the CPU scripts run it; wall seconds."""
+    from training.utils.runtime import free_port
+
+    port = free_port()
+    command = ["deepspeed", "--num_gpus", "1", "--master_port", str(port), "main.py", *flags]
+    print(f"running (cd training/{folder} && {' '.join(command)}) > {log}", file=sys.stderr, flush=True)
+    # Two threads as the CPU scripts default to; OMP_NUM_THREADS=1 is much faster when other jobs share the cores.
+    env = {"OMP_NUM_THREADS": "2", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.time()
+    with open(log, "w", encoding="utf-8") as f:
+        code = subprocess.run(command, cwd=REPO / "training" / folder, env=env, stdout=f,
+                              stderr=subprocess.STDOUT).returncode
+    # DeepSpeed's CPU all-reduce leaves a 66 MB shared-memory buffer per run in /dev/shm (RAM): remove ours.
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.remove(path)
+    if code != 0:
+        sys.exit(f"{folder} failed (exit {code}); see {log}")
+    return time.time() - start
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_set(args, name: str) -> dict:
+    out = Path(args.output_dir).resolve() / name
+    counts = prepare(args, name, out)
+    common = ["--dtype", "fp32", "--deepspeed", "--data_output_path", str(out / "cache")]
+    checkpointing = args.gradient_checkpointing
+    rm_dir, ppo_dir = out / "reward", out / "ppo_model"
+    rm_seconds = run_step("step2_reward_model_finetuning", [
+        "--model_name_or_path", args.model, "--data_path", str(out / "rm"), "--data_split", "0,1,0",
+        "--max_seq_len", str(args.max_seq_len), "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", "--learning_rate", str(args.rm_lr), "--num_train_epochs", "1",
+        "--num_warmup_steps", "2", "--eval_interval", "0", "--eval_iters", str(BEFORE_EVAL_BATCHES), "--dropout", "0.0",
+        "--output_dir", str(rm_dir), *common] + (["--gradient_checkpointing"] if checkpointing else []),
+        out / "step2.log")
+    ppo_seconds = run_step("step3_rlhf_finetuning", [
+        "--actor_model_name_or_path", args.model, "--critic_model_name_or_path", str(rm_dir),
+        "--data_path", str(out / "ppo"), "--data_split", "0,0,1",
+        "--per_device_generation_batch_size", str(args.ppo_batch), "--per_device_training_batch_size",
+        str(args.ppo_batch), "--max_prompt_seq_len", str(args.max_seq_len - args.answer_len),
+        "--max_answer_seq_len", str(args.answer_len), "--actor_learning_rate", "1e-5",
+        "--critic_learning_rate", "1e-5", "--num_warmup_steps", "2", "--actor_dropout", "0.0",
+        "--critic_dropout", "0.0", "--eval_prompts", "8", "--eval_interval", str(max(args.ppo_steps // 2, 1)),
+        "--enable_test_mode",
+        "--test_stop_step", str(args.ppo_steps), "--output_dir", str(ppo_dir), *common]
+        + (["--actor_gradient_checkpointing", "--critic_gradient_checkpointing"] if checkpointing else []),
+        out / "step3.log")
+    rm_eval = [row["eval/accuracy"] for row in read_metrics(rm_dir / "training_metrics.jsonl")
+               if "eval/accuracy" in row]
+    ppo = read_metrics(ppo_dir / "actor" / "training_metrics.jsonl")
+    return {**counts, "rm_accuracy_before": rm_eval[0],
+            "rm_accuracy": json.loads((rm_dir / "reward_model.json").read_text())["reward_stats"]["accuracy"],
+            "rm_seconds": round(rm_seconds), "ppo_seconds": round(ppo_seconds), "ppo_metrics": ppo}
+
+
+def plot(name: str, result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 2.8))
+    for ax, (title, keys) in zip(axes, [("reward-model score", ["reward/mean", "eval/reward_mean"]),
+                                        ("KL to reference", ["kl/to_reference"]),
+                                        ("answer length (tokens)", ["answer/length", "eval/answer_length"])]):
+        for key in keys:
+            points = [(row["step"], row[key]) for row in result["ppo_metrics"] if key in row]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=key)
+        ax.set_title(f"{name}: PPO {title}", fontsize=9)
+        ax.set_xlabel("PPO step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    """One table row per set, each with the settings it ran with."""
+    lines = ["| set | max_seq_len | source pairs | RM train pairs (lr) | held-out pairs (of all that fit) | "
+             f"RM held-out accuracy before (first {16 * BEFORE_EVAL_BATCHES} pairs) -> after (all) | "
+             "PPO steps x prompts, answer tokens | held-out reward start -> end | KL at the end | RM time | PPO time |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        run = r["args"]
+        evals = [row["eval/reward_mean"] for row in r["ppo_metrics"] if "eval/reward_mean" in row]
+        kl = [row["kl/to_reference"] for row in r["ppo_metrics"] if "kl/to_reference" in row]
+        lines.append(f"| {name} | {run['max_seq_len']} | {r['source_pairs']} | "
+                     f"{r['rm_train_pairs']} ({run['rm_lr']:g}) | "
+                     f"{r['test_pairs']} ({r['fitting_test_pairs']} of {r['all_test_pairs']}) | "
+                     f"{r['rm_accuracy_before']:.3f} -> {r['rm_accuracy']:.3f} | {run['ppo_steps']} x "
+                     f"{run['ppo_batch']}, {run['answer_len']} | {evals[0]:+.3f} -> {evals[-1]:+.3f} | "
+                     f"{kl[-1]:.3f} | {r['rm_seconds']} s | {r['ppo_seconds']} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not Path(args.data_dir).is_dir():
+        sys.exit(f"error: --data-dir {args.data_dir} does not exist (the shared data folder, see its README)")
+    docs = Path(args.docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    # Sets run one at a time add to the results of earlier runs (each set keeps the settings it ran with).
+    results_file = docs / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for name in args.sets:
+        results[name] = {"args": vars(args), **run_set(args, name)}
+        plot(name, results[name], docs / f"reward_{name}.png")
+    results_file.write_text(json.dumps(results, indent=1) + "\n")
+    (docs / "results.md").write_text(markdown(results))
+    print(json.dumps({name: {k: v for k, v in r.items() if k != "ppo_metrics"} for name, r in results.items()},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
