@@ -83,8 +83,10 @@ def main(argv=None) -> None:
     result = {"date": datetime.date.today().isoformat(), "machine": machine, "matmul_peak_gflops": peak,
               "mfu_formula": "achieved model FLOP/s / fp32 matmul peak FLOP/s of this machine; model FLOPs = "
                              "6 N per real token for a trained model (forward + backward), 2 N per real token "
-                             "for a forward pass (generation, experience scoring, frozen references), N = "
-                             "parameters; attention score products not counted (tests/bench/flops.py)",
+                             "for a forward pass (generation, experience scoring, frozen references), N = the "
+                             "parameters that multiply activations (embedding lookups excluded, a language "
+                             "model's output projection included); attention score products not counted "
+                             "(tests/bench/flops.py)",
               "benchmarks": documents}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
