@@ -70,9 +70,10 @@ def validate_checkpoint_args(args) -> None:
     if args.save_interval < 0 or args.save_total_limit < 0:
         raise UserInputError("--save_interval and --save_total_limit must be >= 0")
     root = os.path.join(args.output_dir, CHECKPOINTS)
-    if args.resume is None and list_checkpoints(root):
+    found = list_checkpoints(root)
+    if args.resume is None and found:
         raise UserInputError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run "
-                             f"({os.path.basename(list_checkpoints(root)[-1])}): add --resume to continue it, or "
+                             f"({os.path.basename(found[-1])}): add --resume to continue it, or "
                              "choose another --output_dir")
     if args.resume is not None:
         find_checkpoint(args.resume, root)  # fail now, not after the models are built
@@ -226,9 +227,8 @@ class Checkpointer:
     def finish(self) -> None:
         """After the final model is saved: drop the checkpoints unless --keep_checkpoints."""
         if runtime.is_rank_0() and not self.args.keep_checkpoints:
+            # (steps 1/2/DPO: the atomic model save carried the checkpoints into the new output_dir)
             shutil.rmtree(self.root, ignore_errors=True)
-            # steps 1/2/DPO save the model into output_dir itself; its atomic save carried a copy along
-            shutil.rmtree(os.path.join(self.args.output_dir, CHECKPOINTS), ignore_errors=True)
         runtime.barrier()
 
     # ------------------------------------------------------------------ faults
