@@ -102,6 +102,17 @@ def test_real_data_split_uses_a_sources_own_test_file():
     assert len(parts["rm"]) + len(parts["ppo"]) == 99  # p0 is held out through the test file
 
 
+def test_truncated_replies_fit_and_are_prefixes_without_a_broken_character(tokenizer):
+    from tests.bench.real_data_run import truncate_replies
+
+    # Rare characters are several byte tokens each: most cuts fall inside one.
+    row = {"prompt": "问题", "chosen": "这段代码龘靐齉😀" * 20 + "。", "rejected": "好的"}
+    cut = truncate_replies(tokenizer, row, 41)
+    assert len(tokenizer(cut["chosen"]).input_ids) <= 41 < len(tokenizer(row["chosen"]).input_ids)
+    assert row["chosen"].startswith(cut["chosen"]) and len(cut["chosen"]) > 5 and "\ufffd" not in cut["chosen"]
+    assert (cut["prompt"], cut["rejected"]) == ("问题", "好的") and row["chosen"].endswith("。")  # input untouched
+
+
 def test_convert_gguf_errors_name_the_input_and_the_fix(tmp_path, monkeypatch, capsys):
     import importlib.util
 

@@ -9,7 +9,7 @@ Per data set (`en`: hh_harmless_test.pref.jsonl; `zh`: the LLaMA-Factory and Med
    10), and the remaining pairs cut by the same hash into reward-model training pairs (buckets 1-6) and
    PPO prompts (buckets 7-9), so the three never share a prompt. Caps keep the CPU run short.
 2. Step 2 (`training/step2_reward_model_finetuning/main.py`) trains a reward model on the backbone,
-   evaluated on the whole held-out split before and after training.
+   evaluated on the whole held-out split before training, every --rm-eval-interval steps and after it.
 3. Step 3 (`training/step3_rlhf_finetuning/main.py`) runs PPO with the backbone as actor (it is already
    instruction-tuned, so step 1 is skipped) and the new reward model as critic and reward.
 4. Writes <docs-dir>/results.json, results.md and reward_<set>.png; prints the JSON.
@@ -25,10 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# Step 2 evaluates before training and after the epoch on this many batches of 16 pairs (the "before" figure,
-# a random value head, is chance by construction), then once more on the whole held-out split, saved with
-# the model.
-BEFORE_EVAL_BATCHES = 2
 SETS = {"en": ["hh_harmless_test.pref.jsonl"],
         "zh": ["llamafactory_dpo_zh_train.pref.jsonl", "llamafactory_dpo_zh_test.pref.jsonl",
                "medicalgpt_dpo_zh_train.pref.jsonl", "medicalgpt_dpo_zh_test.pref.jsonl"]}
@@ -41,11 +37,18 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="output_real")
     parser.add_argument("--docs-dir", default=str(REPO / "docs" / "real_data"))
     parser.add_argument("--sets", nargs="*", choices=sorted(SETS), default=sorted(SETS))
-    parser.add_argument("--rm-pairs", type=int, default=128, help="Reward-model training pairs (cap).")
-    parser.add_argument("--rm-lr", type=float, default=5e-5,
-                        help="Reward-model learning rate (a fresh value head in a few steps needs more than 1e-5).")
-    parser.add_argument("--test-pairs", type=int, default=100, help="Held-out pairs (cap).")
+    parser.add_argument("--rm-pairs", type=int, default=2000, help="Reward-model training pairs (cap).")
+    parser.add_argument("--rm-lr", type=float, default=2e-5, help="Reward-model learning rate.")
+    parser.add_argument("--rm-epochs", type=int, default=1,
+                        help="Reward-model epochs (one, as InstructGPT: reward models overfit after the first).")
+    parser.add_argument("--rm-eval-interval", type=int, default=50,
+                        help="Evaluate the reward model on the whole held-out split every this many steps.")
+    parser.add_argument("--test-pairs", type=int, default=1000, help="Held-out pairs (cap).")
     parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--truncate-replies", action="store_true",
+                        help="Cut every reply to half of --max-seq-len (the prompt keeps the other half) instead "
+                             "of dropping the pairs that do not fit (Chinese replies run to hundreds of tokens: "
+                             "without it few pairs fit).")
     parser.add_argument("--ppo-steps", type=int, default=12)
     parser.add_argument("--ppo-batch", type=int, default=4, help="Prompts per PPO step.")
     parser.add_argument("--answer-len", type=int, default=32)
@@ -92,7 +95,7 @@ def prepare(args, name: str, out: Path) -> dict[str, int]:
 
     Step 2 drops a pair whose reply alone does not fit --max-seq-len, so pairs are filtered by that first
     and the caps count pairs step 2 keeps (Chinese replies run to hundreds of SmolLM2 tokens: the kept
-    pairs are the shorter ones)."""
+    pairs are the shorter ones), or with --truncate-replies every reply is cut to fit and no pair is lost."""
     from training.utils.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -106,6 +109,9 @@ def prepare(args, name: str, out: Path) -> dict[str, int]:
     def fits(row: dict) -> bool:
         return max(len(tokenizer(row[key]).input_ids) for key in ("chosen", "rejected")) <= reply_limit
 
+    if args.truncate_replies:
+        parts = {part: [truncate_replies(tokenizer, row, reply_limit // 2) for row in rows]
+                 for part, rows in parts.items()}
     test = [row for row in parts["test"] if fits(row)][:args.test_pairs]
     rm_pairs = [row for row in parts["rm"][:8 * args.rm_pairs] if fits(row)][:args.rm_pairs]
     ppo_prompts = parts["ppo"][:args.ppo_steps * args.ppo_batch]
@@ -116,6 +122,20 @@ def prepare(args, name: str, out: Path) -> dict[str, int]:
     return {"source_pairs": sum(map(len, files.values())), "fitting_test_pairs": sum(map(fits, parts["test"])),
             "all_test_pairs": len(parts["test"]), "rm_train_pairs": len(rm_pairs), "test_pairs": len(test),
             "ppo_prompts": len(ppo_prompts)}
+
+
+def truncate_replies(tokenizer, row: dict, limit: int) -> dict:
+    """The pair with each reply cut to at most `limit` tokens (decoded back to text, which can re-tokenise a
+    little longer at the cut, hence the loop)."""
+    row = dict(row)
+    for key in ("chosen", "rejected"):
+        ids = tokenizer(row[key]).input_ids
+        keep = limit
+        while len(ids) > limit:
+            # A cut inside a multi-byte character decodes to U+FFFD: drop it.
+            row[key] = tokenizer.decode(ids[:keep], skip_special_tokens=True).rstrip("\ufffd")
+            ids, keep = tokenizer(row[key]).input_ids, keep - 4
+    return row
 
 
 def run_step(folder: str, flags: list[str], log: Path) -> float:
@@ -152,8 +172,9 @@ def run_set(args, name: str) -> dict:
     rm_seconds = run_step("step2_reward_model_finetuning", [
         "--model_name_or_path", args.model, "--data_path", str(out / "rm"), "--data_split", "0,1,0",
         "--max_seq_len", str(args.max_seq_len), "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "16", "--learning_rate", str(args.rm_lr), "--num_train_epochs", "1",
-        "--num_warmup_steps", "2", "--eval_interval", "0", "--eval_iters", str(BEFORE_EVAL_BATCHES), "--dropout", "0.0",
+        "--per_device_eval_batch_size", "16", "--learning_rate", str(args.rm_lr), "--num_train_epochs",
+        str(args.rm_epochs), "--num_warmup_steps", "10", "--eval_interval", str(args.rm_eval_interval),
+        "--eval_iters", "0", "--dropout", "0.0",
         "--output_dir", str(rm_dir), *common] + (["--gradient_checkpointing"] if checkpointing else []),
         out / "step2.log")
     ppo_seconds = run_step("step3_rlhf_finetuning", [
@@ -168,12 +189,13 @@ def run_set(args, name: str) -> dict:
         "--test_stop_step", str(args.ppo_steps), "--output_dir", str(ppo_dir), *common]
         + (["--actor_gradient_checkpointing", "--critic_gradient_checkpointing"] if checkpointing else []),
         out / "step3.log")
-    rm_eval = [row["eval/accuracy"] for row in read_metrics(rm_dir / "training_metrics.jsonl")
-               if "eval/accuracy" in row]
+    rm_metrics = read_metrics(rm_dir / "training_metrics.jsonl")
+    rm_eval = [row["eval/accuracy"] for row in rm_metrics if "eval/accuracy" in row]
     ppo = read_metrics(ppo_dir / "actor" / "training_metrics.jsonl")
     return {**counts, "rm_accuracy_before": rm_eval[0],
             "rm_accuracy": json.loads((rm_dir / "reward_model.json").read_text())["reward_stats"]["accuracy"],
-            "rm_seconds": round(rm_seconds), "ppo_seconds": round(ppo_seconds), "ppo_metrics": ppo}
+            "rm_seconds": round(rm_seconds), "ppo_seconds": round(ppo_seconds), "rm_metrics": rm_metrics,
+            "ppo_metrics": ppo}
 
 
 def plot(name: str, result: dict, path: Path) -> None:
@@ -182,8 +204,19 @@ def plot(name: str, result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 2.8))
-    for ax, (title, keys) in zip(axes, [("reward-model score", ["reward/mean", "eval/reward_mean"]),
+    fig, axes = plt.subplots(1, 4, figsize=(14, 2.8))
+    for key, color in (("train/loss", "tab:gray"), ("eval/accuracy", "tab:red")):
+        points = [(row["step"], row[key]) for row in result["rm_metrics"] if key in row]
+        axes[0].plot([p[0] for p in points], [p[1] for p in points], color=color, label=key,
+                     marker="." if key.startswith("eval") else None, linewidth=0.8)
+    axes[0].axhline(0.5, color="black", linewidth=0.5, linestyle=":")
+    axes[0].set_title(f"{name}: reward model (held-out accuracy)", fontsize=9)
+    axes[0].set_xlabel("optimizer step", fontsize=8)
+    for ax in axes[:1]:
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax, (title, keys) in zip(axes[1:], [("reward-model score", ["reward/mean", "eval/reward_mean"]),
                                         ("KL to reference", ["kl/to_reference"]),
                                         ("answer length (tokens)", ["answer/length", "eval/answer_length"])]):
         for key in keys:
@@ -201,8 +234,8 @@ def plot(name: str, result: dict, path: Path) -> None:
 
 def markdown(results: dict) -> str:
     """One table row per set, each with the settings it ran with."""
-    lines = ["| set | max_seq_len | source pairs | RM train pairs (lr) | held-out pairs (of all that fit) | "
-             f"RM held-out accuracy before (first {16 * BEFORE_EVAL_BATCHES} pairs) -> after (all) | "
+    lines = ["| set | max_seq_len | source pairs | RM train pairs x epochs (lr) | held-out pairs (of all that fit) | "
+             "RM held-out accuracy before -> after | "
              "PPO steps x prompts, answer tokens | held-out reward start -> end | KL at the end | RM time | PPO time |",
              "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
     for name, r in results.items():
@@ -210,7 +243,7 @@ def markdown(results: dict) -> str:
         evals = [row["eval/reward_mean"] for row in r["ppo_metrics"] if "eval/reward_mean" in row]
         kl = [row["kl/to_reference"] for row in r["ppo_metrics"] if "kl/to_reference" in row]
         lines.append(f"| {name} | {run['max_seq_len']} | {r['source_pairs']} | "
-                     f"{r['rm_train_pairs']} ({run['rm_lr']:g}) | "
+                     f"{r['rm_train_pairs']} x {run.get('rm_epochs', 1)} ({run['rm_lr']:g}) | "
                      f"{r['test_pairs']} ({r['fitting_test_pairs']} of {r['all_test_pairs']}) | "
                      f"{r['rm_accuracy_before']:.3f} -> {r['rm_accuracy']:.3f} | {run['ppo_steps']} x "
                      f"{run['ppo_batch']}, {run['answer_len']} | {evals[0]:+.3f} -> {evals[-1]:+.3f} | "
@@ -224,15 +257,16 @@ def main(argv=None) -> None:
         sys.exit(f"error: --data-dir {args.data_dir} does not exist (the shared data folder, see its README)")
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
-    # Sets run one at a time add to the results of earlier runs (each set keeps the settings it ran with).
     results_file = docs / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for name in args.sets:
-        results[name] = {"args": vars(args), **run_set(args, name)}
-        plot(name, results[name], docs / f"reward_{name}.png")
-    results_file.write_text(json.dumps(results, indent=1) + "\n")
-    (docs / "results.md").write_text(markdown(results))
-    print(json.dumps({name: {k: v for k, v in r.items() if k != "ppo_metrics"} for name, r in results.items()},
+        result = {"args": vars(args), **run_set(args, name)}
+        plot(name, result, docs / f"reward_{name}.png")
+        # Read just before writing: runs of other sets (one at a time or side by side) keep their results.
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        results[name] = result
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        (docs / "results.md").write_text(markdown(results))
+    print(json.dumps({name: {k: v for k, v in r.items() if not k.endswith("_metrics")} for name, r in results.items()},
                      indent=1))
 
 
