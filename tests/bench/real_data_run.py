@@ -51,6 +51,11 @@ def parse_args(argv=None):
                              "without it few pairs fit).")
     parser.add_argument("--ppo-steps", type=int, default=12)
     parser.add_argument("--ppo-batch", type=int, default=4, help="Prompts per PPO step.")
+    parser.add_argument("--ppo-eval-prompts", type=int, default=32,
+                        help="Held-out prompts PPO is evaluated on at the start and every quarter of the run.")
+    parser.add_argument("--reuse-reward-model", action="store_true",
+                        help="Skip step 2 when <output-dir>/<set>/reward holds the reward model of an earlier run "
+                             "(to rerun PPO with other settings).")
     parser.add_argument("--answer-len", type=int, default=32)
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="Steps 2 and 3 recompute activations in the backward pass: less memory, more time "
@@ -118,7 +123,7 @@ def prepare(args, name: str, out: Path) -> dict[str, int]:
     write_jsonl(out / "rm" / "train.jsonl", rm_pairs)
     write_jsonl(out / "rm" / "test.jsonl", test)
     write_jsonl(out / "ppo" / "train.jsonl", ppo_prompts)
-    write_jsonl(out / "ppo" / "test.jsonl", test[:8])  # step 3's held-out evaluation prompts
+    write_jsonl(out / "ppo" / "test.jsonl", test[:args.ppo_eval_prompts])  # step 3's held-out evaluation
     return {"source_pairs": sum(map(len, files.values())), "fitting_test_pairs": sum(map(fits, parts["test"])),
             "all_test_pairs": len(parts["test"]), "rm_train_pairs": len(rm_pairs), "test_pairs": len(test),
             "ppo_prompts": len(ppo_prompts)}
@@ -169,14 +174,20 @@ def run_set(args, name: str) -> dict:
     common = ["--dtype", "fp32", "--deepspeed", "--data_output_path", str(out / "cache")]
     checkpointing = args.gradient_checkpointing
     rm_dir, ppo_dir = out / "reward", out / "ppo_model"
-    rm_seconds = run_step("step2_reward_model_finetuning", [
-        "--model_name_or_path", args.model, "--data_path", str(out / "rm"), "--data_split", "0,1,0",
-        "--max_seq_len", str(args.max_seq_len), "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "16", "--learning_rate", str(args.rm_lr), "--num_train_epochs",
-        str(args.rm_epochs), "--num_warmup_steps", "10", "--eval_interval", str(args.rm_eval_interval),
-        "--eval_iters", "0", "--dropout", "0.0",
-        "--output_dir", str(rm_dir), *common] + (["--gradient_checkpointing"] if checkpointing else []),
-        out / "step2.log")
+    rm_time_file = out / "reward_seconds.txt"  # step 2's wall time, kept for runs that reuse its model
+    reuse = args.reuse_reward_model and (rm_dir / "reward_model.json").is_file()
+    if reuse:
+        rm_seconds = float(rm_time_file.read_text()) if rm_time_file.is_file() else None
+    else:
+        rm_seconds = run_step("step2_reward_model_finetuning", [
+            "--model_name_or_path", args.model, "--data_path", str(out / "rm"), "--data_split", "0,1,0",
+            "--max_seq_len", str(args.max_seq_len), "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "16", "--learning_rate", str(args.rm_lr), "--num_train_epochs",
+            str(args.rm_epochs), "--num_warmup_steps", "10", "--eval_interval", str(args.rm_eval_interval),
+            "--eval_iters", "0", "--dropout", "0.0",
+            "--output_dir", str(rm_dir), *common] + (["--gradient_checkpointing"] if checkpointing else []),
+            out / "step2.log")
+        rm_time_file.write_text(f"{rm_seconds:.0f}\n")
     ppo_seconds = run_step("step3_rlhf_finetuning", [
         "--actor_model_name_or_path", args.model, "--critic_model_name_or_path", str(rm_dir),
         "--data_path", str(out / "ppo"), "--data_split", "0,0,1",
@@ -184,7 +195,8 @@ def run_set(args, name: str) -> dict:
         str(args.ppo_batch), "--max_prompt_seq_len", str(args.max_seq_len - args.answer_len),
         "--max_answer_seq_len", str(args.answer_len), "--actor_learning_rate", "1e-5",
         "--critic_learning_rate", "1e-5", "--num_warmup_steps", "2", "--actor_dropout", "0.0",
-        "--critic_dropout", "0.0", "--eval_prompts", "8", "--eval_interval", str(max(args.ppo_steps // 2, 1)),
+        "--critic_dropout", "0.0", "--eval_prompts", str(args.ppo_eval_prompts),
+        "--eval_interval", str(max(args.ppo_steps // 4, 1)),
         "--enable_test_mode",
         "--test_stop_step", str(args.ppo_steps), "--output_dir", str(ppo_dir), *common]
         + (["--actor_gradient_checkpointing", "--critic_gradient_checkpointing"] if checkpointing else []),
@@ -194,8 +206,8 @@ def run_set(args, name: str) -> dict:
     ppo = read_metrics(ppo_dir / "actor" / "training_metrics.jsonl")
     return {**counts, "rm_accuracy_before": rm_eval[0],
             "rm_accuracy": json.loads((rm_dir / "reward_model.json").read_text())["reward_stats"]["accuracy"],
-            "rm_seconds": round(rm_seconds), "ppo_seconds": round(ppo_seconds), "rm_metrics": rm_metrics,
-            "ppo_metrics": ppo}
+            "rm_seconds": rm_seconds and round(rm_seconds), "rm_reused": reuse, "ppo_seconds": round(ppo_seconds),
+            "rm_metrics": rm_metrics, "ppo_metrics": ppo}
 
 
 def plot(name: str, result: dict, path: Path) -> None:
@@ -242,12 +254,15 @@ def markdown(results: dict) -> str:
         run = r["args"]
         evals = [row["eval/reward_mean"] for row in r["ppo_metrics"] if "eval/reward_mean" in row]
         kl = [row["kl/to_reference"] for row in r["ppo_metrics"] if "kl/to_reference" in row]
+        rm_time = f"{r['rm_seconds']} s" if r["rm_seconds"] else "?"
+        if r.get("rm_reused"):
+            rm_time += " (earlier run)"
         lines.append(f"| {name} | {run['max_seq_len']} | {r['source_pairs']} | "
                      f"{r['rm_train_pairs']} x {run.get('rm_epochs', 1)} ({run['rm_lr']:g}) | "
                      f"{r['test_pairs']} ({r['fitting_test_pairs']} of {r['all_test_pairs']}) | "
                      f"{r['rm_accuracy_before']:.3f} -> {r['rm_accuracy']:.3f} | {run['ppo_steps']} x "
                      f"{run['ppo_batch']}, {run['answer_len']} | {evals[0]:+.3f} -> {evals[-1]:+.3f} | "
-                     f"{kl[-1]:.3f} | {r['rm_seconds']} s | {r['ppo_seconds']} s |")
+                     f"{kl[-1]:.3f} | {rm_time} | {r['ppo_seconds']} s |")
     return "\n".join(lines) + "\n"
 
 
