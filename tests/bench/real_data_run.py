@@ -96,7 +96,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def prepare(args, name: str, out: Path) -> dict[str, int]:
-    """Write <out>/rm/{train,test}.jsonl and <out>/ppo/{train,test}.jsonl; the row counts.
+    """Write <out>/rm/{train,test}.jsonl and <out>/ppo/{train,test}.jsonl; the source and PPO row counts
+    (the reward model's own pair counts are read from its directory after step 2).
 
     Step 2 drops a pair whose reply alone does not fit --max-seq-len, so pairs are filtered by that first
     and the caps count pairs step 2 keeps (Chinese replies run to hundreds of SmolLM2 tokens: the kept
@@ -125,8 +126,7 @@ def prepare(args, name: str, out: Path) -> dict[str, int]:
     write_jsonl(out / "ppo" / "train.jsonl", ppo_prompts)
     write_jsonl(out / "ppo" / "test.jsonl", test[:args.ppo_eval_prompts])  # step 3's held-out evaluation
     return {"source_pairs": sum(map(len, files.values())), "fitting_test_pairs": sum(map(fits, parts["test"])),
-            "all_test_pairs": len(parts["test"]), "rm_train_pairs": len(rm_pairs), "test_pairs": len(test),
-            "ppo_prompts": len(ppo_prompts)}
+            "all_test_pairs": len(parts["test"]), "ppo_prompts": len(ppo_prompts)}
 
 
 def truncate_replies(tokenizer, row: dict, limit: int) -> dict:
@@ -204,7 +204,13 @@ def run_set(args, name: str) -> dict:
     rm_metrics = read_metrics(rm_dir / "training_metrics.jsonl")
     rm_eval = [row["eval/accuracy"] for row in rm_metrics if "eval/accuracy" in row]
     ppo = read_metrics(ppo_dir / "actor" / "training_metrics.jsonl")
-    return {**counts, "rm_accuracy_before": rm_eval[0],
+    # The reward model's settings come from its own directory: a reused model was trained by an earlier run,
+    # whose flags may differ from this one's.
+    rm_args = json.loads((rm_dir / "training_args.json").read_text())
+    rm_data = json.loads((rm_dir / "data_stats.json").read_text())
+    return {**counts, "rm_train_pairs": rm_data["train"]["rows"], "test_pairs": rm_data["eval"]["rows"],
+            "rm_lr": rm_args["learning_rate"], "rm_epochs": rm_args["num_train_epochs"],
+            "rm_accuracy_before": rm_eval[0],
             "rm_accuracy": json.loads((rm_dir / "reward_model.json").read_text())["reward_stats"]["accuracy"],
             "rm_seconds": rm_seconds and round(rm_seconds), "rm_reused": reuse, "ppo_seconds": round(ppo_seconds),
             "rm_metrics": rm_metrics, "ppo_metrics": ppo}
@@ -258,7 +264,7 @@ def markdown(results: dict) -> str:
         if r.get("rm_reused"):
             rm_time += " (earlier run)"
         lines.append(f"| {name} | {run['max_seq_len']} | {r['source_pairs']} | "
-                     f"{r['rm_train_pairs']} x {run.get('rm_epochs', 1)} ({run['rm_lr']:g}) | "
+                     f"{r['rm_train_pairs']} x {r['rm_epochs']} ({r['rm_lr']:g}) | "
                      f"{r['test_pairs']} ({r['fitting_test_pairs']} of {r['all_test_pairs']}) | "
                      f"{r['rm_accuracy_before']:.3f} -> {r['rm_accuracy']:.3f} | {run['ppo_steps']} x "
                      f"{run['ppo_batch']}, {run['answer_len']} | {evals[0]:+.3f} -> {evals[-1]:+.3f} | "
