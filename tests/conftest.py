@@ -51,7 +51,7 @@ def assert_ok(result):
 
 
 def read_metrics(directory) -> list[dict]:
-    """The rows of a run's training_metrics.jsonl (written by runtime.MetricsLog)."""
+    """The rows of a run's training_metrics.jsonl (written by metrics_log.MetricsLog)."""
     with open(Path(directory) / "training_metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
@@ -92,10 +92,93 @@ def distributed():
     if torch.distributed.is_initialized():
         yield
         return
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
         deepspeed.init_distributed(dist_backend="gloo")
         yield
         torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the fast and the slow tier
+# `pytest -m "not slow"` is the fast tier. A test is slow when it launches a process (a step's main.py, the
+# deepspeed launcher, a shell script, chat or e2e: seconds of Python + DeepSpeed start-up each, then the run)
+# or sets up a DeepSpeed training engine itself (deepspeed.initialize). The hook below marks such tests by
+# reading their code: the test function, the fixtures it uses and, transitively, the functions of tests/ they
+# call (run_script and its kin). A test whose slowness this cannot see gets an explicit @pytest.mark.slow.
+# Library code is not read: a frozen engine built inside training/ (initialize_frozen_engine) stays fast.
+TESTS_DIR = Path(__file__).resolve().parent
+PROCESS_MODULES = {"subprocess"}  # using these launches a process
+ENGINE_CALLS = {("deepspeed", "initialize")}  # module.attribute calls that build a DeepSpeed engine
+
+
+def _tests_function(obj):
+    """`obj` if it is a plain function defined under tests/, else None."""
+    import inspect
+
+    obj = inspect.unwrap(obj) if callable(obj) else obj
+    if inspect.isfunction(obj) and Path(obj.__code__.co_filename).resolve().is_relative_to(TESTS_DIR):
+        return obj
+    return None
+
+
+def _own_code_facts(func, cache: dict) -> tuple[bool, list]:
+    """(whether `func`'s own code launches a process or sets up a DeepSpeed engine, the tests/ functions it
+    names), read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    if func in cache:
+        return cache[func]
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError, SyntaxError):
+        tree = ast.Module(body=[], type_ignores=[])
+    slow, callees = False, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            slow |= any(alias.name.split(".")[0] in PROCESS_MODULES for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            slow |= (node.module or "").split(".")[0] in PROCESS_MODULES
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            slow |= (node.value.id, node.attr) in ENGINE_CALLS
+        if isinstance(node, ast.Name) and node.id in func.__globals__:
+            value = func.__globals__[node.id]
+            module = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            slow |= (module or "").split(".")[0] in PROCESS_MODULES
+            if (callee := _tests_function(value)) is not None:
+                callees.append(callee)
+    cache[func] = (slow, callees)
+    return cache[func]
+
+
+def _reaches_slow_code(functions: list, cache: dict) -> bool:
+    """Whether any of `functions`, or a tests/ function they reach by name, is slow by its own code."""
+    stack, seen = list(functions), set()
+    while stack:
+        func = stack.pop()
+        if func in seen:
+            continue
+        seen.add(func)
+        slow, callees = _own_code_facts(func, cache)
+        if slow:
+            return True
+        stack += callees
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that reaches slow code (see above), unless it is marked already."""
+    cache: dict = {}
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            continue
+        functions = [getattr(item, "function", None)]
+        fixture_defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        functions += [defs[-1].func for name, defs in fixture_defs.items() if defs and name in item.fixturenames]
+        functions = [f for f in map(_tests_function, filter(None, functions)) if f is not None]
+        if _reaches_slow_code(functions, cache):
+            item.add_marker(pytest.mark.slow)

@@ -1,9 +1,9 @@
-"""The pure logic of the benchmark and quality scripts (tests/bench/): FLOPs and MFU, the report tables,
+"""The pure logic of the benchmark and quality scripts (benchmarks/): FLOPs and MFU, the report tables,
 the random OPT shapes. Fast; nothing here trains or times a model."""
 import pytest
 import torch
 
-from tests.bench import flops, report, shapes
+from benchmarks import flops, report, shapes
 
 
 def test_model_flops_follow_the_2n_6n_rule():
@@ -51,7 +51,8 @@ def _report() -> dict:
                "load_before": 0.1, "load_after": 0.2}
     return {"date": "2026-01-01", "machine": machine, "mfu_formula": "6 N per token",
             "matmul_peak_gflops": {"size": 2048, "repeats": 5, "before": 190.0, "after": 200.0, "used": 200.0},
-            "benchmarks": [{"benchmark": "train_dpo", "rows": [train_row]}, {"benchmark": "ppo_step3", "rows": [ppo_row]}]}
+            "benchmarks": [{"benchmark": "train_dpo", "rows": [train_row]},
+                           {"benchmark": "ppo_step3", "rows": [ppo_row]}]}
 
 
 def test_markdown_report_has_one_row_per_benchmark_row():
@@ -79,7 +80,7 @@ def test_unknown_random_shape_is_refused_with_the_known_names(tokenizer):
 
 
 def test_real_data_split_is_deterministic_and_keeps_prompts_apart():
-    from tests.bench.real_data_run import hash_bucket, split_pairs
+    from benchmarks.real_data_run import hash_bucket, split_pairs
 
     rows = [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": " a", "rejected": " b"} for i in range(300)]
     rows.append(dict(rows[0]))  # a repeated prompt goes where its twin goes
@@ -93,7 +94,7 @@ def test_real_data_split_is_deterministic_and_keeps_prompts_apart():
 
 
 def test_real_data_split_uses_a_sources_own_test_file():
-    from tests.bench.real_data_run import split_pairs
+    from benchmarks.real_data_run import split_pairs
 
     train = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(100)]
     test = [{"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "t1", "chosen": "a", "rejected": "b"}]
@@ -103,7 +104,7 @@ def test_real_data_split_uses_a_sources_own_test_file():
 
 
 def test_truncated_replies_fit_and_are_prefixes_without_a_broken_character(tokenizer):
-    from tests.bench.real_data_run import truncate_replies
+    from benchmarks.real_data_run import truncate_replies
 
     # Rare characters are several byte tokens each: most cuts fall inside one.
     row = {"prompt": "问题", "chosen": "这段代码龘靐齉😀" * 20 + "。", "rejected": "好的"}
@@ -150,7 +151,7 @@ def test_convert_gguf_writes_nothing_when_transformers_cannot_read_the_file(tmp_
 
 
 def test_quality_table_lists_every_actor():
-    from tests.bench.quality_run import markdown, series
+    from benchmarks.quality_run import markdown, series
 
     assert series([{"step": 0, "a": 1.0}, {"step": 1, "b": 2.0}, {"step": 2, "a": 3.0}], "a") == ([0, 2], [1.0, 3.0])
     actor = {"checker_accuracy_greedy": 1.0, "checker_accuracy_sampled": 0.8, "reward_mean": 5.0, "kl_to_sft": 1.25,

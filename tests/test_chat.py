@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import REPO, clean_env
+
 from inference.chat import Conversation, ReplyStreamer, generate_reply
-from inference.generation import SamplingConfig, load_causal_lm
 from training.utils.data.conversation import format_reply, format_user_turn
 from training.utils.errors import UserInputError
+from training.utils.model.load import load_causal_lm
+from training.utils.sampling import SamplingConfig
 
 CHAT = REPO / "applications" / "chat.py"
 EOS_TEXT = "<|endoftext|>"
@@ -149,10 +151,13 @@ def test_reply_stops_at_turn_marker_eos_or_limit_and_streams_only_the_reply(acto
 
 
 def test_sampling_is_on_when_temperature_is_positive_and_not_greedy():
-    assert SamplingConfig.from_temperature(8, 0.7).do_sample
-    assert not SamplingConfig.from_temperature(8, 0.0).do_sample
-    assert not SamplingConfig.from_temperature(8, 0.7, greedy=True).do_sample
-    kwargs = SamplingConfig.from_temperature(8, 0.7, top_p=0.9, top_k=5, repetition_penalty=1.1).generate_kwargs()
+    from training.utils.flags import SamplingFlags
+
+    assert SamplingConfig.from_flags(8, SamplingFlags(temperature=0.7)).do_sample
+    assert not SamplingConfig.from_flags(8, SamplingFlags(temperature=0.0)).do_sample
+    assert not SamplingConfig.from_flags(8, SamplingFlags(temperature=0.7), do_sample=False).do_sample
+    flags = SamplingFlags(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.1)
+    kwargs = SamplingConfig.from_flags(8, flags).generate_kwargs()
     assert kwargs == {"max_new_tokens": 8, "do_sample": True, "repetition_penalty": 1.1, "num_beams": 1,
                       "temperature": 0.7, "top_p": 0.9, "top_k": 5}
 
@@ -202,6 +207,7 @@ def test_bad_path_is_one_clear_error(actor_dir, tmp_path, path, expected):
 
 def test_reward_model_and_pickle_directories_are_refused(tmp_path, tokenizer):
     from conftest import write_pickle_only_model_dir
+
     from training.utils.model.build import create_hf_model
     from training.utils.model.reward_model import create_reward_model, save_reward_model
 

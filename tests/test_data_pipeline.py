@@ -6,11 +6,19 @@ import pytest
 import torch
 
 from conftest import write_jsonl
+
 from training.utils.data import pipeline
 from training.utils.data.collators import IGNORE_INDEX, PairCollator, PromptCollator, SFTCollator
 from training.utils.data.conversation import encode_chunks, prompt_chunks
-from training.utils.data.pipeline import (PHASE_REWARD, PHASE_RLHF, PHASE_SFT, DataConfig, build_phase_data,
-                                          parse_data_split, phase_slice)
+from training.utils.data.pipeline import (
+    PHASE_REWARD,
+    PHASE_RLHF,
+    PHASE_SFT,
+    DataConfig,
+    build_phase_data,
+    parse_data_split,
+    phase_slice,
+)
 from training.utils.data.sources import Sample
 from training.utils.errors import UserInputError
 from training.utils.tokenizer import load_tokenizer
@@ -170,7 +178,8 @@ def test_sft_labels_cover_reply_and_eos_only(tokenizer):
 
 
 def test_eos_is_a_label_even_when_pad_equals_eos(tokenizer):
-    items = [{"input_ids": [5, 6, 0], "loss_mask": [0, 1, 1]}, {"input_ids": [5, 6, 7, 8, 0], "loss_mask": [0, 0, 1, 1, 1]}]
+    items = [{"input_ids": [5, 6, 0], "loss_mask": [0, 1, 1]},
+             {"input_ids": [5, 6, 7, 8, 0], "loss_mask": [0, 0, 1, 1, 1]}]
     batch = SFTCollator(pad_token_id=0)(items)  # pad id == eos id == 0
     assert batch["labels"][0].tolist() == [IGNORE_INDEX, 6, 0, IGNORE_INDEX, IGNORE_INDEX]
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]

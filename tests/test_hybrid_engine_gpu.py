@@ -36,14 +36,15 @@ def test_hybrid_engine_greedy_generation_matches_hugging_face(model_name, stage)
     if outcome.get("skipped"):
         pytest.skip(outcome["skipped"])
     assert outcome["kernels"] == outcome["reference"], (
-        f"{model_name} ZeRO-{stage}: Hybrid Engine {outcome['kernels']} != Hugging Face generate {outcome['reference']}")
+        f"{model_name} ZeRO-{stage}: Hybrid Engine {outcome['kernels']} "
+        f"!= Hugging Face generate {outcome['reference']}")
 
 
 def compare(model_name: str, stage: int) -> dict:
     """Greedy token ids from the Hybrid Engine's kernels and from Hugging Face generate, same weights."""
     import deepspeed
 
-    from training.utils import runtime
+    from training.utils import distributed
     from training.utils.data.collators import PromptCollator
     from training.utils.data.conversation import encode_chunks, prompt_chunks
     from training.utils.ds_config import get_train_ds_config
@@ -51,7 +52,7 @@ def compare(model_name: str, stage: int) -> dict:
     from training.utils.rlhf.engine import has_inference_kernels
     from training.utils.tokenizer import load_tokenizer
 
-    device = runtime.init_distributed()
+    device = distributed.init_distributed()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
     config = get_train_ds_config(offload=False, dtype="fp16", stage=stage, train_batch_size=len(PROMPTS),

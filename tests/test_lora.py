@@ -7,10 +7,17 @@ from deepspeed.module_inject.policy import maybe_get_lora
 from transformers import OPTConfig, OPTForCausalLM
 
 from training.utils.errors import UserInputError
-from training.utils.lora import (LoRALinear, convert_linear_layer_to_lora, count_lora_modules, fuse_lora,
-                                 lora_scalings, lora_state_dict_to_fused,
-                                 make_model_gradient_checkpointing_compatible, only_optimize_lora_parameters,
-                                 unfuse_lora)
+from training.utils.lora import (
+    LoRALinear,
+    convert_linear_layer_to_lora,
+    count_lora_modules,
+    fuse_lora,
+    lora_scalings,
+    lora_state_dict_to_fused,
+    make_model_gradient_checkpointing_compatible,
+    only_optimize_lora_parameters,
+    unfuse_lora,
+)
 
 LORA_MODULES = "decoder.layers."
 

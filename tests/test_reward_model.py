@@ -1,7 +1,6 @@
-"""Reward model: where the score sits under any padding, pairwise losses on hand-computed values,
-save/load round trips (LoRA fused), loading a step-1 causal LM's body, and errors a user can act on."""
+"""Reward model: where the score sits under any padding, save/load round trips (LoRA fused), loading a
+step-1 causal LM's body, and errors a user can act on. The pairwise losses are in test_losses.py."""
 import json
-import math
 import os
 
 import pytest
@@ -13,7 +12,6 @@ from conftest import write_pickle_only_model_dir
 
 from training.utils.errors import UserInputError
 from training.utils.lora import LoRALinear, convert_linear_layer_to_lora
-from training.utils.losses import pairwise_accuracy, pairwise_loss, span_pairwise_loss
 from training.utils.model.build import create_hf_model
 from training.utils.model.reward_model import (
     RewardModel,
@@ -40,12 +38,6 @@ def padded(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torc
         ids.append([pad_id] * pad + row if left else row + [pad_id] * pad)
         mask.append([0] * pad + [1] * len(row) if left else [1] * len(row) + [0] * pad)
     return torch.tensor(ids), torch.tensor(mask)
-
-
-def padded_pair(chosen: list[int], rejected: list[int], pad_id: int):
-    """(chosen_ids, rejected_ids, chosen_mask, rejected_mask), right-padded together as PairCollator does."""
-    ids, mask = padded([chosen, rejected], pad_id)
-    return ids[:1], ids[1:], mask[:1], mask[1:]
 
 
 def run(model, ids, mask):
@@ -110,46 +102,6 @@ def test_other_families_by_config(model_type, width):
     right, left = end_scores(model, rows), end_scores(model, rows, left=True)
     alone = torch.cat([end_scores(model, rows[:1]), end_scores(model, rows[1:])])
     assert torch.allclose(right, left, atol=1e-5) and torch.allclose(right, alone, atol=1e-5)
-
-
-def test_pairwise_loss_and_accuracy_hand_computed():
-    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
-    assert math.isclose(pairwise_loss(chosen[:1], rejected[:1]).item(), math.log(1 + math.exp(-2)), rel_tol=1e-6)
-    assert math.isclose(pairwise_loss(chosen[:1], rejected[:1], margin=1.0).item(), math.log(1 + math.exp(-1)),
-                        rel_tol=1e-6)
-    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2
-    assert math.isclose(pairwise_loss(chosen, rejected).item(), expected, rel_tol=1e-6)
-    assert math.isclose(pairwise_loss(torch.tensor([1000.0]), torch.tensor([0.0])).item(), 0.0, abs_tol=1e-6)
-    assert pairwise_accuracy(torch.tensor([2.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 2.0, 0.5, 1.0])).item() == 0.5
-
-
-def neg_log_sigmoid(x: float) -> float:
-    return math.log(1 + math.exp(-x))
-
-
-def test_span_pairwise_loss_hand_computed():
-    # chosen  7 8 9  10 EOS      (5 real)   values .5 .5 1 2 3
-    # rejected 7 8 11 EOS pad    (4 real)   values .5 .5 0 1 99 (99 sits on pad: must not be used)
-    # divergence at t=2, span t=2..4; past its end the rejected row keeps its end value 1.
-    chosen_ids, rejected_ids, chosen_mask, rejected_mask = padded_pair([7, 8, 9, 10, EOS], [7, 8, 11, EOS], pad_id=1)
-    chosen_values = torch.tensor([[0.5, 0.5, 1.0, 2.0, 3.0]])
-    rejected_values = torch.tensor([[0.5, 0.5, 0.0, 1.0, 99.0]])
-    loss = span_pairwise_loss(chosen_values, rejected_values, chosen_mask, rejected_mask, chosen_ids, rejected_ids)
-    assert math.isclose(loss.item(), (neg_log_sigmoid(1.0) * 2 + neg_log_sigmoid(2.0)) / 3, rel_tol=1e-6)
-
-
-def test_span_pairwise_loss_prefix_pair_with_pad_equal_to_eos():
-    # rejected (7 8 9) is a prefix of chosen (7 8 9 EOS) and pad == EOS: the ids agree everywhere, the
-    # pair diverges where the rejected row ends (t=3), and the rejected row is held at its value at t=2.
-    chosen_ids, rejected_ids, chosen_mask, rejected_mask = padded_pair([7, 8, 9, EOS], [7, 8, 9], pad_id=EOS)
-    assert torch.equal(chosen_ids, rejected_ids)
-    chosen_values = torch.tensor([[0.0, 0.0, 0.0, 3.0]])
-    rejected_values = torch.tensor([[0.0, 0.0, 1.0, -50.0]])
-    loss = span_pairwise_loss(chosen_values, rejected_values, chosen_mask, rejected_mask, chosen_ids, rejected_ids)
-    assert math.isclose(loss.item(), neg_log_sigmoid(2.0), rel_tol=1e-6)
-    # an identical pair is scored at its last token only: equal values give log 2
-    same = span_pairwise_loss(chosen_values, chosen_values, chosen_mask, chosen_mask, chosen_ids, chosen_ids)
-    assert math.isclose(same.item(), math.log(2.0), rel_tol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path, tokenizer):

@@ -138,7 +138,8 @@ CASES = {
         None, [Sample(turn("空の色"), " 青"), Sample(turn("一足す一"), " 二")], {"empty reply": 1}),
     "lmqg/qg_jaquad": (
         [qg("富士山の高さは？", "富士山は3776mです。"), qg("首都は？", "東京です。"), qg("", "空")],
-        "validation", [Sample(turn("富士山の高さは？"), " 富士山は3776mです。"), Sample(turn("首都は？"), " 東京です。")],
+        "validation",
+        [Sample(turn("富士山の高さは？"), " 富士山は3776mです。"), Sample(turn("首都は？"), " 東京です。")],
         {"empty prompt": 1}),
     "lmqg/qag_jaquad": (
         [{"paragraph": "東京は首都です。", "questions": ["首都は？", "何？"], "answers": ["東京", "x"],

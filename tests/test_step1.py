@@ -45,14 +45,14 @@ def test_prompt_eval_compares_baseline_and_finetuned(tmp_path):
     output = tmp_path / "actor"
     assert_ok(run_script(STEP1_DIR, step1_args(tmp_path, output, "--num_train_epochs", "3")))
     result = run_script(STEP1_DIR, ["prompt_eval.py", "--model_name_or_path_baseline", "tiny/opt",
-                                    "--model_name_or_path_finetune", str(output), "--data_path", SYNTHETIC,
+                                    "--model_name_or_path_finetune", str(output), "--synthetic_task", SYNTHETIC,
                                     "--num_prompts", "100", "--max_new_tokens", "6"])
     assert_ok(result)
-    line = [l for l in result.stdout.splitlines() if l.startswith("checker accuracy")][0]
+    line = [s for s in result.stdout.splitlines() if s.startswith("checker accuracy")][0]
     baseline, finetune = (float(x) for x in line.replace(",", "").split()[-3::2])
     assert baseline == 0.0 and finetune >= baseline, line
-    finetuned = [l.split(":", 1)[1].strip().strip("'") for l in result.stdout.splitlines() if "finetune: " in l]
-    base = [l.split(":", 1)[1].strip().strip("'") for l in result.stdout.splitlines() if "baseline: " in l]
+    finetuned = [s.split(":", 1)[1].strip().strip("'") for s in result.stdout.splitlines() if "finetune: " in s]
+    base = [s.split(":", 1)[1].strip().strip("'") for s in result.stdout.splitlines() if "baseline: " in s]
     assert len(finetuned) == 20 and all(r.strip().isdigit() for r in finetuned), finetuned  # answers as numbers
     assert not all(r.strip().isdigit() for r in base), base  # the random model does not
 

@@ -47,8 +47,8 @@ def test_reward_model_learns_the_synthetic_preferences(trained_reward_model):
 
 
 def test_rw_eval_reloads_the_trained_model_with_identical_scores(trained_reward_model, tmp_path):
-    from training.utils.model.reward_model import load_reward_model
     from training.utils.data.synthetic import generate_rows, parse_synthetic_name
+    from training.utils.model.reward_model import load_reward_model
 
     _, output, _ = trained_reward_model
     rows = generate_rows(parse_synthetic_name(SYNTHETIC), "eval")[:40]
@@ -66,7 +66,8 @@ def test_rw_eval_reloads_the_trained_model_with_identical_scores(trained_reward_
     again = score(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], 512, 8)
     assert torch.allclose(torch.tensor(again), torch.tensor(scores["chosen_scores"]), atol=1e-5)
     single = run_script(STEP2_DIR, ["rw_eval.py", "--model_name_or_path", str(output), "--prompt",
-                                    rows[0]["prompt"], "--chosen", rows[0]["chosen"], "--rejected", rows[0]["rejected"]])
+                                    rows[0]["prompt"], "--chosen", rows[0]["chosen"],
+                                    "--rejected", rows[0]["rejected"]])
     assert_ok(single)
     summary = json.loads(single.stdout.strip().splitlines()[-1])
     assert abs(summary["mean_score"] - scores["chosen_scores"][0]) < 1e-4

@@ -50,7 +50,7 @@ def ppo_args(work, actor, reward, output, *extra) -> list[str]:
 # ---------------------------------------------------------------- the experience layout, in process
 
 def test_answer_lengths_stop_at_the_first_eos_even_when_pad_is_eos():
-    from training.utils.rlhf.experience import answer_lengths, mask_from_lengths
+    from training.utils.masks import answer_lengths, mask_from_lengths
 
     eos = pad = 0
     answers = torch.tensor([[5, 6, eos, pad, pad],   # EOS, then pad that looks like EOS
@@ -97,7 +97,8 @@ def test_experience_buffer_recuts_generation_batches_into_training_batches():
     minibatches = buffer.minibatches(4)
     assert [m.prompt_ids.size(0) for m in minibatches] == [4, 2]
     tokens = torch.cat([m.advantages[m.action_mask == 1] for m in minibatches])
-    assert tokens.numel() == 13 and abs(tokens.mean().item()) < 1e-5 and abs(tokens.std(unbiased=False).item() - 1) < 1e-3
+    assert tokens.numel() == 13 and abs(tokens.mean().item()) < 1e-5
+    assert abs(tokens.std(unbiased=False).item() - 1) < 1e-3
     for m in minibatches:
         assert (m.prompt_mask.sum(1) == (m.prompt_ids != 1).sum(1)).all()  # prompts left-padded, none cut
         assert (m.prompt_mask[:, -1] == 1).all()
@@ -109,18 +110,18 @@ def test_experience_buffer_recuts_generation_batches_into_training_batches():
 def in_process_engine(sft_and_reward, distributed):
     """The RLHF engine and trainer built in this process from the step-3 flags, with pad set equal to EOS."""
     from training.step3_rlhf_finetuning.main import parse_args
-    from training.utils import runtime
+    from training.utils import seeding
     from training.utils.rlhf.engine import build_rlhf_engine
-    from training.utils.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+    from training.utils.rlhf.ppo_trainer import PPOTrainer
     from training.utils.tokenizer import load_tokenizer
 
     work, actor, reward = sft_and_reward
     args = parse_args(ppo_args(work, actor, reward, work / "unused")[1:] + ["--enable_ema"])
     tokenizer = load_tokenizer(str(actor))
-    runtime.set_random_seed(0)
+    seeding.set_random_seed(0)
     engine = build_rlhf_engine(args, tokenizer, torch.device("cpu"), 1000, 1000)
     tokenizer.pad_token = tokenizer.eos_token  # the reference's convention: pad == EOS
-    return PPOTrainer(engine, PPOConfig.from_args(args)), tokenizer
+    return PPOTrainer(engine, args), tokenizer
 
 
 def test_experience_keeps_eos_in_the_action_mask_when_pad_equals_eos(in_process_engine):
@@ -160,9 +161,9 @@ def test_experience_keeps_eos_in_the_action_mask_when_pad_equals_eos(in_process_
 def test_align_overflow_keeps_both_models_when_one_overflows(in_process_engine, monkeypatch):
     """fp16 overflow cannot happen on CPU, so the overflow verdict is forced: the critic "overflowed", and
     the actor, which did not, must not move either."""
-    from training.utils.rlhf import ppo_trainer
     from training.utils.data.collators import PromptCollator
     from training.utils.data.conversation import encode_chunks, prompt_chunks
+    from training.utils.rlhf import ppo_trainer
 
     trainer, tokenizer = in_process_engine
     actor, critic = trainer.engine.actor, trainer.engine.critic
@@ -188,7 +189,8 @@ def test_align_overflow_keeps_both_models_when_one_overflows(in_process_engine, 
 def test_ema_tracks_the_actor_with_beta(in_process_engine):
     trainer, _ = in_process_engine
     actor = dict(trainer.engine.actor.module.named_parameters())
-    name, ema = next((n, p) for n, p in trainer.engine.actor_ema.module.named_parameters() if n.endswith("q_proj.weight"))
+    name, ema = next((n, p) for n, p in trainer.engine.actor_ema.module.named_parameters()
+                     if n.endswith("q_proj.weight"))
     before = ema.detach().clone()
     trainer.update_ema()
     expected = 0.992 * before + 0.008 * actor[name].detach()
@@ -304,7 +306,8 @@ def test_lora_actor_and_critic_with_ppo_ptx(sft_and_reward):
     # the critic is saved in the reward-model format and loads as one; its backbone moved by LoRA only
     _, _, meta = load_reward_model(str(output / "critic"))
     assert meta["reward_stats"] == {}
-    rm_body, critic_body = load_file(str(reward / "model.safetensors")), load_file(str(output / "critic" / "model.safetensors"))
+    rm_body = load_file(str(reward / "model.safetensors"))
+    critic_body = load_file(str(output / "critic" / "model.safetensors"))
     assert all(torch.equal(rm_body[k], critic_body[k]) for k in rm_body if "embed" in k)
     assert any(not torch.equal(rm_body[k], critic_body[k]) for k in rm_body if k.endswith("q_proj.weight"))
 
@@ -330,7 +333,8 @@ def test_two_ranks_zero3_when_one_rank_stops_early(tmp_path):
     assert_ok(run_script(STEP1_DIR, ["main.py", "--model_name_or_path", "tiny/opt", "--data_path", str(sft_data),
                                      "--data_split", "1,0,0", "--data_output_path", str(tmp_path / "cache"),
                                      "--output_dir", str(actor), "--per_device_train_batch_size", "8",
-                                     "--max_seq_len", "128", "--learning_rate", "3e-3", "--num_warmup_steps", "2", "--num_train_epochs", "8",
+                                     "--max_seq_len", "128", "--learning_rate", "3e-3", "--num_warmup_steps", "2",
+                                     "--num_train_epochs", "8",
                                      "--dtype", "fp32", "--dropout", "0.0"]))
     tokenizer = load_tokenizer(str(actor))
 

@@ -8,8 +8,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from training.utils.assets import TOKENIZER_DIR
 from training.utils.assets.train_tokenizer import synthetic_texts, train
 from training.utils.data.conversation import format_user_turn
-from training.utils.data.synthetic import (ArithmeticSpec, CopySpec, answer_for, check_answer, generate_rows,
-                                           is_synthetic_name, parse_synthetic_name)
+from training.utils.data.synthetic import (
+    ArithmeticSpec,
+    CopySpec,
+    answer_for,
+    check_answer,
+    generate_rows,
+    is_synthetic_name,
+    parse_synthetic_name,
+)
 from training.utils.errors import UserInputError
 from training.utils.model.configs import list_tiny_configs, load_tiny_config
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from conftest import write_jsonl
+
 from training.utils.data import unsupervised
 from training.utils.data.unsupervised import build_unsupervised_dataset, make_unsupervised_loader
 from training.utils.errors import UserInputError

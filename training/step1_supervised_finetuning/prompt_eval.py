@@ -1,16 +1,17 @@
 """Compare a baseline and a fine-tuned model on the same prompts, side by side, offline.
 
     python prompt_eval.py --model_name_or_path_baseline BASE --model_name_or_path_finetune SFT_DIR
-    python prompt_eval.py ... --data_path synthetic/arithmetic --num_prompts 200   # adds checker accuracy
+    python prompt_eval.py ... --synthetic_task synthetic/arithmetic --num_prompts 200   # adds checker accuracy
 """
-import argparse
-
 import torch
 
-from inference.generation import add_sampling_args, generate_replies, load_causal_lm, sampling_from_args
+from training.utils.config import at_least, configuration, group, option, parse_config
 from training.utils.data.conversation import format_user_turn
 from training.utils.errors import UserInputError, report_user_errors
-from training.utils.runtime import set_random_seed
+from training.utils.flags import EvalBatchFlags, ReplyLengthFlags, SamplingFlags, SeedFlags
+from training.utils.model.load import load_causal_lm
+from training.utils.sampling import SamplingConfig, generate_replies
+from training.utils.seeding import set_random_seed
 
 DEFAULT_PROMPTS = {
     "English": ["Human: Please tell me about Microsoft in a few sentence? Assistant:",
@@ -21,20 +22,24 @@ DEFAULT_PROMPTS = {
 }
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Baseline vs fine-tuned generations, side by side.")
-    parser.add_argument("--model_name_or_path_baseline", type=str, required=True)
-    parser.add_argument("--model_name_or_path_finetune", type=str, required=True)
-    parser.add_argument("--language", type=str, default="English", choices=sorted(DEFAULT_PROMPTS))
-    parser.add_argument("--prompts", nargs="*", default=None, help="Questions to ask (plain text).")
-    parser.add_argument("--data_path", type=str, default=None,
-                        help="synthetic/arithmetic[...]: ask its eval questions and report checker accuracy.")
-    parser.add_argument("--num_prompts", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_return_sequences", type=int, default=1, help="Accepted for compatibility.")
-    add_sampling_args(parser)
-    return parser.parse_args(argv)
+@configuration(max_new_tokens=64)
+class PromptEvalConfig(ReplyLengthFlags, SeedFlags, EvalBatchFlags):
+    model_name_or_path_baseline: str = option(help="The model before fine-tuning (a directory or tiny name).",
+                                              required=True)
+    model_name_or_path_finetune: str = option(help="The fine-tuned model directory.", required=True)
+    language: str = option("English", "Language of the built-in questions.", choices=tuple(sorted(DEFAULT_PROMPTS)))
+    prompts: list[str] | None = option(None, "Questions to ask (plain text) instead of the built-in ones.")
+    synthetic_task: str | None = option(None, "[new] synthetic/arithmetic[...] or synthetic/copy: ask its held-out "
+                                              "questions and report the checker's accuracy.")
+    num_prompts: int = option(100, "Questions taken from --synthetic_task.", check=at_least(1))
+    num_return_sequences: int = option(1, "Accepted for DeepSpeed-Chat compatibility (one reply per prompt).")
+    do_sample: bool = option(False, "Sample with --temperature/--top_p/--top_k instead of greedy decoding.")
+    num_beams: int = option(1, "Beam search width (greedy decoding only).", check=at_least(1))
+    sampling: SamplingFlags = group(SamplingFlags)
+
+
+def parse_args(argv=None) -> PromptEvalConfig:
+    return parse_config(PromptEvalConfig, argv, "Baseline vs fine-tuned generations, side by side.")
 
 
 def _to_prompt(text: str) -> str:
@@ -46,26 +51,27 @@ def _to_prompt(text: str) -> str:
 
 @report_user_errors
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    set_random_seed(args.seed)
+    config = parse_args(argv)
+    set_random_seed(config.seed)
     checker = None
-    if args.data_path:
+    if config.synthetic_task:
         from training.utils.data.synthetic import check_answer, generate_rows, parse_synthetic_name
 
-        if not args.data_path.startswith("synthetic/"):
-            raise UserInputError(f"--data_path {args.data_path}: only synthetic/... has a checker; "
+        if not config.synthetic_task.startswith("synthetic/"):
+            raise UserInputError(f"--synthetic_task {config.synthetic_task}: only synthetic/... has a checker; "
                                  "use --prompts for other questions")
-        rows = generate_rows(parse_synthetic_name(args.data_path), "eval")[:args.num_prompts]
+        rows = generate_rows(parse_synthetic_name(config.synthetic_task), "eval")[:config.num_prompts]
         prompts, checker = [row["prompt"] for row in rows], check_answer
     else:
-        prompts = [_to_prompt(p) for p in (args.prompts or DEFAULT_PROMPTS[args.language])]
+        prompts = [_to_prompt(p) for p in (config.prompts or DEFAULT_PROMPTS[config.language])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sampling = sampling_from_args(args)
+    sampling = SamplingConfig.from_flags(config.max_new_tokens, config.sampling, do_sample=config.do_sample,
+                                         num_beams=config.num_beams)
     results = {}
-    for label, path in (("baseline", args.model_name_or_path_baseline),
-                        ("finetune", args.model_name_or_path_finetune)):
+    for label, path in (("baseline", config.model_name_or_path_baseline),
+                        ("finetune", config.model_name_or_path_finetune)):
         model, tokenizer = load_causal_lm(path, device)
-        results[label] = generate_replies(model, tokenizer, prompts, sampling, args.batch_size)
+        results[label] = generate_replies(model, tokenizer, prompts, sampling, config.batch_size)
         del model
     for i, prompt in enumerate(prompts[:20]):
         print(f"==== prompt {i}: {prompt.strip()!r}")

@@ -10,58 +10,51 @@ reward model with its score statistics (step 3 loads it as critic and reward mod
 The reward is read at the last real token of prompt + reply + EOS (the same end convention as steps 1
 and 3), found from the attention mask, so padding side and pad == EOS do not matter.
 """
-import argparse
 import math
-import time
 
 import torch
 
-from training.utils import args as shared_args
-from training.utils import runtime
-from training.utils.checkpoint import Checkpointer, Position, add_checkpoint_args, validate_checkpoint_args
+from training.utils import distributed, seeding
+from training.utils.checkpoint import Checkpointer
+from training.utils.config import FIXED, at_least, configuration, flag_values, group, option, parse_config
 from training.utils.data.collators import PairCollator
-from training.utils.data.pipeline import PHASE_REWARD, DataConfig, build_phase_data, make_loaders
+from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, build_phase_data, make_loaders
 from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
 from training.utils.errors import report_user_errors
+from training.utils.flags import ModelFlags, PaddingCompatFlags, PeriodicEvalFlags, SupervisedConfig
+from training.utils.loop import TrainLoop
 from training.utils.losses import pairwise_loss, span_pairwise_loss
+from training.utils.metrics_log import MetricsLog
 from training.utils.model.reward_model import create_reward_model, save_reward_model
+from training.utils.output_dir import REWARD_MODEL
 from training.utils.tokenizer import load_tokenizer
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Step 2: reward model training on preference pairs.")
-    shared_args.add_data_args(parser, sft_only=False)
-    shared_args.add_model_args(parser)
-    shared_args.add_training_args(parser, learning_rate=5e-5, tensorboard_path="step2_tensorboard")
-    shared_args.add_lora_args(parser)
-    shared_args.add_deepspeed_args(parser)
-    add_checkpoint_args(parser)
-    parser.add_argument("--num_padding_at_beginning", type=int, default=1,
-                        help="Accepted for DeepSpeed-Chat compatibility and ignored: the score position comes "
-                             "from the attention mask, so no model-specific padding count is needed.")
-    parser.add_argument("--eval_interval", type=int, default=0,
-                        help="Evaluate every N optimizer steps (0: only before training and after each epoch).")
-    parser.add_argument("--eval_iters", type=int, default=100,
-                        help="Batches per periodic evaluation (0: the whole eval split). The final evaluation, "
-                             "whose statistics are saved with the model, always uses the whole split.")
-    parser.add_argument("--loss_type", choices=["bt", "span"], default="bt",
-                        help="[new] bt: Bradley-Terry on the last-token scores; span: DeepSpeed-Chat's mean over "
-                             "the tokens where chosen and rejected differ.")
-    parser.add_argument("--margin", type=float, default=0.0,
-                        help="[new] Margin m in -log sigmoid(r_chosen - r_rejected - m) (bt loss only).")
-    args = parser.parse_args(argv)
-    shared_args.validate_common(args)
-    validate_checkpoint_args(args)
-    return args
+@configuration(tensorboard_path="step2_tensorboard")
+class RewardConfig(SupervisedConfig, PeriodicEvalFlags, PaddingCompatFlags):
+    SAVES = REWARD_MODEL
+    data: SequenceDataConfig = group(SequenceDataConfig)
+    model: ModelFlags = group(ModelFlags, learning_rate=5e-5)
+    eval_iters: int = option(100, "Batches per periodic evaluation (0: the whole eval split). The final evaluation, "
+                                  "whose statistics are saved with the model, always uses the whole split.",
+                             check=at_least(0))
+    reward_loss: str = option("bt", "[new] bt: Bradley-Terry on the last-token scores; span: DeepSpeed-Chat's mean "
+                                    "over the tokens where chosen and rejected differ.", choices=("bt", "span"),
+                              resume=FIXED)
+    margin: float = option(0.0, "[new] Margin m in -log sigmoid(r_chosen - r_rejected - m) (bt loss only).")
 
 
-def pair_loss(output, batch, args) -> torch.Tensor:
+def parse_args(argv=None) -> RewardConfig:
+    return parse_config(RewardConfig, argv, "Step 2: reward model training on preference pairs.")
+
+
+def pair_loss(output, batch, config: RewardConfig) -> torch.Tensor:
     half = batch["input_ids"].size(0) // 2
-    if args.loss_type == "span":
+    if config.reward_loss == "span":
         mask = batch["attention_mask"]
         return span_pairwise_loss(output.values[:half], output.values[half:], mask[:half], mask[half:],
                                   batch["input_ids"][:half], batch["input_ids"][half:])
-    return pairwise_loss(output.end_scores[:half], output.end_scores[half:], args.margin)
+    return pairwise_loss(output.end_scores[:half], output.end_scores[half:], config.margin)
 
 
 def evaluate(engine, loader, device, max_batches: int = 0) -> dict:
@@ -78,7 +71,7 @@ def evaluate(engine, loader, device, max_batches: int = 0) -> dict:
             totals = [t + v for t, v in zip(totals, (
                 chosen.numel(), (chosen > rejected).sum().item(), chosen.sum().item(), rejected.sum().item(),
                 scores.sum().item(), scores.pow(2).sum().item()))]
-    pairs, correct, chosen_sum, rejected_sum, score_sum, square_sum = runtime.all_reduce_sum(totals, device)
+    pairs, correct, chosen_sum, rejected_sum, score_sum, square_sum = distributed.all_reduce_sum(totals, device)
     engine.train()
     pairs = max(pairs, 1)
     mean = score_sum / (2 * pairs)
@@ -99,84 +92,70 @@ def describe(stats: dict) -> str:
 
 @report_user_errors
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    device = runtime.init_distributed(args.local_rank)
-    runtime.set_random_seed(args.seed)
-    ds_config = train_ds_config(args, device, tb_name="step2_model")
+    config = parse_args(argv)
+    device = distributed.init_distributed(config.local_rank)
+    seeding.set_random_seed(config.seed)
+    ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step2_model")
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.add_eot_token, args.eot_token, args.trust_remote_code)
-    data = build_phase_data(DataConfig.from_args(args), tokenizer, PHASE_REWARD)
-    train_loader, eval_loader = make_loaders(data, args, PairCollator(tokenizer.pad_token_id))
-    runtime.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval pairs "
-                         f"(cache {data.cache_dir}; train {data.stats['train']})")
+    tokenizer = load_tokenizer(config.model.model_name_or_path, config.add_eot_token, config.eot_token,
+                               config.trust_remote_code)
+    data = build_phase_data(config.data, tokenizer, PHASE_REWARD)
+    train_loader, eval_loader = make_loaders(data, config, PairCollator(tokenizer.pad_token_id))
+    distributed.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval pairs "
+                             f"(cache {data.cache_dir}; train {data.stats['train']})")
 
-    model = create_reward_model(args.model_name_or_path, tokenizer, ds_config=ds_config, dropout=args.dropout,
-                                trust_remote_code=args.trust_remote_code)
-    apply_lora(model, args, force_optimize_params=("v_head",))
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    engine, lr_scheduler = initialize_train_engine(model, args, ds_config, device, steps_per_epoch)
+    model = create_reward_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
+                                dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
+    apply_lora(model, config.model, config.only_optimize_lora, force_optimize_params=("v_head",))
+    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    engine, lr_scheduler = initialize_train_engine(model, config, config.model, ds_config, device, steps_per_epoch)
 
-    metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step2_model")
-    checkpoints = Checkpointer(args, {"model": engine}, device)
-    if args.resume is None:
-        stats = evaluate(engine, eval_loader, device, args.eval_iters)
+    metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step2_model")
+    checkpoints = Checkpointer(config, {"model": engine}, device)
+    if config.resume is None:
+        stats = evaluate(engine, eval_loader, device, config.eval_iters)
         log_eval(metrics, 0, stats)
-        runtime.print_rank_0(f"before training: {describe(stats)}")
+        distributed.print_rank_0(f"before training: {describe(stats)}")
     start, _ = checkpoints.resume(metrics, loaders=[train_loader])
     checkpoints.watch_signals()
 
-    global_step = start.global_step
-    for epoch in range(start.epoch, args.num_train_epochs):
-        train_loader.sampler.set_epoch(epoch)
-        batches_done = start.batches_done if epoch == start.epoch else 0
-        epoch_start, epoch_loss, epoch_batches, epoch_pairs = time.time(), 0.0, 0, 0
-        step_losses = []
-        bar = runtime.progress(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}")
-        for batch in bar:
+    loop = TrainLoop(start, config.num_train_epochs, config.print_loss)
+    for epoch in loop.epochs(train_loader):
+        for batch in loop.batches(train_loader):
             batch = {k: v.to(device) for k, v in batch.items()}
             output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss = pair_loss(output, batch, args)
+            loss = pair_loss(output, batch, config)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            step_losses.append(loss.item())
-            epoch_loss += step_losses[-1]
-            epoch_batches += 1
-            batches_done += 1
-            epoch_pairs += batch["input_ids"].size(0) // 2
-            bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
-            if args.print_loss:
-                print(f"[rank {runtime.rank()}] epoch {epoch + 1} step {global_step} loss {step_losses[-1]:.4f}",
-                      flush=True)
+            loop.record(loss.item(), samples=batch["input_ids"].size(0) // 2)
             if not boundary:
                 continue
-            global_step += 1
-            metrics.log(global_step, **{"train/loss": step_losses[-1], "train/lr": lr_scheduler.get_last_lr()[0]})
-            if args.eval_interval and global_step % args.eval_interval == 0:
-                stats = evaluate(engine, eval_loader, device, args.eval_iters)
-                log_eval(metrics, global_step, stats)
-                runtime.print_rank_0(f"step {global_step}: {describe(stats)}")
-            checkpoints.step_boundary(Position(epoch, batches_done, global_step), step_losses, metrics)
-            step_losses = []
-        elapsed = time.time() - epoch_start
-        stats = evaluate(engine, eval_loader, device, args.eval_iters)
-        log_eval(metrics, global_step, stats)
-        runtime.print_rank_0(f"epoch {epoch + 1}/{args.num_train_epochs}: train loss "
-                             f"{epoch_loss / max(epoch_batches, 1):.4f}, {describe(stats)}, "
-                             f"{epoch_pairs * runtime.world_size() / elapsed:.1f} pairs/s")
+            losses = loop.optimizer_step()
+            metrics.log(loop.global_step, **{"train/loss": losses[-1], "train/lr": lr_scheduler.get_last_lr()[0]})
+            if config.eval_interval and loop.global_step % config.eval_interval == 0:
+                stats = evaluate(engine, eval_loader, device, config.eval_iters)
+                log_eval(metrics, loop.global_step, stats)
+                distributed.print_rank_0(f"step {loop.global_step}: {describe(stats)}")
+            checkpoints.step_boundary(loop.position, losses, metrics)
+        summary = loop.epoch_summary()
+        stats = evaluate(engine, eval_loader, device, config.eval_iters)
+        log_eval(metrics, loop.global_step, stats)
+        distributed.print_rank_0(f"epoch {epoch + 1}/{config.num_train_epochs}: train loss {summary.mean_loss:.4f}, "
+                                 f"{describe(stats)}, {summary.samples_per_s:.1f} pairs/s")
 
     # The statistics saved with the model cover the whole eval split; the last epoch's evaluation
     # already did when --eval_iters does not cut it short.
-    covered_all = args.eval_iters == 0 or args.eval_iters >= len(eval_loader)
+    covered_all = config.eval_iters == 0 or config.eval_iters >= len(eval_loader)
     final = stats if covered_all else evaluate(engine, eval_loader, device)
-    runtime.print_rank_0(f"final (whole eval split): {describe(final)}")
-    save_reward_model(engine.module, tokenizer, args.output_dir, reward_stats=final, metrics=metrics,
+    distributed.print_rank_0(f"final (whole eval split): {describe(final)}")
+    save_reward_model(engine.module, tokenizer, config.output_dir, reward_stats=final, metrics=metrics,
                       metrics_title="step 2: reward model",
-                      extra_json={"training_args.json": vars(args), "data_stats.json": data.stats})
+                      extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
     checkpoints.finish()
     metrics.close()
-    runtime.print_rank_0(f"saved the reward model to {args.output_dir}")
-    runtime.shutdown_distributed()
+    distributed.print_rank_0(f"saved the reward model to {config.output_dir}")
+    distributed.shutdown_distributed()
 
 
 if __name__ == "__main__":

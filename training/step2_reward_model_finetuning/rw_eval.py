@@ -7,39 +7,50 @@
 Prompts without the "Human: ... Assistant:" markers are wrapped in them; every reply gets the EOS id,
 exactly as in training, so the score is read where the model learnt to put it.
 """
-import argparse
 import json
 import sys
 
 import torch
 
+from training.utils.config import at_least, configuration, group, option, parse_config
 from training.utils.data.collators import pad_batch
-from training.utils.data.conversation import ASSISTANT, Chunk, encode_conversations, format_reply, format_user_turn, prompt_chunks
+from training.utils.data.conversation import (
+    ASSISTANT,
+    Chunk,
+    encode_conversations,
+    format_reply,
+    format_user_turn,
+    prompt_chunks,
+)
+from training.utils.data.pipeline import SeqLenFlags
 from training.utils.data.sources import open_source
 from training.utils.errors import UserInputError, report_user_errors
+from training.utils.flags import EvalBatchFlags, ModelPathFlags, PaddingCompatFlags
 from training.utils.losses import pairwise_accuracy
 from training.utils.model.reward_model import load_reward_model
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Score prompt/reply pairs with a trained reward model.")
-    parser.add_argument("--model_name_or_path", required=True, help="A step-2 output directory.")
-    parser.add_argument("--prompt", help="One prompt (plain text or HH format).")
-    parser.add_argument("--chosen", help="A reply to --prompt (with --rejected: a pair).")
-    parser.add_argument("--rejected", help="A second reply to --prompt.")
-    parser.add_argument("--pairs", help="A .json/.jsonl/.parquet file of prompt/chosen/rejected rows: accuracy.")
-    parser.add_argument("--samples", help="A .jsonl file of prompt/response rows: scores only.")
-    parser.add_argument("--max_seq_len", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--show", type=int, default=20, help="Rows of per-sample scores to print.")
-    parser.add_argument("--num_padding_at_beginning", type=int, default=1, help="Accepted and ignored.")
-    parser.add_argument("--output_json", help="Also write every score and the summary to this file.")
-    args = parser.parse_args(argv)
-    if sum(x is not None for x in (args.prompt, args.pairs, args.samples)) != 1:
-        parser.error("give exactly one of --prompt (with --chosen [--rejected]), --pairs FILE, --samples FILE")
-    if args.prompt is not None and args.chosen is None:
-        parser.error("--prompt needs --chosen (and optionally --rejected)")
-    return args
+@configuration()
+class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags):
+    model: ModelPathFlags = group(ModelPathFlags, help={"model_name_or_path": "A step-2 output directory."})
+    prompt: str | None = option(None, "One prompt (plain text or HH format).")
+    chosen: str | None = option(None, "A reply to --prompt (with --rejected: a pair).")
+    rejected: str | None = option(None, "A second reply to --prompt.")
+    pairs: str | None = option(None, "A .json/.jsonl/.parquet file of prompt/chosen/rejected rows: accuracy.")
+    samples: str | None = option(None, "A .jsonl file of prompt/response rows: scores only.")
+    show: int = option(20, "Rows of per-sample scores to print.", check=at_least(0))
+    output_json: str | None = option(None, "Also write every score and the summary to this file.")
+
+    def validate(self) -> None:
+        if sum(x is not None for x in (self.prompt, self.pairs, self.samples)) != 1:
+            raise UserInputError("give exactly one of --prompt (with --chosen [--rejected]), --pairs FILE, "
+                                 "--samples FILE")
+        if self.prompt is not None and self.chosen is None:
+            raise UserInputError("--prompt needs --chosen (and optionally --rejected)")
+
+
+def parse_args(argv=None) -> RewardEvalConfig:
+    return parse_config(RewardEvalConfig, argv, "Score prompt/reply pairs with a trained reward model.")
 
 
 def as_prompt(text: str) -> str:
@@ -75,19 +86,20 @@ def load_rows(path: str, need_pairs: bool):
 
 @report_user_errors
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    model, tokenizer, info = load_reward_model(args.model_name_or_path)
+    config = parse_args(argv)
+    model, tokenizer, info = load_reward_model(config.model.model_name_or_path)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    if args.prompt is not None:
-        prompts, chosen = [as_prompt(args.prompt)], [format_reply(args.chosen)]
-        rejected = [format_reply(args.rejected)] if args.rejected is not None else None
+    if config.prompt is not None:
+        prompts, chosen = [as_prompt(config.prompt)], [format_reply(config.chosen)]
+        rejected = [format_reply(config.rejected)] if config.rejected is not None else None
     else:
-        rows = load_rows(args.pairs or args.samples, need_pairs=args.pairs is not None)
+        rows = load_rows(config.pairs or config.samples, need_pairs=config.pairs is not None)
         prompts, chosen = [r.prompt for r in rows], [r.chosen for r in rows]
-        rejected = [r.rejected for r in rows] if args.pairs else None
-    chosen_scores = score(model, tokenizer, prompts, chosen, args.max_seq_len, args.batch_size)
-    rejected_scores = score(model, tokenizer, prompts, rejected, args.max_seq_len, args.batch_size) if rejected else None
-    for i in range(min(args.show, len(prompts))):
+        rejected = [r.rejected for r in rows] if config.pairs else None
+    chosen_scores = score(model, tokenizer, prompts, chosen, config.max_seq_len, config.batch_size)
+    rejected_scores = (score(model, tokenizer, prompts, rejected, config.max_seq_len, config.batch_size)
+                       if rejected else None)
+    for i in range(min(config.show, len(prompts))):
         line = f"[{i}] prompt {prompts[i].strip()[:80]!r}\n    chosen   {chosen_scores[i]:+.4f}  {chosen[i][:80]!r}"
         if rejected_scores:
             line += f"\n    rejected {rejected_scores[i]:+.4f}  {rejected[i][:80]!r}"
@@ -98,8 +110,8 @@ def main(argv=None) -> dict:
         summary["accuracy"] = pairwise_accuracy(torch.tensor(chosen_scores), torch.tensor(rejected_scores)).item()
         summary["mean_margin"] = sum(c - r for c, r in zip(chosen_scores, rejected_scores)) / len(prompts)
     print(json.dumps(summary))
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as f:
+    if config.output_json:
+        with open(config.output_json, "w", encoding="utf-8") as f:
             json.dump({**summary, "chosen_scores": chosen_scores, "rejected_scores": rejected_scores}, f, indent=1)
     sys.stdout.flush()
     return summary

@@ -13,47 +13,42 @@ critic/ and actor_ema/.
 A "step" is one such round of generation and training; --eval_interval, --print_answers_interval
 and --test_stop_step count these.
 """
-import argparse
 import math
 import os
 import time
 
-from training.utils import runtime
-from training.utils.checkpoint import (Checkpointer, Position, add_checkpoint_args, module_shard, restore_module_shard,
-                                       validate_checkpoint_args)
+from training.utils import distributed, seeding
+from training.utils.checkpoint import Checkpointer, module_shard, restore_module_shard
+from training.utils.config import flag_values, parse_config
 from training.utils.data.collators import PromptCollator
 from training.utils.data.conversation import tokenizer_adds_bos
-from training.utils.data.pipeline import PHASE_RLHF, DataConfig, build_phase_data, make_loader
+from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
 from training.utils.data.unsupervised import build_unsupervised_dataset, make_unsupervised_loader
 from training.utils.errors import report_user_errors
+from training.utils.loop import Position
+from training.utils.metrics_log import MetricsLog
 from training.utils.model.reward_model import save_reward_model
 from training.utils.model.save import save_hf_format
-from training.utils.rlhf.args import add_rlhf_args, validate_rlhf_args
+from training.utils.rlhf.config import RLHFConfig
 from training.utils.rlhf.engine import build_rlhf_engine
 from training.utils.rlhf.experience import CappedPrompts, EndlessBatches, ExperienceBuffer
 from training.utils.rlhf.metrics import describe_evaluation, describe_step, evaluate_policy, show_answer, step_metrics
-from training.utils.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+from training.utils.rlhf.ppo_trainer import PPOTrainer
 from training.utils.tokenizer import load_tokenizer
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Step 3: RLHF of the actor with PPO.")
-    add_rlhf_args(parser)
-    add_checkpoint_args(parser, unit="PPO steps")
-    args = parser.parse_args(argv)
-    validate_rlhf_args(args)
-    validate_checkpoint_args(args)
-    return args
+def parse_args(argv=None) -> RLHFConfig:
+    return parse_config(RLHFConfig, argv, "Step 3: RLHF of the actor with PPO.")
 
 
-def optimizer_steps_per_epoch(args, prompt_batches: int) -> tuple[int, int]:
+def optimizer_steps_per_epoch(config: RLHFConfig, prompt_batches: int) -> tuple[int, int]:
     """(actor, critic) optimizer steps per epoch, for the LR schedules. Each PPO mini-batch steps both
     models once; PPO-ptx steps the actor once more."""
-    rows_per_step = args.generation_batches * args.per_device_generation_batch_size
-    minibatches = (prompt_batches // args.generation_batches) * args.ppo_epochs * math.ceil(
-        rows_per_step / args.per_device_training_batch_size)
-    critic_steps = max(1, math.ceil(minibatches / args.gradient_accumulation_steps))
-    return critic_steps * (2 if args.unsupervised_dataset_name else 1), critic_steps
+    rows_per_step = config.generation_batches * config.per_device_generation_batch_size
+    minibatches = (prompt_batches // config.generation_batches) * config.ppo_epochs * math.ceil(
+        rows_per_step / config.per_device_training_batch_size)
+    critic_steps = max(1, math.ceil(minibatches / config.gradient_accumulation_steps))
+    return critic_steps * (2 if config.unsupervised_dataset_name else 1), critic_steps
 
 
 def evaluate(trainer, loader, metrics, step: int, seed: int) -> None:
@@ -61,7 +56,7 @@ def evaluate(trainer, loader, metrics, step: int, seed: int) -> None:
         return
     values = evaluate_policy(trainer, loader, seed)
     metrics.log(step, **values)
-    runtime.print_rank_0(f"eval after step {step}: {describe_evaluation(values)}")
+    distributed.print_rank_0(f"eval after step {step}: {describe_evaluation(values)}")
 
 
 def restore_step3_state(state: dict, path: str, trainer, rlhf_engine, unsup_batches) -> None:
@@ -75,43 +70,44 @@ def restore_step3_state(state: dict, path: str, trainer, rlhf_engine, unsup_batc
 
 @report_user_errors
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    device = runtime.init_distributed(args.local_rank)
-    runtime.set_random_seed(args.seed)
+    config = parse_args(argv)
+    device = distributed.init_distributed(config.local_rank)
+    seeding.set_random_seed(config.seed)
 
-    tokenizer = load_tokenizer(args.actor_model_name_or_path, args.add_eot_token, args.eot_token,
-                               args.trust_remote_code)
-    data = build_phase_data(DataConfig.from_args(args), tokenizer, PHASE_RLHF)
+    tokenizer = load_tokenizer(config.actor.model_name_or_path, config.add_eot_token, config.eot_token,
+                               config.trust_remote_code)
+    data = build_phase_data(config.data, tokenizer, PHASE_RLHF)
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-    prompts = CappedPrompts(data.train, args.max_prompt_seq_len, args.prompt_overflow, bos)
-    eval_prompts = CappedPrompts(data.eval, args.max_prompt_seq_len, args.prompt_overflow, bos, args.eval_prompts)
+    prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos)
+    eval_prompts = CappedPrompts(data.eval, config.max_prompt_seq_len, config.prompt_overflow, bos, config.eval_prompts)
     collator = PromptCollator(tokenizer.pad_token_id)
-    prompt_loader = make_loader(prompts, args.per_device_generation_batch_size, collator, args.seed, shuffle=True)
-    eval_loader = (make_loader(eval_prompts, args.per_device_generation_batch_size, collator, args.seed,
+    prompt_loader = make_loader(prompts, config.per_device_generation_batch_size, collator, config.seed, shuffle=True)
+    eval_loader = (make_loader(eval_prompts, config.per_device_generation_batch_size, collator, config.seed,
                                shuffle=False) if len(eval_prompts) else None)
     data.stats["prompt_limit"] = {"train": prompts.counts, "eval": eval_prompts.counts}
-    runtime.print_rank_0(f"data: {len(prompts)} train / {len(eval_prompts)} eval prompts (cache {data.cache_dir}; "
-                         f"over --max_prompt_seq_len {args.max_prompt_seq_len}: {prompts.counts})")
+    distributed.print_rank_0(f"data: {len(prompts)} train / {len(eval_prompts)} eval prompts (cache {data.cache_dir}; "
+                         f"over --max_prompt_seq_len {config.max_prompt_seq_len}: {prompts.counts})")
     unsup_batches = None
-    if args.unsupervised_dataset_name:
-        blocks = build_unsupervised_dataset(args.unsupervised_dataset_name, args.unsupervised_dataset_config_name,
-                                            tokenizer, args.max_prompt_seq_len + args.max_answer_seq_len,
-                                            args.data_output_path, args.seed)
-        unsup_batches = EndlessBatches(make_unsupervised_loader(blocks, args.per_device_training_batch_size,
-                                                                args.seed))
+    if config.unsupervised_dataset_name:
+        blocks = build_unsupervised_dataset(config.unsupervised_dataset_name, config.unsupervised_dataset_config_name,
+                                            tokenizer, config.max_prompt_seq_len + config.max_answer_seq_len,
+                                            config.data.data_output_path, config.seed)
+        unsup_batches = EndlessBatches(make_unsupervised_loader(blocks, config.per_device_training_batch_size,
+                                                                config.seed))
 
-    actor_steps, critic_steps = optimizer_steps_per_epoch(args, len(prompt_loader))
-    rlhf_engine = build_rlhf_engine(args, tokenizer, device, actor_steps, critic_steps)
-    trainer = PPOTrainer(rlhf_engine, PPOConfig.from_args(args))
-    buffer = ExperienceBuffer(args.generation_batches, not args.no_whiten_advantages, tokenizer.pad_token_id, args.seed)
+    actor_steps, critic_steps = optimizer_steps_per_epoch(config, len(prompt_loader))
+    rlhf_engine = build_rlhf_engine(config, tokenizer, device, actor_steps, critic_steps)
+    trainer = PPOTrainer(rlhf_engine, config)
+    buffer = ExperienceBuffer(config.generation_batches, not config.ppo.no_whiten_advantages, tokenizer.pad_token_id,
+                              config.seed)
 
-    metrics = runtime.MetricsLog(args.enable_tensorboard, f"{args.tensorboard_path}/step3_rlhf")
-    checkpoints = Checkpointer(args, {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}, device)
-    if args.resume is None:
-        evaluate(trainer, eval_loader, metrics, 0, args.seed)
+    metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step3_rlhf")
+    checkpoints = Checkpointer(config, {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}, device)
+    if config.resume is None:
+        evaluate(trainer, eval_loader, metrics, 0, config.seed)
     start, saved_state = checkpoints.resume(metrics, loaders=[prompt_loader], rank_state_consumers=[
         lambda state: buffer.generator.set_state(state["buffer_generator"])])
-    if args.resume is not None:
+    if config.resume is not None:
         restore_step3_state(saved_state, checkpoints.resumed_from, trainer, rlhf_engine, unsup_batches)
     checkpoints.watch_signals()
 
@@ -124,10 +120,10 @@ def main(argv=None) -> None:
                 "weights": {"actor_ema": module_shard(rlhf_engine.actor_ema.module) if rlhf_engine.actor_ema else {}}}
 
     step, rollouts, round_start, stop = start.global_step, [], time.perf_counter(), False
-    for epoch in range(start.epoch, args.num_train_epochs):
+    for epoch in range(start.epoch, config.num_train_epochs):
         prompt_loader.sampler.set_epoch(epoch)
         batches_done = start.batches_done if epoch == start.epoch else 0
-        for prompt_batch in runtime.progress(prompt_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}"):
+        for prompt_batch in distributed.progress(prompt_loader, desc=f"epoch {epoch + 1}/{config.num_train_epochs}"):
             experience, rollout = trainer.generate_experience(prompt_batch)
             buffer.add(experience)
             rollouts.append(rollout)
@@ -135,54 +131,55 @@ def main(argv=None) -> None:
             if not buffer.full:
                 continue
             step += 1
-            if args.print_answers and step % args.print_answers_interval == 0:
+            if config.print_answers and step % config.print_answers_interval == 0:
                 show_answer(tokenizer, experience, step)
 
             train_start, stats = time.perf_counter(), []
-            for _ in range(args.ppo_epochs):
-                for minibatch in buffer.minibatches(args.per_device_training_batch_size):
+            for _ in range(config.ppo_epochs):
+                for minibatch in buffer.minibatches(config.per_device_training_batch_size):
                     stats.append(trainer.train_rlhf(minibatch))
                     if unsup_batches is not None:
-                        stats[-1]["unsup_loss"] = trainer.train_unsupervised(next(unsup_batches), args.unsup_coef)
+                        stats[-1]["unsup_loss"] = trainer.train_unsupervised(next(unsup_batches), config.unsup_coef)
             trainer.update_ema()
             end = time.perf_counter()
 
             values = step_metrics(rollouts, stats, device, training_s=end - train_start, elapsed_s=end - round_start)
-            trainer.kl_ctl.update(values["kl/to_reference"], len(buffer.rows) * runtime.world_size())
+            trainer.kl_ctl.update(values["kl/to_reference"], len(buffer.rows) * distributed.world_size())
             values["kl/coef"] = trainer.kl_ctl.value
             metrics.log(step, **values)
-            runtime.print_rank_0(describe_step(step, values))
+            distributed.print_rank_0(describe_step(step, values))
             buffer.clear()
 
-            if args.eval_interval and step % args.eval_interval == 0:
-                evaluate(trainer, eval_loader, metrics, step, args.seed)
+            if config.eval_interval and step % config.eval_interval == 0:
+                evaluate(trainer, eval_loader, metrics, step, config.seed)
             losses = [row[k] for row in stats for k in ("actor_loss", "critic_loss", "unsup_loss") if k in row]
             checkpoints.step_boundary(Position(epoch, batches_done, step), losses + [values["reward/mean"]], metrics,
                                       checkpoint_state)
-            if args.enable_test_mode and step >= args.test_stop_step:
+            if config.enable_test_mode and step >= config.test_stop_step:
                 stop = True
                 break
             rollouts, round_start = [], time.perf_counter()
         if stop:
             break
-    if not args.eval_interval or step % args.eval_interval:
-        evaluate(trainer, eval_loader, metrics, step, args.seed)
+    if not config.eval_interval or step % config.eval_interval:
+        evaluate(trainer, eval_loader, metrics, step, config.seed)
 
-    extra = {"training_args.json": vars(args), "data_stats.json": data.stats}
+    extra = {"training_args.json": flag_values(config), "data_stats.json": data.stats}
     rlhf_engine.actor.train()  # the Hybrid Engine's inference kernels out, LoRA unfused
-    save_hf_format(rlhf_engine.actor.module, tokenizer, os.path.join(args.output_dir, "actor"), extra_json=extra,
+    save_hf_format(rlhf_engine.actor.module, tokenizer, os.path.join(config.output_dir, "actor"), extra_json=extra,
                    metrics=metrics, metrics_title="step 3: PPO")
     # The critic keeps the reward-model format (it loads as one), but its scores are values now, not the
     # reward model's calibrated scores: no reward statistics go with it.
-    save_reward_model(rlhf_engine.critic.module, tokenizer, os.path.join(args.output_dir, "critic"), reward_stats={},
+    save_reward_model(rlhf_engine.critic.module, tokenizer, os.path.join(config.output_dir, "critic"), reward_stats={},
                       extra_json=extra)
     if rlhf_engine.actor_ema is not None:
-        save_hf_format(rlhf_engine.actor_ema.module, tokenizer, os.path.join(args.output_dir, "actor_ema"),
+        save_hf_format(rlhf_engine.actor_ema.module, tokenizer, os.path.join(config.output_dir, "actor_ema"),
                        extra_json=extra)
     checkpoints.finish()
     metrics.close()
-    runtime.print_rank_0(f"saved actor/, critic/{', actor_ema/' if args.enable_ema else ''} to {args.output_dir}")
-    runtime.shutdown_distributed()
+    saved = "actor/, critic/" + (", actor_ema/" if config.enable_ema else "")
+    distributed.print_rank_0(f"saved {saved} to {config.output_dir}")
+    distributed.shutdown_distributed()
 
 
 if __name__ == "__main__":

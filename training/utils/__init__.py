@@ -1,1 +1,1 @@
-"""Shared code for every step: data, tokenizer, models, LoRA, DeepSpeed configs, runtime helpers."""
+"""Shared code for every step: data, tokenizer, models, LoRA, DeepSpeed configs, distributed helpers."""

@@ -15,68 +15,53 @@ so a kill at any moment leaves the previous checkpoints untouched; leftovers of 
 removed by the next one. Checkpoints are saved at optimizer-step boundaries only (no half-accumulated
 gradients), so resuming replays exactly: the same batches in the same order with the same random draws.
 """
-import argparse
 import contextlib
 import json
 import math
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from training.utils import runtime
-from training.utils.errors import UserInputError
+from training.utils import distributed
+from training.utils.config import at_least, fixed_flag_values, option
+from training.utils.errors import NonFiniteLossError, UserInputError
+from training.utils.loop import Position
+from training.utils.seeding import get_rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TRAINER_STATE = "trainer_state.json"
 
-# Flags that fix the data order, the LR schedule or the shape of the saved state: a resumed run must
-# use the values the checkpoint was written with (the ones a step does not have are skipped).
-RESUME_MUST_MATCH = (
-    "model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path", "data_path", "data_split",
-    "data_seed", "sft_only_data_path", "max_seq_len", "max_prompt_seq_len", "max_answer_seq_len", "seed",
-    "per_device_train_batch_size", "per_device_generation_batch_size", "per_device_training_batch_size",
-    "generation_batches", "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs", "zero_stage",
-    "actor_zero_stage", "critic_zero_stage", "dtype", "lora_dim", "actor_lora_dim", "critic_lora_dim",
-    "only_optimize_lora", "enable_ema", "unsupervised_dataset_name")
+@dataclass
+class CheckpointFlags:
+    """checkpoints [new]"""
+    save_interval: int = option(0, "Save a resumable checkpoint every N steps (optimizer steps; step 3: PPO steps) "
+                                   "into <output_dir>/checkpoints (0: only when stopped by SIGTERM/SIGINT).",
+                                check=at_least(0))
+    save_total_limit: int = option(2, "Keep the newest N checkpoints; older ones are deleted once a newer one is "
+                                      "complete (0: keep all).", check=at_least(0))
+    resume: str | None = option(None, "Continue an interrupted run: alone, from the newest checkpoint in "
+                                      "<output_dir>/checkpoints; with PATH, from that checkpoint (a step_N directory "
+                                      "or a checkpoints directory). Flags that fix data order and schedule must be "
+                                      "unchanged.", nargs="?", const="latest", metavar="PATH")
+    keep_checkpoints: bool = option(False, "Keep the checkpoints after the run finishes (default: deleted once the "
+                                           "final model is saved).")
 
-
-def add_checkpoint_args(parser: argparse.ArgumentParser, unit: str = "optimizer steps") -> None:
-    group = parser.add_argument_group("checkpoints [new]")
-    group.add_argument("--save_interval", type=int, default=0,
-                       help=f"Save a resumable checkpoint every N {unit} into <output_dir>/checkpoints "
-                            "(0: only when stopped by SIGTERM/SIGINT).")
-    group.add_argument("--save_total_limit", type=int, default=2,
-                       help="Keep the newest N checkpoints; older ones are deleted once a newer one is complete "
-                            "(0: keep all).")
-    group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                       help="Continue an interrupted run: alone, from the newest checkpoint in "
-                            "<output_dir>/checkpoints; with PATH, from that checkpoint (a step_N directory or a "
-                            "checkpoints directory). Flags that fix data order and schedule must be unchanged.")
-    group.add_argument("--keep_checkpoints", action="store_true",
-                       help="Keep the checkpoints after the run finishes (default: deleted once the final model "
-                            "is saved).")
-
-
-def validate_checkpoint_args(args) -> None:
-    """Flag checks that need no process group: run from parse_args, before anything is written."""
-    if args.save_interval < 0 or args.save_total_limit < 0:
-        raise UserInputError("--save_interval and --save_total_limit must be >= 0")
-    root = os.path.join(args.output_dir, CHECKPOINTS)
-    found = list_checkpoints(root)
-    if args.resume is None and found:
-        raise UserInputError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run "
-                             f"({os.path.basename(found[-1])}): add --resume to continue it, or "
-                             "choose another --output_dir")
-    if args.resume is not None:
-        find_checkpoint(args.resume, root)  # fail now, not after the models are built
+    def validate_checkpoints(self, output_dir: str) -> None:
+        """Checks that need no process group: run before anything is written."""
+        root = os.path.join(output_dir, CHECKPOINTS)
+        found = list_checkpoints(root)
+        if self.resume is None and found:
+            raise UserInputError(f"--output_dir {output_dir} holds checkpoints of an earlier run "
+                                 f"({os.path.basename(found[-1])}): add --resume to continue it, or "
+                                 "choose another --output_dir")
+        if self.resume is not None:
+            find_checkpoint(self.resume, root)  # fail now, not after the models are built
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -100,24 +85,13 @@ def find_checkpoint(resume: str, default_root: str) -> str:
     return found[-1]
 
 
-@dataclass
-class Position:
-    """Where training stands: resume starts epoch `epoch` after its first `batches_done` batches."""
-    epoch: int = 0
-    batches_done: int = 0
-    global_step: int = 0
-
-
-class NonFiniteLossError(UserInputError):
-    """A loss became NaN or infinite: training stops (reported in one line, like bad input)."""
-
-
 class Checkpointer:
     """One step's checkpoints: `engines` are the trained DeepSpeed engines by name."""
 
-    def __init__(self, args, engines: dict, device):
-        self.args, self.engines, self.device = args, engines, device
-        self.root = os.path.join(args.output_dir, CHECKPOINTS)
+    def __init__(self, config, engines: dict, device):
+        """`config`: the step's configuration (output_dir, the CheckpointFlags, the FIXED flags to match)."""
+        self.config, self.engines, self.device = config, engines, device
+        self.root = os.path.join(config.output_dir, CHECKPOINTS)
         self.stop_signal: int | None = None
         self.resumed_from: str | None = None  # the checkpoint directory --resume loaded
 
@@ -129,9 +103,9 @@ class Checkpointer:
         `loaders` are DataLoaders of ours (ResumableSampler) that will skip the batches already trained in
         the resumed epoch. Call right before the training loop: the RNG states are restored last.
         """
-        if self.args.resume is None:
+        if self.config.resume is None:
             return Position(), {}
-        path = self.resumed_from = find_checkpoint(self.args.resume, self.root)
+        path = self.resumed_from = find_checkpoint(self.config.resume, self.root)
         with open(os.path.join(path, _TRAINER_STATE), encoding="utf-8") as f:
             state = json.load(f)
         self._check_compatible(path, state)
@@ -151,24 +125,24 @@ class Checkpointer:
         position = Position(**state["position"])
         for loader in loaders:
             loader.sampler.skip_batches(position.batches_done, loader.batch_size)
-        rank_state = torch.load(os.path.join(path, f"rank_{runtime.rank()}.pt"), weights_only=True)
+        rank_state = torch.load(os.path.join(path, f"rank_{distributed.rank()}.pt"), weights_only=True)
         for consume in rank_state_consumers:
             consume(rank_state)
         set_rng_state(rank_state["rng"])
-        runtime.print_rank_0(f"resumed from {path}: epoch {position.epoch + 1}, {position.batches_done} batches of it "
-                             f"done, step {position.global_step}")
+        distributed.print_rank_0(f"resumed from {path}: epoch {position.epoch + 1}, {position.batches_done} batches "
+                                 f"of it done, step {position.global_step}")
         return position, state["step_state"]
 
     def _check_compatible(self, path: str, state: dict) -> None:
         """Refuse, before any training, a checkpoint this run cannot continue exactly."""
         saved = state["run"]
-        if saved["world_size"] != runtime.world_size():
+        if saved["world_size"] != distributed.world_size():
             raise UserInputError(f"--resume: {path} was written by {saved['world_size']} ranks, this run has "
-                                 f"{runtime.world_size()}: resume with the same number of ranks (ZeRO shards and "
+                                 f"{distributed.world_size()}: resume with the same number of ranks (ZeRO shards and "
                                  "the data order depend on it)")
-        current = run_flags(self.args)
-        changed = [f"--{k} {saved['flags'].get(k)!r} -> {current.get(k)!r}" for k in sorted(current)
-                   if saved["flags"].get(k) != current.get(k)]
+        current = fixed_flag_values(self.config)
+        changed = [f"--{k} {saved['flags'][k]!r} -> {current[k]!r}" for k in sorted(current)
+                   if k in saved["flags"] and saved["flags"][k] != current[k]]
         if changed:
             raise UserInputError(f"--resume: {path} was written with other values of flags that fix the data order, "
                                  f"schedule or saved state ({'; '.join(changed)}): resume with the original values, "
@@ -176,7 +150,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def due(self, global_step: int) -> bool:
-        return bool(self.args.save_interval) and global_step % self.args.save_interval == 0
+        return bool(self.config.save_interval) and global_step % self.config.save_interval == 0
 
     def save(self, position: Position, metrics, step_state: dict | None = None, rank_state: dict | None = None,
              weights: dict | None = None) -> str:
@@ -187,37 +161,37 @@ class Checkpointer:
         """
         final = os.path.join(self.root, f"step_{position.global_step:08d}")
         tmp = os.path.join(self.root, f".tmp-step_{position.global_step:08d}")
-        if runtime.is_rank_0():
+        if distributed.is_rank_0():
             os.makedirs(self.root, exist_ok=True)
             for leftover in os.listdir(self.root):  # killed saves, and this step's if it was saved before
                 if leftover.startswith(".tmp-"):
                     shutil.rmtree(os.path.join(self.root, leftover), ignore_errors=True)
             os.makedirs(tmp)
-        runtime.barrier()
+        distributed.barrier()
         for name, engine in self.engines.items():
             engine.save_checkpoint(tmp, tag=name, save_latest=False)
-        torch.save({"rng": get_rng_state(), **(rank_state or {})}, os.path.join(tmp, f"rank_{runtime.rank()}.pt"))
+        torch.save({"rng": get_rng_state(), **(rank_state or {})}, os.path.join(tmp, f"rank_{distributed.rank()}.pt"))
         for name, tensors in (weights or {}).items():
             if tensors:
                 from safetensors.torch import save_file
 
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                          os.path.join(tmp, f"{name}_rank_{runtime.rank()}.safetensors"))
-        if runtime.is_rank_0():
+                          os.path.join(tmp, f"{name}_rank_{distributed.rank()}.safetensors"))
+        if distributed.is_rank_0():
             state = {"position": asdict(position), "metrics_history": metrics.history, "step_state": step_state or {},
-                     "run": {"world_size": runtime.world_size(), "flags": run_flags(self.args)}}
+                     "run": {"world_size": distributed.world_size(), "flags": fixed_flag_values(self.config)}}
             with open(os.path.join(tmp, _TRAINER_STATE), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=1)
-        runtime.barrier()  # every rank's files are complete before the checkpoint becomes visible
-        if runtime.is_rank_0():
+        distributed.barrier()  # every rank's files are complete before the checkpoint becomes visible
+        if distributed.is_rank_0():
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            if self.args.save_total_limit:
-                for old in list_checkpoints(self.root)[:-self.args.save_total_limit]:
+            if self.config.save_total_limit:
+                for old in list_checkpoints(self.root)[:-self.config.save_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
-        runtime.barrier()
-        runtime.print_rank_0(f"saved checkpoint {final}")
+        distributed.barrier()
+        distributed.print_rank_0(f"saved checkpoint {final}")
         return final
 
     def latest(self) -> str | None:
@@ -226,10 +200,10 @@ class Checkpointer:
 
     def finish(self) -> None:
         """After the final model is saved: drop the checkpoints unless --keep_checkpoints."""
-        if runtime.is_rank_0() and not self.args.keep_checkpoints:
+        if distributed.is_rank_0() and not self.config.keep_checkpoints:
             # (steps 1/2/DPO: the atomic model save carried the checkpoints into the new output_dir)
             shutil.rmtree(self.root, ignore_errors=True)
-        runtime.barrier()
+        distributed.barrier()
 
     # ------------------------------------------------------------------ faults
     def watch_signals(self) -> None:
@@ -244,7 +218,7 @@ class Checkpointer:
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
-            print(f"[rank {runtime.rank()}] {signal.Signals(signum).name}: saving a checkpoint at the end of this "
+            print(f"[rank {distributed.rank()}] {signal.Signals(signum).name}: saving a checkpoint at the end of this "
                   "step, then exiting (a second Ctrl-C exits at once)", flush=True)
         elif signum == signal.SIGINT == self.stop_signal:
             signal.signal(signum, signal.SIG_DFL)
@@ -258,7 +232,7 @@ class Checkpointer:
         agree. `state_fn()` returns the keyword arguments of `save` beyond position and metrics.
         """
         nonfinite = float(any(not math.isfinite(x) for x in losses))
-        bad, signalled = runtime.all_reduce_sum([nonfinite, float(self.stop_signal is not None)], self.device)
+        bad, signalled = distributed.all_reduce_sum([nonfinite, float(self.stop_signal is not None)], self.device)
         if bad:
             last = self.latest()
             keep = (f"the last good checkpoint is {last} (continue from it with --resume, e.g. with a lower "
@@ -270,9 +244,9 @@ class Checkpointer:
         saved = self.save(position, metrics, **(state_fn() if state_fn else {}))
         if signalled:
             signum = self.stop_signal or signal.SIGTERM
-            runtime.print_rank_0(f"stopped by {signal.Signals(signum).name} after step {position.global_step}: "
+            distributed.print_rank_0(f"stopped by {signal.Signals(signum).name} after step {position.global_step}: "
                                  f"continue with the same command plus --resume (checkpoint {saved})")
-            runtime.shutdown_distributed()
+            distributed.shutdown_distributed()
             raise SystemExit(128 + signum)
 
 
@@ -297,37 +271,11 @@ def weights_only_loads():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def run_flags(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k in RESUME_MUST_MATCH}
-
-
-def get_rng_state() -> dict:
-    """Every random generator a step draws from, in a form torch.load(weights_only=True) reads back."""
-    version, mt_state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(mt_state), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                                   has_gauss, cached],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def module_shard(module) -> dict[str, torch.Tensor]:
     """This rank's share of a module's parameters, for `Checkpointer.save(weights=...)`: its ZeRO-3 partitions,
     or (not partitioned) the whole parameters on rank 0 and nothing elsewhere."""
     partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
-    if not partitioned and not runtime.is_rank_0():
+    if not partitioned and not distributed.is_rank_0():
         return {}
     return {name: (p.ds_tensor if partitioned else p).detach() for name, p in module.named_parameters()}
 
@@ -336,7 +284,7 @@ def restore_module_shard(module, path: str, name: str) -> None:
     """Load what `module_shard` saved under `name` in checkpoint `path` back into `module` (same topology)."""
     from safetensors.torch import load_file
 
-    own = os.path.join(path, f"{name}_rank_{runtime.rank()}.safetensors")
+    own = os.path.join(path, f"{name}_rank_{distributed.rank()}.safetensors")
     saved = load_file(own if os.path.exists(own) else os.path.join(path, f"{name}_rank_0.safetensors"))
     with torch.no_grad():
         for param_name, p in module.named_parameters():

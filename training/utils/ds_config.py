@@ -3,6 +3,7 @@
 Values are plain dicts passed to `deepspeed.initialize(config=...)`. Incompatible flag combinations
 fail here with one actionable line instead of deep inside DeepSpeed.
 """
+import json
 import os
 
 import torch
@@ -179,3 +180,27 @@ def get_eval_ds_config(*, offload: bool, dtype: str, stage: int, micro_batch_siz
         "prescale_gradients": False,
         "wall_clock_breakdown": False,
     }
+
+
+def merge_user_ds_config(built: dict, deepspeed_config: str | None) -> dict:
+    """`--deepspeed_config FILE` entries override the built config (nested dicts merge key by key)."""
+    if not deepspeed_config:
+        return built
+    try:
+        with open(deepspeed_config, encoding="utf-8") as f:
+            user = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else err
+        raise UserInputError(f"--deepspeed_config '{deepspeed_config}' is not a readable JSON file ({reason}): "
+                             "pass a JSON file of DeepSpeed config entries") from None
+    if not isinstance(user, dict):
+        raise UserInputError(f"--deepspeed_config '{deepspeed_config}' holds a JSON {type(user).__name__}: "
+                             'write one object of DeepSpeed config entries, e.g. {"gradient_clipping": 1.0}')
+
+    def merge(base: dict, override: dict) -> dict:
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return merge(built, user)

@@ -1,47 +1,83 @@
-"""Builders that turn a model and the shared flags into a training DeepSpeed engine (used by every step)."""
+"""Builders that turn a model and its flags into DeepSpeed engines (used by every step).
+
+`config` is a step's configuration (it has the TrainingFlags, DeepSpeedFlags and LoggingFlags);
+`model_flags` is one trained model's ModelFlags (`config.model`, or step 3's `config.actor` / `config.critic`).
+"""
 import deepspeed
 
-from training.utils import args as shared_args
-from training.utils import runtime
-from training.utils.ds_config import get_train_ds_config, global_batch_size
-from training.utils.lora import (convert_linear_layer_to_lora, make_model_gradient_checkpointing_compatible,
-                                 only_optimize_lora_parameters)
+from training.utils import distributed
+from training.utils.ds_config import get_eval_ds_config, get_train_ds_config, global_batch_size, merge_user_ds_config
+from training.utils.flags import ModelFlags
+from training.utils.lora import (
+    convert_linear_layer_to_lora,
+    make_model_gradient_checkpointing_compatible,
+    only_optimize_lora_parameters,
+)
 from training.utils.optim import create_lr_scheduler, create_optimizer, get_optimizer_grouped_parameters
+from training.utils.precision import resolve_dtype
 
 
-def train_ds_config(args, device, tb_name: str) -> dict:
-    """The DeepSpeed config of a trained model from the shared flags (plus --deepspeed_config overrides)."""
-    config = get_train_ds_config(
-        offload=args.offload, dtype=shared_args.resolve_dtype(args.dtype, device.type), stage=args.zero_stage,
-        train_batch_size=global_batch_size(args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                                           runtime.world_size()),
-        micro_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        enable_tensorboard=args.enable_tensorboard, tb_path=args.tensorboard_path, tb_name=tb_name,
+def training_dtype(config, device) -> str:
+    """The precision every model of the run uses (--dtype, or the device's default)."""
+    if config.dtype is None:
+        return "fp16" if device.type == "cuda" else "fp32"
+    return resolve_dtype(config.dtype, device.type)[0]
+
+
+def train_ds_config(config, model_flags: ModelFlags, micro_batch_size: int, device, tb_name: str | None = None,
+                    **entries) -> dict:
+    """The DeepSpeed config of a trained model, with --deepspeed_config's entries merged over it.
+    `tb_name` turns DeepSpeed's own TensorBoard events on (with --enable_tensorboard); `entries` are
+    further get_train_ds_config keywords (step 3's Hybrid Engine settings)."""
+    built = get_train_ds_config(
+        offload=config.offload, dtype=training_dtype(config, device), stage=model_flags.zero_stage,
+        train_batch_size=global_batch_size(micro_batch_size, config.gradient_accumulation_steps,
+                                           distributed.world_size()),
+        micro_batch_size=micro_batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        enable_tensorboard=config.enable_tensorboard and tb_name is not None, tb_path=config.tensorboard_path,
+        tb_name=tb_name or "", device=device.type, **entries)
+    return merge_user_ds_config(built, config.deepspeed_config)
+
+
+def frozen_ds_config(config, stage: int, offload: bool, micro_batch_size: int, device) -> dict:
+    """The DeepSpeed config of a frozen model (reference, reward, EMA) beside a trained one."""
+    return get_eval_ds_config(
+        offload=offload, dtype=training_dtype(config, device), stage=stage, micro_batch_size=micro_batch_size,
+        train_batch_size=global_batch_size(micro_batch_size, config.gradient_accumulation_steps,
+                                           distributed.world_size()),
         device=device.type)
-    return shared_args.merge_user_ds_config(config, args.deepspeed_config)
 
 
-def apply_lora(model, args, force_optimize_params: tuple[str, ...] = ()):
-    """--lora_dim / --lora_module_name / --only_optimize_lora (`force_optimize_params` stay trainable)."""
-    if args.lora_dim > 0:
-        convert_linear_layer_to_lora(model, args.lora_module_name, args.lora_dim)
-        if args.only_optimize_lora:
+def frozen_stage(trained_stage: int) -> int:
+    """The ZeRO stage of a frozen model that sits next to a trained one (DeepSpeed-Chat's rule): partitioned
+    when the trained model is, whole otherwise (stages 1-2 partition optimizer state, which it has not)."""
+    return 3 if trained_stage == 3 else 0
+
+
+def apply_lora(model, model_flags: ModelFlags, only_optimize_lora: bool = False,
+               force_optimize_params: tuple[str, ...] = ()):
+    """LoRA layers per the model's flags; with `only_optimize_lora` everything else but
+    `force_optimize_params` (a value head) is frozen."""
+    if model_flags.lora_dim > 0:
+        convert_linear_layer_to_lora(model, model_flags.lora_module_name, model_flags.lora_dim)
+        if only_optimize_lora:
             only_optimize_lora_parameters(model, force_optimize_params)
             make_model_gradient_checkpointing_compatible(model)
     return model
 
 
-def initialize_train_engine(model, args, ds_config: dict, device, steps_per_epoch: int):
-    """Optimizer (decay / no-decay / LoRA groups), LR schedule over all epochs, DeepSpeed engine."""
+def initialize_train_engine(model, config, model_flags: ModelFlags, ds_config: dict, device, steps_per_epoch: int,
+                            gradient_checkpointing: bool | None = None):
+    """Optimizer (decay / no-decay / LoRA groups), LR schedule over all epochs, DeepSpeed engine.
+    `gradient_checkpointing` None follows the model's flag (step 3 turns it on per training pass instead)."""
     optimizer = create_optimizer(
-        get_optimizer_grouped_parameters(model, args.weight_decay, args.lora_learning_rate),
-        lr=args.learning_rate, offload=args.offload, device=device.type)
-    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps,
-                                       steps_per_epoch * args.num_train_epochs)
+        get_optimizer_grouped_parameters(model, model_flags.weight_decay, model_flags.lora_learning_rate),
+        lr=model_flags.learning_rate, offload=config.offload, device=device.type)
+    lr_scheduler = create_lr_scheduler(optimizer, config.lr_scheduler_type, config.num_warmup_steps,
+                                       steps_per_epoch * config.num_train_epochs)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       config=ds_config, dist_init_required=False)
-    if args.gradient_checkpointing:
+    if model_flags.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing:
         engine.module.gradient_checkpointing_enable()
     return engine, lr_scheduler
 

@@ -1,6 +1,19 @@
-"""One error type for bad user input, reported as a single actionable line."""
+"""Errors by kind, each reported the way its reader needs it, with its own exit code.
+
+Exit codes of every entry point (training steps, evaluation scripts, applications):
+
+    0        success
+    2        bad input (UserInputError): one line `error: ...` on stderr naming the input and the fix
+    3        training diverged (NonFiniteLossError): one line `error: ...` naming the step and the last
+             good checkpoint
+    1        an internal error: a bug or a crash, with its traceback
+    128 + N  stopped by signal N (SIGTERM/SIGINT after saving a checkpoint; the shell reports 143/130)
+"""
 import functools
 import sys
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 
 class UserInputError(Exception):
@@ -10,8 +23,14 @@ class UserInputError(Exception):
     """
 
 
+class NonFiniteLossError(Exception):
+    """Training diverged: a loss became NaN or infinite. Not bad input (the same flags may train on another
+    seed), so it has its own exit code; the message names the step and the last good checkpoint."""
+
+
 def report_user_errors(main):
-    """Wrap a `main()` so a UserInputError ends the process with one line on stderr and exit code 2."""
+    """Wrap a `main()` so a UserInputError (exit 2) or a NonFiniteLossError (exit 3) ends the process with one
+    line on stderr and no traceback; anything else keeps its traceback and exits 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -19,6 +38,9 @@ def report_user_errors(main):
             return main(*args, **kwargs)
         except UserInputError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(EXIT_BAD_INPUT)
+        except NonFiniteLossError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_DIVERGED)
 
     return wrapper

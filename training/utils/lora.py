@@ -12,7 +12,7 @@ than PEFT's `lora_alpha / r`; we keep its flag semantics. `lora_scaling = alpha 
 convention.
 """
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import deepspeed
 import torch
@@ -209,7 +209,8 @@ def lora_scalings(model: nn.Module) -> dict[str, float]:
     return {name: m.lora_scaling for name, m in _lora_modules(model)}
 
 
-def lora_state_dict_to_fused(state_dict: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
+def lora_state_dict_to_fused(state_dict: dict[str, torch.Tensor],
+                             scalings: dict[str, float]) -> dict[str, torch.Tensor]:
     """A plain-model state dict from a LoRA model's (gathered) state dict; the input is not modified.
 
     Each `<prefix>.weight` gets its LoRA update added (computed in fp32, stored in the weight's

@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from training.utils.masks import last_real_token_index
+
 IGNORE_INDEX = -100
 
 
@@ -24,18 +26,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, compute_fp32: boo
 
 def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last 1 in each row of the mask: where a sequence's reward sits.
-
-        last[b] = max { t : mask[b, t] = 1 }
-
-    Found from the mask, never from token ids, so it is the same for right and left padding and
-    correct when pad == EOS. A row without any 1 gives 0.
-    """
-    positions = torch.arange(attention_mask.size(-1), device=attention_mask.device)
-    return (positions * (attention_mask != 0)).amax(dim=-1)
 
 
 def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,

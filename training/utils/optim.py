@@ -1,6 +1,4 @@
 """Optimizer parameter groups, optimizer choice per device, and learning-rate schedules."""
-from typing import Iterable
-
 import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from torch import nn
@@ -9,32 +7,50 @@ from transformers import get_scheduler
 from training.utils.errors import UserInputError
 from training.utils.lora import LORA_PARAM_NAMES
 
-NO_DECAY_NAMES = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight",
-                  "LayerNorm.weight")
-
 # DeepSpeed-Chat's --lr_scheduler_type choices (all understood by transformers.get_scheduler).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-def get_optimizer_grouped_parameters(model: nn.Module, weight_decay: float, lora_learning_rate: float | None = None,
-                                     no_decay_name_list: Iterable[str] = NO_DECAY_NAMES) -> list[dict]:
-    """Trainable parameters in up to three groups: decayed base, decayed LoRA, no decay.
+def logical_ndim(param: torch.Tensor) -> int:
+    """The number of dimensions of a parameter's full tensor.
 
-    Biases and norm weights are not decayed (decay pulls norm gains towards zero, which only hurts).
-    LoRA factors get their own group so they can use `--lora_learning_rate`. Empty groups are
-    dropped because DeepSpeed's ZeRO optimizers fail on them.
+    Under ZeRO-3 a partitioned parameter's `.data` is an empty (1-D) shard and its real shape is kept in
+    `ds_shape`, so `param.dim()` alone would put every partitioned weight matrix in the no-decay group.
     """
-    no_decay_name_list = tuple(no_decay_name_list)
+    return len(param.ds_shape) if hasattr(param, "ds_id") else param.dim()
+
+
+def decays(param: torch.Tensor) -> bool:
+    """Whether weight decay applies to `param`: matrices and higher (dim >= 2) yes, vectors and scalars no."""
+    return logical_ndim(param) >= 2
+
+
+def get_optimizer_grouped_parameters(model: nn.Module, weight_decay: float,
+                                     lora_learning_rate: float | None = None) -> list[dict]:
+    """Trainable parameters in up to three groups, in this order: decayed base, decayed LoRA, no decay.
+
+    Decay is decided by shape, not by name (as nanoGPT and torchtune do):
+      - dim < 2 (every bias and every norm gain/shift, whatever the architecture calls them: OPT's
+        `self_attn_layer_norm`, GPT-2's `ln_1`/`ln_2`/`ln_f`, Llama's `input_layernorm`, Gemma's
+        `norm`, ...) gets weight_decay 0. Decay would pull norm gains towards zero, which only hurts.
+      - dim >= 2 (linear/Conv1D weights, and the token and position embeddings too) is decayed.
+        A tied output head is the token embedding and appears once.
+    Under ZeRO-3 the full shape (`ds_shape`) is used, not the empty local shard's.
+
+    LoRA factors (names in `LORA_PARAM_NAMES`) get their own decayed group, with `lr` set to
+    `lora_learning_rate` when given, so they can use `--lora_learning_rate`. Frozen parameters are
+    left out. Empty groups are dropped because DeepSpeed's ZeRO optimizers fail on them.
+    """
     decay, lora, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if any(nd in name for nd in no_decay_name_list):
-            no_decay.append(param)
-        elif any(ln in name for ln in LORA_PARAM_NAMES):
+        if any(ln in name for ln in LORA_PARAM_NAMES):
             lora.append(param)
-        else:
+        elif decays(param):
             decay.append(param)
+        else:
+            no_decay.append(param)
     lora_group = {"params": lora, "weight_decay": weight_decay}
     if lora_learning_rate is not None:
         lora_group["lr"] = lora_learning_rate

@@ -52,7 +52,7 @@ def load_tokenizer(model_name_or_path: str, add_eot_token: bool = False, eot_tok
                                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         where = "directory" if local else "hub id (needs network)"
-        raise UserInputError(f"cannot load a tokenizer from {where} '{source}': {str(err).splitlines()[0]}")
+        raise UserInputError(f"cannot load a tokenizer from {where} '{source}': {str(err).splitlines()[0]}") from None
     if add_eot_token:
         tokenizer.add_special_tokens({"eos_token": eot_token})
     elif tokenizer.eos_token is None:

@@ -11,18 +11,21 @@ training seed of one step can never make its phase overlap another step's.
 import glob
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from training.utils import runtime
+from training.utils import distributed
+from training.utils.atomic_dir import atomic_directory
+from training.utils.config import FIXED, at_least, in_range, option
 from training.utils.data.conversation import Chunk, encode_conversations, messages_to_chunks, prompt_chunks
+from training.utils.data.samplers import DEFAULT_GROUP_BATCHES, LengthGroupedSampler, ResumableSampler, sample_lengths
 from training.utils.data.sources import Sample, Source, open_source
 from training.utils.errors import UserInputError
-from training.utils.io import atomic_directory
 from training.utils.tokenizer import tokenizer_fingerprint
 
 PHASE_SFT, PHASE_REWARD, PHASE_RLHF = 1, 2, 3
@@ -30,24 +33,44 @@ EVAL_HOLDOUT = 0.1  # share of a train-only source that becomes its eval split
 _CODE_FILES = ("data/*.py", "tokenizer.py")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataConfig:
-    data_path: tuple[str, ...]
-    data_split: str = "2,4,4"
-    data_output_path: str = "/tmp/data_files/"
-    data_seed: int = 1234
-    sft_only_data_path: tuple[str, ...] = ()
+    """data"""
+    data_path: list[str] = option(
+        ["Dahoas/rm-static"], "Datasets to blend: DeepSpeed-Chat hub names, synthetic/arithmetic[:k=v,...], "
+        "synthetic/copy, local/jsonfile, a .json/.jsonl/.parquet file, or a dataset directory.",
+        check=lambda paths: _repeated(paths), resume=FIXED)
+    data_split: str = option("2,4,4", "Shares of every dataset for phase 1 (SFT), 2 (reward/DPO), 3 (PPO).",
+                             check=lambda text: _split_problem(text), resume=FIXED)
+    data_output_path: str = option("/tmp/data_files/", "Where split indices and the tokenised cache are stored "
+                                                       "(shared by all ranks).")
+    data_seed: int = option(1234, "[new] Seed of the phase split, independent of --seed so phases never overlap.",
+                            check=in_range(0, 2**32 - 1), resume=FIXED)
+    # Flags of some steps only (SequenceDataConfig, SFTDataConfig); these are their values elsewhere.
     max_seq_len: int = 512
-    train_on_prompt: bool = False  # SFT: also put prompt tokens into the loss
+    sft_only_data_path: list[str] = field(default_factory=list)
+    train_on_prompt: bool = False
 
-    @classmethod
-    def from_args(cls, args) -> "DataConfig":
-        """From the shared data flags (training.utils.args.add_data_args) of any step."""
-        return cls(data_path=tuple(args.data_path), data_split=args.data_split,
-                   data_output_path=args.data_output_path, data_seed=args.data_seed,
-                   sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ())),
-                   max_seq_len=getattr(args, "max_seq_len", cls.max_seq_len),
-                   train_on_prompt=getattr(args, "train_on_prompt", False))
+
+@dataclass
+class SeqLenFlags:
+    """data"""
+    max_seq_len: int = option(512, "Maximum tokens of prompt + reply; longer samples lose the start of the prompt.",
+                              check=at_least(2), resume=FIXED)
+
+
+@dataclass
+class SequenceDataConfig(SeqLenFlags, DataConfig):  # (this order: SeqLenFlags' option replaces the plain field)
+    """data"""
+
+
+@dataclass
+class SFTDataConfig(SequenceDataConfig):
+    """data"""
+    sft_only_data_path: list[str] = option([], "Datasets used whole, and only, for SFT.",
+                                           check=lambda paths: _repeated(paths), resume=FIXED)
+    train_on_prompt: bool = option(False, "[new] Also train on prompt tokens (default: loss on assistant replies "
+                                          "only).", resume=FIXED)
 
 
 @dataclass
@@ -58,14 +81,32 @@ class PhaseData:
     cache_dir: str = ""
 
 
-def parse_data_split(text: str) -> list[float]:
+def _repeated(paths: list[str]) -> str | None:
+    """A dataset named twice would be trained on twice (and counted once in the statistics)."""
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    return f"names {', '.join(twice)} more than once: give each dataset once" if twice else None
+
+
+def _split_shares(text: str) -> list[float] | None:
     try:
         parts = [float(x) for x in text.split(",")]
     except ValueError:
-        parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise UserInputError(f"--data_split '{text}' must be three non-negative numbers with a positive sum, "
-                             "e.g. 2,4,4 (phase 1, 2, 3 shares)")
+        return None
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        return None
+    return parts
+
+
+def _split_problem(text: str) -> str | None:
+    if _split_shares(text) is None:
+        return "must be three finite non-negative numbers with a positive sum, e.g. 2,4,4 (phase 1, 2, 3 shares)"
+    return None
+
+
+def parse_data_split(text: str) -> list[float]:
+    parts = _split_shares(text)
+    if parts is None:
+        raise UserInputError(f"--data_split '{text}' {_split_problem(text)}")
     total = sum(parts)
     return [p / total for p in parts]
 
@@ -131,10 +172,10 @@ def build_cache_once(cache_dir: str, build) -> None:
         if not os.path.isdir(cache_dir):
             build()
 
-    runtime.run_on_rank_0(build_if_missing)
+    distributed.run_on_rank_0(build_if_missing)
     if not os.path.isdir(cache_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         build_if_missing()
-    runtime.barrier()
+    distributed.barrier()
 
 
 def load_phase_data(cache_dir: str) -> PhaseData:
@@ -335,40 +376,33 @@ class RaggedDataset:
         return offsets[1:] - offsets[:-1]
 
 
-def make_loaders(data: PhaseData, args, collator) -> tuple[DataLoader, DataLoader]:
-    """Shuffled train and ordered eval loaders from the shared batch-size flags."""
-    return (make_loader(data.train, args.per_device_train_batch_size, collator, args.seed, shuffle=True),
-            make_loader(data.eval, args.per_device_eval_batch_size, collator, args.seed, shuffle=False))
+def make_loaders(data: PhaseData, args, collator, length_grouped: bool = False,
+                 group_batches: int = DEFAULT_GROUP_BATCHES) -> tuple[DataLoader, DataLoader]:
+    """Shuffled train and ordered eval loaders from the shared batch-size flags (`length_grouped`: see
+    make_loader; it applies to both)."""
+    grouping = {"length_grouped": length_grouped, "group_batches": group_batches}
+    return (make_loader(data.train, args.per_device_train_batch_size, collator, args.seed, shuffle=True, **grouping),
+            make_loader(data.eval, args.per_device_eval_batch_size, collator, args.seed, shuffle=False, **grouping))
 
 
-def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool) -> DataLoader:
+def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool, length_grouped: bool = False,
+                group_batches: int = DEFAULT_GROUP_BATCHES, lengths=None) -> DataLoader:
     """A DataLoader whose sampler shards by rank (also with one rank, so the order depends only on seed
     and epoch). Every rank gets the same number of batches, which ZeRO-3's per-forward collectives
-    need; for that the sampler repeats up to world_size - 1 samples when the split does not divide."""
-    sampler = ResumableSampler(dataset, num_replicas=runtime.world_size(), rank=runtime.rank(), shuffle=shuffle,
-                               seed=seed)
+    need; for that the sampler repeats up to world_size - 1 samples when the split does not divide.
+
+    `length_grouped=True` batches samples of similar length together (samplers.LengthGroupedSampler,
+    groups of `group_batches` steps; `lengths` defaults to samplers.sample_lengths(dataset)), so padding
+    to the longest sample of a batch wastes little. Default: plain random batches (ResumableSampler).
+    Both support `sampler.set_epoch` and `sampler.skip_batches` alike."""
+    if length_grouped:
+        sampler = LengthGroupedSampler(sample_lengths(dataset) if lengths is None else lengths, batch_size,
+                                       num_replicas=distributed.world_size(), rank=distributed.rank(), seed=seed,
+                                       shuffle=shuffle, group_batches=group_batches)
+    else:
+        sampler = ResumableSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                   shuffle=shuffle, seed=seed)
     # Its own generator: creating an iterator then draws nothing from the global RNG, so a resumed run
     # (which creates its iterator mid-epoch) sees the same random stream as an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
                       generator=torch.Generator().manual_seed(seed))
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler whose next pass can start part-way, after the batches a resumed run already
-    trained on (the order itself still depends only on seed and epoch)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._skip = 0
-
-    def skip_batches(self, batches: int, batch_size: int) -> None:
-        """Leave out this rank's first `batches` batches of the next pass (only that pass)."""
-        self._skip = min(batches * batch_size, self.num_samples)
-
-    def __iter__(self):
-        indices = list(super().__iter__())[self._skip:]
-        self._skip = 0
-        return iter(indices)
-
-    def __len__(self) -> int:
-        return self.num_samples - self._skip

@@ -30,9 +30,9 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from training.utils.data.conversation import ASSISTANT, HUMAN, format_reply, format_user_turn, messages_to_chunks
 from training.utils.errors import UserInputError

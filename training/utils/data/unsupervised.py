@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.utils import runtime
-from training.utils.data.pipeline import RaggedDataset, code_version, build_cache_once, make_loader
+from training.utils import distributed
+from training.utils.atomic_dir import atomic_directory
+from training.utils.data.pipeline import RaggedDataset, build_cache_once, code_version, make_loader
 from training.utils.data.sources import file_fingerprint, read_data_file
 from training.utils.errors import UserInputError
-from training.utils.io import atomic_directory
 from training.utils.tokenizer import tokenizer_fingerprint
 
 TEXT_FIELD = "text"
@@ -59,9 +59,9 @@ def build_unsupervised_dataset(name: str, config_name: str | None, tokenizer, bl
     build_cache_once(cache_dir, lambda: _build_cache(name, texts(), tokenizer, block_size, cache_dir))
     with open(os.path.join(cache_dir, "stats.json"), encoding="utf-8") as f:
         stats = json.load(f)
-    runtime.print_rank_0(f"unsupervised data '{name}': {stats['documents']} documents, {stats['tokens']} tokens "
-                         f"-> {stats['blocks']} blocks of {block_size} ({stats['dropped_tail_tokens']} tail "
-                         f"tokens dropped), cached in {cache_dir}")
+    distributed.print_rank_0(f"unsupervised data '{name}': {stats['documents']} documents, {stats['tokens']} tokens "
+                             f"-> {stats['blocks']} blocks of {block_size} ({stats['dropped_tail_tokens']} tail "
+                             f"tokens dropped), cached in {cache_dir}")
     return RaggedDataset.load(os.path.join(cache_dir, "blocks.npz"))
 
 

@@ -48,7 +48,7 @@ def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as err:
         raise UserInputError(f"cannot load model '{model_name_or_path}': not a local directory, and the hub "
                              f"is not reachable or has no such model ({str(err).splitlines()[0]}); "
-                             "pass a local model directory or tiny/opt | tiny/llama")
+                             "pass a local model directory or tiny/opt | tiny/llama") from None
 
 
 def _declared_model_type(directory: str) -> str:

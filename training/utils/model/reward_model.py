@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from training.utils.errors import UserInputError
-from training.utils.losses import last_real_token_index
+from training.utils.masks import last_real_token_index, positions_from_mask
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import gather_state_dict, write_model_directory
 
@@ -63,17 +63,6 @@ def value_head_width(config) -> int:
     to hidden_size when it has no project_out); the other families use hidden_size (GPT-2's n_embd
     is reachable under that name through its config's attribute_map)."""
     return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only, so left padding does not shift a sequence.
-
-    Bodies with learned absolute positions (GPT-2) number positions 0..T-1 whatever the mask says,
-    so a left-padded row would get other position embeddings than the same row right-padded.
-    Rotary bodies (Llama, Qwen2) see only position differences; OPT counts from the mask itself;
-    Bloom (ALiBi) takes no position ids and is not given any.
-    """
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 class RewardModel(nn.Module):

@@ -9,8 +9,8 @@ import os
 
 import torch
 
-from training.utils import runtime
-from training.utils.io import atomic_directory
+from training.utils import distributed
+from training.utils.atomic_dir import atomic_directory
 from training.utils.lora import lora_scalings, lora_state_dict_to_fused
 
 
@@ -25,9 +25,9 @@ def gather_state_dict(model) -> dict[str, torch.Tensor] | None:
             continue
         partitioned = hasattr(tensor, "ds_id")
         with deepspeed.zero.GatheredParameters([tensor], enabled=partitioned):
-            if runtime.is_rank_0():
+            if distributed.is_rank_0():
                 state[name] = tensor.detach().to("cpu", copy=True)
-    if not runtime.is_rank_0():
+    if not distributed.is_rank_0():
         return None
     return lora_state_dict_to_fused(state, lora_scalings(model))
 
@@ -37,7 +37,7 @@ def save_hf_format(model, tokenizer, output_dir: str, *, extra_json: dict[str, d
     """Write `output_dir` as an HF model directory that `AutoModelForCausalLM.from_pretrained` loads.
 
     `model` is the bare module (engine.module). `extra_json` adds small JSON files (e.g. the run's
-    arguments); `metrics` (a runtime.MetricsLog) adds the metrics history and a PNG of the curves.
+    arguments); `metrics` (a metrics_log.MetricsLog) adds the metrics history and a PNG of the curves.
     """
     state = gather_state_dict(model)
     write_model_directory(output_dir, tokenizer,
@@ -50,7 +50,7 @@ def write_model_directory(output_dir: str, tokenizer, write_weights, *, extra_js
     """The part of every model save after gathering: rank 0 fills a temporary directory with
     `write_weights(tmp)`, the tokenizer, the `extra_json` files and the metrics, then renames it onto
     `output_dir`; every rank must call it (it ends with a barrier)."""
-    if runtime.is_rank_0():
+    if distributed.is_rank_0():
         with atomic_directory(output_dir) as tmp:
             write_weights(tmp)
             tokenizer.save_pretrained(tmp)
@@ -59,4 +59,4 @@ def write_model_directory(output_dir: str, tokenizer, write_weights, *, extra_js
                     json.dump(content, f, indent=1, default=str)
             if metrics is not None:
                 metrics.write(tmp, metrics_title)
-    runtime.barrier()
+    distributed.barrier()

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from training.utils import runtime
+from training.utils import distributed
 from training.utils.errors import UserInputError
 
 
@@ -87,9 +87,9 @@ class RewardNormalizer:
         stats = meta.get("reward_stats") or {}
         mean, std = stats.get("mean"), stats.get("std")
         if not (_is_number(mean) and _is_number(std) and std > 0):
-            runtime.print_rank_0(f"WARNING: reward normalisation is on but the reward model has no usable "
-                                 f"reward_stats (mean {mean}, std {std}) in reward_model.json: using raw "
-                                 f"scores; retrain it with step 2 of this project to record them")
+            distributed.print_rank_0(f"WARNING: reward normalisation is on but the reward model has no usable "
+                                     f"reward_stats (mean {mean}, std {std}) in reward_model.json: using raw "
+                                     f"scores; retrain it with step 2 of this project to record them")
             return cls()
         return cls(mean, std)
 

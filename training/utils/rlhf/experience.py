@@ -7,8 +7,8 @@ Layout of one batch of experience (B rows):
     per-token   [B, A]   old log-probs, old values, advantages, returns: one entry per answer token
 
 An answer's length counts its tokens up to and including the first EOS, or all A when it has none
-(cut at --max_answer_seq_len). It is found from the generated ids by position, so the pad after an
-early EOS is excluded even when the tokenizer's pad id equals its EOS id.
+(cut at --max_answer_seq_len). It is found from the generated ids by position (masks.answer_lengths), so the
+pad after an early EOS is excluded even when the tokenizer's pad id equals its EOS id.
 
 The buffer holds --generation_batches such batches and re-cuts them into mini-batches of
 --per_device_training_batch_size rows (re-padding prompts on the left and answers on the right), so
@@ -25,26 +25,6 @@ from training.utils.errors import UserInputError
 from training.utils.losses import masked_whiten
 
 PER_TOKEN_FIELDS = ("log_probs", "values", "advantages", "returns")
-
-
-def answer_lengths(answer_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B] answer lengths, [B] bool ended with EOS) of generated answers [B, A].
-
-        length[b] = 1 + first t with answer_ids[b, t] = EOS,   or A when row b has no EOS
-
-    Only the first EOS counts: what follows it is padding, whatever its id.
-    """
-    is_eos = answer_ids == eos_token_id
-    ended = is_eos.any(dim=1)
-    first_eos = is_eos.int().argmax(dim=1)
-    width = torch.full_like(first_eos, answer_ids.size(1))
-    return torch.where(ended, first_eos + 1, width), ended
-
-
-def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] long mask with mask[b, t] = 1 for t < lengths[b]."""
-    positions = torch.arange(width, device=lengths.device)
-    return (positions.unsqueeze(0) < lengths.unsqueeze(1)).long()
 
 
 class CappedPrompts(Dataset):

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from training.utils import runtime
+from training.utils import distributed
 from training.utils.data.synthetic import check_answer
-from training.utils.rlhf.experience import answer_lengths, mask_from_lengths
+from training.utils.masks import answer_lengths, mask_from_lengths
 
 # Per step, in the order the log line prints them.
 STEP_LINE = (("reward", "reward/mean", "{:+.3f}"), ("+-", "reward/std", "{:.3f}"), ("kl", "kl/to_reference", "{:.3f}"),
@@ -41,7 +41,7 @@ def summarize_rollouts(rollouts: list, device) -> dict[str, float]:
     """Mean/std of the raw reward-model score, mean KL to the reference per answer, mean answer length,
     the share of answers that ended with EOS, and the number of answers, over all ranks."""
     scores = torch.cat([r.scores for r in rollouts]).double()
-    n, score_sum, square_sum, kl_sum, length_sum, eos_sum = runtime.all_reduce_sum([
+    n, score_sum, square_sum, kl_sum, length_sum, eos_sum = distributed.all_reduce_sum([
         scores.numel(), scores.sum().item(), scores.pow(2).sum().item(),
         sum(r.kl.sum().item() for r in rollouts), sum(r.lengths.sum().item() for r in rollouts),
         sum(r.ended.sum().item() for r in rollouts)], device)
@@ -54,8 +54,8 @@ def summarize_rollouts(rollouts: list, device) -> dict[str, float]:
 def average_training_stats(stats: list[dict[str, float]], device) -> dict[str, float]:
     """Mean of each mini-batch statistic over the mini-batches and the ranks."""
     names = sorted(stats[0])
-    totals = runtime.all_reduce_sum([sum(s[name] for s in stats) / len(stats) for name in names], device)
-    return {name: total / runtime.world_size() for name, total in zip(names, totals)}
+    totals = distributed.all_reduce_sum([sum(s[name] for s in stats) / len(stats) for name in names], device)
+    return {name: total / distributed.world_size() for name, total in zip(names, totals)}
 
 
 def describe_step(step: int, values: dict[str, float]) -> str:
@@ -76,10 +76,10 @@ def evaluate_policy(trainer, loader, seed: int) -> dict[str, float]:
     device = trainer.device
     totals = [0.0] * 7  # answers, score sum, squared score sum, length sum, EOS count, checked, correct
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + runtime.rank())
+        torch.manual_seed(seed + distributed.rank())
         for batch in loader:
             _evaluate_batch(trainer, batch, totals)
-    n, score_sum, square_sum, length_sum, eos_sum, checked, correct = runtime.all_reduce_sum(totals, device)
+    n, score_sum, square_sum, length_sum, eos_sum, checked, correct = distributed.all_reduce_sum(totals, device)
     n = max(n, 1)
     mean = score_sum / n
     result = {"eval/reward_mean": mean, "eval/reward_std": math.sqrt(max(square_sum / n - mean * mean, 0.0)),
@@ -131,4 +131,5 @@ def show_answer(tokenizer, experience, step: int) -> None:
     """--print_answers: the first prompt of the batch and its answer (special tokens shown), rank 0."""
     prompt = experience.prompt_ids[0][experience.prompt_mask[0] == 1]
     answer = experience.answer_ids[0][experience.action_mask[0] == 1]
-    runtime.print_rank_0(f"--- step {step} prompt: {tokenizer.decode(prompt)!r}\n--- answer: {tokenizer.decode(answer)!r}")
+    distributed.print_rank_0(f"--- step {step} prompt: {tokenizer.decode(prompt)!r}\n"
+                             f"--- answer: {tokenizer.decode(answer)!r}")

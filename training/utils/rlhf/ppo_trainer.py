@@ -1,6 +1,6 @@
 """PPO for RLHF with DeepSpeed-Chat's trainer API.
 
-    trainer = PPOTrainer(rlhf_engine, PPOConfig.from_args(args))
+    trainer = PPOTrainer(rlhf_engine, config)   # config: the step-3 RLHFConfig
     experience, rollout = trainer.generate_experience(prompt_batch)  # sample, score; no gradients
     stats = trainer.train_rlhf(minibatch)                            # one actor and one critic update
     trainer.train_unsupervised(lm_batch, unsup_coef)                 # PPO-ptx: language-model loss
@@ -21,47 +21,28 @@ masks, never by comparing ids with pad.
 import contextlib
 import inspect
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import deepspeed
 import torch
 
-from inference.generation import SamplingConfig
-from training.utils import runtime
-from training.utils.losses import (apply_truncation_penalty, causal_lm_loss, entropy_from_logits, gae_advantages_and_returns,
-                                   gather_log_probs, kl_penalty_rewards, masked_mean, policy_loss, value_loss)
-from training.utils.model.reward_model import positions_from_mask
+from training.utils import distributed
+from training.utils.losses import (
+    apply_truncation_penalty,
+    causal_lm_loss,
+    entropy_from_logits,
+    gae_advantages_and_returns,
+    gather_log_probs,
+    kl_penalty_rewards,
+    masked_mean,
+    policy_loss,
+    value_loss,
+)
+from training.utils.masks import answer_lengths, mask_from_lengths, positions_from_mask
+from training.utils.rlhf.config import RLHFConfig
 from training.utils.rlhf.control import RewardNormalizer, make_kl_controller
-from training.utils.rlhf.experience import Experience, answer_lengths, mask_from_lengths
-
-
-@dataclass
-class PPOConfig:
-    """The PPO settings (the step-3 flags of the same names, documented in training/utils/rlhf/args.py)."""
-    max_answer_seq_len: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    kl_ctl: float = 0.1
-    target_kl: float | None = None
-    kl_horizon: float = 10000
-    clip_reward_value: float = 5.0
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    normalize_reward: bool = False
-    truncation_penalty: float = 0.0
-    ema_beta: float = 0.992
-    compute_fp32_loss: bool = False
-    actor_gradient_checkpointing: bool = False
-    critic_gradient_checkpointing: bool = False
-    align_overflow: bool = False
-
-    @classmethod
-    def from_args(cls, args) -> "PPOConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+from training.utils.rlhf.experience import Experience
+from training.utils.sampling import SamplingConfig
 
 
 @dataclass
@@ -76,17 +57,16 @@ class Rollout:
 
 
 class PPOTrainer:
-    def __init__(self, rlhf_engine, config: PPOConfig):
+    def __init__(self, rlhf_engine, config: RLHFConfig):
         self.engine, self.config = rlhf_engine, config
         self.tokenizer = rlhf_engine.tokenizer
         self.device = rlhf_engine.actor.device
-        self.kl_ctl = make_kl_controller(config.kl_ctl, config.target_kl, config.kl_horizon)
+        self.kl_ctl = make_kl_controller(config.ppo.kl_ctl, config.ppo.target_kl, config.ppo.kl_horizon)
         self.reward_normalizer = RewardNormalizer.from_reward_model_meta(rlhf_engine.reward_meta,
-                                                                         config.normalize_reward)
-        self.sampling = SamplingConfig.from_temperature(config.max_answer_seq_len, config.temperature, config.top_p,
-                                                        config.top_k, config.repetition_penalty)
+                                                                         config.ppo.normalize_reward)
+        self.sampling = SamplingConfig.from_flags(config.max_answer_seq_len, config.sampling)
         # ZeRO-3 gathers parameters in every forward: each rank must keep stepping until all ranks are done.
-        self.synced_gpus = runtime.world_size() > 1 and rlhf_engine.actor.zero_optimization_stage() == 3
+        self.synced_gpus = distributed.world_size() > 1 and rlhf_engine.actor.zero_optimization_stage() == 3
         self._positions = {id(e): "position_ids" in inspect.signature(e.module.forward).parameters
                            for e in (rlhf_engine.actor, rlhf_engine.ref)}
         self._warned_fp32_overflow = False
@@ -132,11 +112,11 @@ class PPOTrainer:
         values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
         raw_scores = self.reward_scores(sequences, attention_mask)
 
-        scores = apply_truncation_penalty(self.reward_normalizer(raw_scores), ended, self.config.truncation_penalty)
+        scores = apply_truncation_penalty(self.reward_normalizer(raw_scores), ended, self.config.ppo.truncation_penalty)
         rewards, kl = kl_penalty_rewards(log_probs, ref_log_probs, action_mask, scores, self.kl_ctl.value,
-                                         self.config.clip_reward_value)
-        advantages, returns = gae_advantages_and_returns(rewards, values, action_mask, self.config.gamma,
-                                                         self.config.lam)
+                                         self.config.ppo.clip_reward_value)
+        advantages, returns = gae_advantages_and_returns(rewards, values, action_mask, self.config.ppo.gamma,
+                                                         self.config.ppo.lam)
         experience = Experience(prompt_ids.cpu(), prompt_mask.cpu(), answer_ids.cpu(), action_mask.cpu(),
                                 (log_probs * action_mask).cpu(), (values * action_mask).cpu(), advantages.cpu(),
                                 returns.cpu())
@@ -157,8 +137,9 @@ class PPOTrainer:
         logits = logits[:, prompt_width - 1:-1]
         if self.config.compute_fp32_loss:
             logits = logits.float()
-        if self.config.temperature > 0 and self.config.temperature != 1.0:
-            logits = logits / self.config.temperature
+        temperature = self.config.sampling.temperature
+        if temperature > 0 and temperature != 1.0:
+            logits = logits / temperature
         return logits
 
     @staticmethod
@@ -174,17 +155,17 @@ class PPOTrainer:
         sequences, attention_mask = experience.sequences, experience.attention_mask
         prompt_width, mask = experience.prompt_ids.size(1), experience.action_mask
 
-        with training_pass(actor, config.actor_gradient_checkpointing):
+        with training_pass(actor, config.actor.gradient_checkpointing):
             logits = self._action_logits(actor, sequences, attention_mask, prompt_width)
             log_probs = gather_log_probs(logits, experience.answer_ids)
             actor_loss, stats = policy_loss(log_probs, experience.log_probs, experience.advantages, mask,
-                                            config.cliprange)
+                                            config.ppo.cliprange)
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits), mask)
             actor.backward(actor_loss)
-        with training_pass(critic, config.critic_gradient_checkpointing):
+        with training_pass(critic, config.critic.gradient_checkpointing):
             values = self._action_values(critic, sequences, attention_mask, prompt_width)
-            critic_loss = value_loss(values, experience.values, experience.returns, mask, config.cliprange_value)
+            critic_loss = value_loss(values, experience.values, experience.returns, mask, config.ppo.cliprange_value)
             critic.backward(critic_loss)
         skipped = self._step_both(actor, critic)
         return {"actor_loss": actor_loss.item(), "critic_loss": critic_loss.item(),
@@ -195,7 +176,7 @@ class PPOTrainer:
         """PPO-ptx: one actor update on unsup_coef x the language-model loss of a pre-training batch."""
         actor = self.engine.actor
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with training_pass(actor, self.config.actor_gradient_checkpointing):
+        with training_pass(actor, self.config.actor.gradient_checkpointing):
             logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             loss = causal_lm_loss(logits, batch["labels"], self.config.compute_fp32_loss)
             actor.backward(unsup_coef * loss)
@@ -210,11 +191,11 @@ class PPOTrainer:
         if self.config.align_overflow and actor.is_gradient_accumulation_boundary():
             if not (actor.fp16_enabled() or critic.fp16_enabled()):
                 if not self._warned_fp32_overflow:
-                    runtime.print_rank_0("--align_overflow: no fp16 engine, so no gradient overflow to align")
+                    distributed.print_rank_0("--align_overflow: no fp16 engine, so no gradient overflow to align")
                     self._warned_fp32_overflow = True
             else:
                 overflowed = [gradients_overflowed(actor), gradients_overflowed(critic)]
-                skip = runtime.all_reduce_sum([float(any(overflowed))], self.device)[0] > 0
+                skip = distributed.all_reduce_sum([float(any(overflowed))], self.device)[0] > 0
         for engine in (actor, critic):
             with hold_weights(engine) if skip else contextlib.nullcontext():
                 engine.step()
@@ -229,8 +210,9 @@ class PPOTrainer:
         actor_params = dict(self.engine.actor.module.named_parameters())
         for name, ema_param in self.engine.actor_ema.module.named_parameters():
             param = actor_params[name]
-            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")), \
-                    deepspeed.zero.GatheredParameters([ema_param], modifier_rank=0, enabled=hasattr(ema_param, "ds_id")):
+            gather_ema = deepspeed.zero.GatheredParameters([ema_param], modifier_rank=0,
+                                                           enabled=hasattr(ema_param, "ds_id"))
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")), gather_ema:
                 ema_param.data.copy_(torch.lerp(param.data.to(ema_param.dtype), ema_param.data, beta))
 
 

@@ -1,7 +1,7 @@
 """Real-data run: reward model held-out accuracy and a PPO reward curve on the shared preference files.
 
     python applications/convert_gguf.py --out ./models/smollm2-135m-instruct     # once (see that script)
-    python tests/bench/real_data_run.py --model ./models/smollm2-135m-instruct --output-dir ./output_real
+    python benchmarks/real_data_run.py --model ./models/smollm2-135m-instruct --output-dir ./output_real
 
 Per data set (`en`: hh_harmless_test.pref.jsonl; `zh`: the LLaMA-Factory and MedicalGPT Chinese DPO files):
 1. A deterministic split written under <output-dir>/<set>/ (the data is never copied into the repository):
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SETS = {"en": ["hh_harmless_test.pref.jsonl"],
         "zh": ["llamafactory_dpo_zh_train.pref.jsonl", "llamafactory_dpo_zh_test.pref.jsonl",
                "medicalgpt_dpo_zh_train.pref.jsonl", "medicalgpt_dpo_zh_test.pref.jsonl"]}
@@ -145,7 +145,7 @@ def truncate_replies(tokenizer, row: dict, limit: int) -> dict:
 
 def run_step(folder: str, flags: list[str], log: Path) -> float:
     """One step through the deepspeed launcher on a free port, as the CPU scripts run it; wall seconds."""
-    from training.utils.runtime import free_port
+    from training.utils.distributed import free_port
 
     port = free_port()
     command = ["deepspeed", "--num_gpus", "1", "--master_port", str(port), "main.py", *flags]

@@ -1,18 +1,17 @@
-"""Process-level helpers every step uses: distributed start, seeds, rank-0 printing, progress, TensorBoard."""
+"""Distributed start-up and the per-rank helpers every step uses: rank, barriers, rank-0 printing and progress.
+
+Works with or without a process group: a plain `python main.py` is rank 0 of a world of one.
+"""
 import atexit
 import contextlib
 import glob
-import json
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from training.utils.errors import UserInputError
-
 
 # Variables through which torchrun/deepspeed, Open MPI and MPICH/Intel MPI give a process its rank.
 # (Not SLURM_PROCID: a plain `python main.py` inside an sbatch script has it too.)
@@ -88,44 +87,36 @@ def print_rank_0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def set_random_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def run_on_rank_0(fn, *args, **kwargs):
-    """Run `fn` on global rank 0 while the others wait, then tell every rank whether it worked.
+    """Run `fn` on global rank 0 while the others wait, then tell every rank whether it worked, so no rank is
+    left waiting at a barrier for a result that will never come.
 
-    A UserInputError on rank 0 is re-raised on every rank with the same message, so no rank is left
-    waiting at a barrier for a result that will never come.
+    A UserInputError on rank 0 is raised on every rank with the same message (exit 2: bad input). Any other
+    failure is an internal error, never reported as bad input: rank 0 re-raises it and the other ranks raise
+    a RuntimeError naming it (exit 1, with a traceback).
     """
-    error = None
+    failure, outcome = None, None  # outcome: (is bad input, message), the same on every rank
     if is_rank_0():
         try:
             fn(*args, **kwargs)
         except UserInputError as err:
-            error = str(err)
+            failure, outcome = err, (True, str(err))
         except Exception as err:  # any other failure must still release the waiting ranks
-            if world_size() == 1:
-                raise
-            import traceback
-
-            traceback.print_exc()
-            error = f"rank 0 failed: {type(err).__name__}: {err}"
+            failure, outcome = err, (False, f"rank 0 failed: {type(err).__name__}: {err}")
     if dist.is_initialized() and world_size() > 1:
-        box = [error]
+        box = [outcome]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise UserInputError(error)
+        outcome = box[0]
+    if failure is not None:
+        raise failure
+    if outcome is not None:
+        bad_input, message = outcome
+        raise UserInputError(message) if bad_input else RuntimeError(message)
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -143,54 +134,3 @@ def progress(iterable, **kwargs):
 
     return tqdm(iterable, disable=not is_rank_0(), file=sys.stdout, dynamic_ncols=True,
                 mininterval=0.1 if sys.stdout.isatty() else 10.0, **kwargs)
-
-
-class MetricsLog:
-    """TensorBoard scalars (live, rank 0) plus an in-memory history that is saved with the model.
-
-    The history goes into the output directory as `training_metrics.jsonl` and a PNG of the curves,
-    written inside the same atomic save as the weights.
-    """
-
-    def __init__(self, enabled: bool, tb_dir: str):
-        self.history: list[dict] = []
-        self.writer = None
-        if enabled and is_rank_0():
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=tb_dir)
-
-    def log(self, step: int, **scalars: float) -> None:
-        self.history.append({"step": step, **scalars})
-        if self.writer is not None:
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, step)
-
-    def write(self, directory: str, title: str) -> None:
-        """Write `training_metrics.jsonl` and `training_curves.png` (one panel per scalar) into `directory`."""
-        with open(os.path.join(directory, "training_metrics.jsonl"), "w", encoding="utf-8") as f:
-            for row in self.history:
-                f.write(json.dumps(row) + "\n")
-        names = sorted({k for row in self.history for k in row if k != "step"})
-        if not names:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            points = [(row["step"], row[name]) for row in self.history if name in row]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
-            ax.set_title(name)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, "training_curves.png"), dpi=90)
-        plt.close(fig)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()

@@ -1,9 +1,9 @@
 """Step-3 (PPO) throughput benchmark: prints one JSON document.
 
-    python tests/bench/bench_ppo.py                     # tiny/opt and tiny/opt-20m x answers of 16, 64 x batch 8, 16
-    python tests/bench/bench_ppo.py --models tiny/opt --answer_lens 32 128 --batch_sizes 16 --steps 10
+    python benchmarks/bench_ppo.py                     # tiny/opt and tiny/opt-20m x answers of 16, 64 x batch 8, 16
+    python benchmarks/bench_ppo.py --models tiny/opt --answer_lens 32 128 --batch_sizes 16 --steps 10
     # on a GPU: DeepSpeed-Chat's single-GPU shape, random weights, Hybrid Engine on (then again without)
-    python tests/bench/bench_ppo.py --models random/opt-1.3b --critic_model random/opt-350m \
+    python benchmarks/bench_ppo.py --models random/opt-1.3b --critic_model random/opt-350m \
         --answer_lens 256 --batch_sizes 4 --dtype fp16 --hybrid_engine
 
 Each row (model x answer length x batch size) runs in its own process (so peak RSS is that row's own),
@@ -29,9 +29,8 @@ import sys
 import tempfile
 import time
 
-import flops  # tests/bench/flops.py, rows.py and shapes.py, beside this script
-import rows
-from shapes import RANDOM_PREFIX, materialise
+from benchmarks import flops, rows
+from benchmarks.shapes import RANDOM_PREFIX, materialise
 
 
 def parse_args(argv=None):
@@ -58,38 +57,35 @@ def parse_args(argv=None):
 def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
     import torch
 
-    from training.utils import runtime
+    from training.step3_rlhf_finetuning.main import parse_args as parse_step3_args
+    from training.utils import distributed, seeding
     from training.utils.data.collators import PromptCollator
     from training.utils.data.pipeline import PHASE_RLHF, DataConfig, build_phase_data
     from training.utils.model.reward_model import create_reward_model, save_reward_model
-    from training.utils.rlhf.args import add_rlhf_args, validate_rlhf_args
     from training.utils.rlhf.engine import build_rlhf_engine
     from training.utils.rlhf.experience import CappedPrompts
-    from training.utils.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+    from training.utils.rlhf.ppo_trainer import PPOTrainer
     from training.utils.tokenizer import load_tokenizer
 
-    device = runtime.init_distributed()
-    runtime.set_random_seed(0)
+    device = distributed.init_distributed()
+    seeding.set_random_seed(0)
     tokenizer = load_tokenizer("tiny/opt" if model_name.startswith(RANDOM_PREFIX) else model_name)
     actor = materialise(model_name, tokenizer)
     reward_dir = tempfile.mkdtemp(prefix="bench_ppo_reward_")
     save_reward_model(create_reward_model(materialise(args.critic_model or model_name, tokenizer), tokenizer),
                       tokenizer, reward_dir, reward_stats={})
-    step3_parser = argparse.ArgumentParser()  # step 3's own flags and checks, as its main.py parses them
-    add_rlhf_args(step3_parser)
-    args3 = step3_parser.parse_args(
+    args3 = parse_step3_args(  # step 3's own flags and checks, as its main.py parses them
         ["--actor_model_name_or_path", actor, "--critic_model_name_or_path", reward_dir, "--data_path", args.data_path,
          "--output_dir", "unused", "--dtype", args.dtype, "--per_device_generation_batch_size", str(batch_size),
          "--per_device_training_batch_size", str(batch_size), "--max_prompt_seq_len", "64",
          "--max_answer_seq_len", str(answer_len), "--actor_dropout", "0.0", "--critic_dropout", "0.0",
          "--num_warmup_steps", "0"] + (["--enable_hybrid_engine"] if args.hybrid_engine else []))
-    validate_rlhf_args(args3)
-    data = build_phase_data(DataConfig(data_path=(args.data_path,), data_output_path=args.data_output_path),
+    data = build_phase_data(DataConfig(data_path=[args.data_path], data_output_path=args.data_output_path),
                             tokenizer, PHASE_RLHF)
     loader = torch.utils.data.DataLoader(CappedPrompts(data.train, 64, "truncate"), batch_size=batch_size,
                                          shuffle=True, collate_fn=PromptCollator(tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(0))
-    trainer = PPOTrainer(build_rlhf_engine(args3, tokenizer, device, 1000, 1000), PPOConfig.from_args(args3))
+    trainer = PPOTrainer(build_rlhf_engine(args3, tokenizer, device, 1000, 1000), args3)
     engine = trainer.engine
     # FLOPs count the parameters that multiply activations (flops.py); the table shows all parameters.
     n_actor, n_ref, n_critic, n_reward = (flops.matmul_params(e.module)

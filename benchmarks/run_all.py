@@ -1,10 +1,10 @@
 """Every step's benchmark in one command: writes bench.json and bench.md, prints the JSON.
 
-    python tests/bench/run_all.py --output-dir bench_results            # CPU: tiny/opt and tiny/opt-20m
-    python tests/bench/run_all.py --quick                               # fewer timed steps (a smoke run)
+    python benchmarks/run_all.py --output-dir bench_results             # CPU: tiny/opt and tiny/opt-20m
+    python benchmarks/run_all.py --quick                                # fewer timed steps (a smoke run)
     # on a GPU: step 3 with an OPT-1.3B-shaped actor and OPT-350M-shaped critic (random weights), with and
     # without the Hybrid Engine
-    python tests/bench/run_all.py --only ppo --ppo_models random/opt-1.3b --critic_model random/opt-350m \
+    python benchmarks/run_all.py --only ppo --ppo_models random/opt-1.3b --critic_model random/opt-350m \
         --answer_lens 256 --batch_sizes 4 --dtype fp16 --hybrid_engine
 
 In order: the fp32 matmul peak of this machine (flops.py), the SFT, reward-model and DPO rows
@@ -20,10 +20,7 @@ import platform
 import sys
 from pathlib import Path
 
-import bench_ppo  # tests/bench/*.py, beside this script
-import bench_train
-import flops
-import report
+from benchmarks import bench_ppo, bench_train, flops, report
 
 STEPS = ("sft", "rm", "dpo", "ppo")
 
@@ -86,7 +83,7 @@ def main(argv=None) -> None:
                              "for a forward pass (generation, experience scoring, frozen references), N = the "
                              "parameters that multiply activations (embedding lookups excluded, a language "
                              "model's output projection included); attention score products not counted "
-                             "(tests/bench/flops.py)",
+                             "(benchmarks/flops.py)",
               "benchmarks": documents}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

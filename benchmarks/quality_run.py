@@ -1,6 +1,6 @@
 """Reference quality run on the built-in synthetic task: SFT -> RM -> PPO and SFT -> DPO, on CPU, one command.
 
-    python tests/bench/quality_run.py --output-dir ./output_quality        # ~10-20 min on 2 CPU cores
+    python benchmarks/quality_run.py --output-dir ./output_quality         # ~10-20 min on 2 CPU cores
 
 1. `applications/e2e_rlhf.py` (the tiny default, synthetic/copy, the CPU scripts' fixed seeds) runs steps
    1-3, then `--algo dpo --step 2` trains DPO from the same step-1 actor.
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DATA = "synthetic/copy"  # e2e's CPU default
 
 
@@ -65,12 +65,13 @@ def evaluate_actor(actor_dir: Path, sft, reward_model, prompts: list[str], max_n
     actor, length and EOS rate (see the module docstring)."""
     import torch
 
-    from inference.generation import SamplingConfig, load_causal_lm
     from training.utils.data.collators import PromptCollator
     from training.utils.data.conversation import encode_chunks, prompt_chunks
     from training.utils.data.synthetic import check_answer
     from training.utils.losses import gather_log_probs
-    from training.utils.rlhf.experience import answer_lengths, mask_from_lengths
+    from training.utils.masks import answer_lengths, mask_from_lengths
+    from training.utils.model.load import load_causal_lm
+    from training.utils.sampling import SamplingConfig
 
     actor, tokenizer = load_causal_lm(str(actor_dir), torch.device("cpu"))
     collator = PromptCollator(tokenizer.pad_token_id)
@@ -115,7 +116,7 @@ def _logits(model, sequences, mask):
     """Logits of left-padded sequences, with positions counted from the mask as generation counts them."""
     import inspect
 
-    from training.utils.model.reward_model import positions_from_mask
+    from training.utils.masks import positions_from_mask
 
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     extra = {"position_ids": positions_from_mask(mask)} if takes_positions else {}
@@ -191,8 +192,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from inference.generation import load_causal_lm
     from training.utils.data.synthetic import generate_rows, parse_synthetic_name
+    from training.utils.model.load import load_causal_lm
     from training.utils.model.reward_model import load_reward_model
 
     sft_dir, rm_dir = out / "actor-models" / "opt", out / "reward-models" / "opt"

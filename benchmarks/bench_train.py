@@ -1,9 +1,9 @@
 """Training throughput benchmark for step 1 (SFT), step 2 (reward model) and DPO: prints one JSON document.
 
-    python tests/bench/bench_train.py --step sft            # tiny/opt and tiny/opt-20m, synthetic data
-    python tests/bench/bench_train.py --step rm             # reward model: pairs/s
-    python tests/bench/bench_train.py --step dpo            # DPO: pairs/s, policy trained + frozen reference
-    python tests/bench/bench_train.py --data_path ../shared/data/gsm8k_train.sft.jsonl --max_seq_len 256
+    python benchmarks/bench_train.py --step sft             # tiny/opt and tiny/opt-20m, synthetic data
+    python benchmarks/bench_train.py --step rm              # reward model: pairs/s
+    python benchmarks/bench_train.py --step dpo             # DPO: pairs/s, policy trained + frozen reference
+    python benchmarks/bench_train.py --data_path ../shared/data/gsm8k_train.sft.jsonl --max_seq_len 256
 
 Each row runs in its own process (so peak RSS is that row's own), one rank, the same components as the
 step (tokenizer, phase cache, collator, model, DeepSpeed engine, loss). SFT rows: every model x {pad to the
@@ -16,8 +16,7 @@ import json
 import sys
 import time
 
-import flops  # tests/bench/flops.py and rows.py, beside this script
-import rows
+from benchmarks import flops, rows
 
 
 def parse_args(argv=None):
@@ -37,7 +36,7 @@ def run_row(args, model_name: str, padding: str) -> dict:
     import deepspeed
     import torch
 
-    from training.utils import runtime
+    from training.utils import distributed, seeding
     from training.utils.data.collators import PairCollator, SFTCollator
     from training.utils.data.pipeline import PHASE_REWARD, PHASE_SFT, DataConfig, build_phase_data
     from training.utils.ds_config import get_train_ds_config
@@ -46,8 +45,8 @@ def run_row(args, model_name: str, padding: str) -> dict:
     from training.utils.model.reward_model import create_reward_model
     from training.utils.tokenizer import load_tokenizer
 
-    device = runtime.init_distributed()
-    runtime.set_random_seed(0)
+    device = distributed.init_distributed()
+    seeding.set_random_seed(0)
     tokenizer = load_tokenizer(model_name)
     pairs = args.step in ("rm", "dpo")
     data = build_phase_data(DataConfig(data_path=(args.data_path,), data_split="0,1,0" if pairs else "1,0,0",

@@ -1,0 +1,55 @@
+"""Decoding controls, and batched generation of replies in the project's prompt format (stops at EOS)."""
+from dataclasses import dataclass
+
+import torch
+
+from training.utils.data.collators import PromptCollator
+from training.utils.data.conversation import encode_chunks, prompt_chunks
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding controls; defaults are greedy. Generation always stops at the tokenizer's EOS."""
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                  "repetition_penalty": self.repetition_penalty, "num_beams": self.num_beams}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+    @classmethod
+    def from_flags(cls, max_new_tokens: int, flags, do_sample: bool | None = None,
+                   num_beams: int = 1) -> "SamplingConfig":
+        """From SamplingFlags (training/utils/flags.py); `do_sample` None samples exactly when the temperature
+        is above 0 (temperature 0 is greedy), False forces greedy decoding."""
+        return cls(max_new_tokens, do_sample=flags.temperature > 0 if do_sample is None else do_sample,
+                   temperature=flags.temperature, top_p=flags.top_p, top_k=flags.top_k,
+                   repetition_penalty=flags.repetition_penalty, num_beams=num_beams)
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[str], sampling: SamplingConfig,
+                     batch_size: int = 16) -> list[str]:
+    """The reply text for each HH-format prompt (without the EOS), in order."""
+    collator = PromptCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        items = [{"prompt_ids": encode_chunks(tokenizer, prompt_chunks(p))[0]}
+                 for p in prompts[start:start + batch_size]]
+        batch = collator(items)
+        output = model.generate(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device),
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                **sampling.generate_kwargs())
+        new_tokens = output[:, batch["input_ids"].size(1):]
+        replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return replies
