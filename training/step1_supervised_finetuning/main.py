@@ -11,10 +11,11 @@ import torch
 
 from training.utils import distributed, seeding
 from training.utils.checkpoint import Checkpointer
-from training.utils.config import configuration, flag_values, group, parse_config
+from training.utils.config import FIXED, configuration, flag_values, group, option, parse_config
 from training.utils.data.collators import SFTCollator
-from training.utils.data.pipeline import PHASE_SFT, SFTDataConfig, build_phase_data, make_loaders
-from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
+from training.utils.data.packing import make_packed_loader, supports_packing
+from training.utils.data.pipeline import PHASE_SFT, SFTDataConfig, load_supervised_data
+from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config, training_dtype
 from training.utils.errors import report_user_errors
 from training.utils.flags import ModelFlags, SupervisedConfig
 from training.utils.loop import TrainLoop
@@ -22,17 +23,47 @@ from training.utils.losses import causal_lm_loss, count_label_tokens
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import save_hf_format
-from training.utils.tokenizer import load_tokenizer
+from training.utils.precision import TORCH_DTYPES
 
 
 @configuration(tensorboard_path="step1_tensorboard")
 class SFTConfig(SupervisedConfig):
     data: SFTDataConfig = group(SFTDataConfig)
     model: ModelFlags = group(ModelFlags, learning_rate=1e-3)
+    packing: bool = option(False, "[new] Pack several samples into each row of up to --max_seq_len tokens (exact: "
+                                  "positions restart per sample and a block-diagonal mask keeps samples apart); "
+                                  "--per_device_train_batch_size then counts rows. Models it cannot pack exactly "
+                                  "fall back to length-grouped batches (logged).", resume=FIXED)
 
 
 def parse_args(argv=None) -> SFTConfig:
     return parse_config(SFTConfig, argv, "Step 1: supervised fine-tuning (SFT) of the actor.")
+
+
+def packed_train_loader(config: SFTConfig, data, tokenizer, model, dtype: str, fallback):
+    """--packing's loader (rows of several samples), or `fallback` for a model packing would change."""
+    if not supports_packing(model):
+        distributed.print_rank_0(f"--packing: {type(model).__name__} ({model.config._attn_implementation} attention) "
+                                 "cannot be packed exactly; training on length-grouped batches instead")
+        return fallback
+    loader = make_packed_loader(data.train, config.per_device_train_batch_size, config.data.max_seq_len,
+                                tokenizer.pad_token_id, config.seed, mask_dtype=TORCH_DTYPES[dtype])
+    distributed.print_rank_0(f"--packing: {len(data.train)} samples in {len(loader.dataset)} rows of up to "
+                             f"{config.data.max_seq_len} tokens (efficiency {loader.dataset.efficiency():.3f})")
+    return loader
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model reads of a batch: packed batches add per-sample position_ids (and a 4-D mask)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def real_samples_and_tokens(batch: dict) -> tuple[int, int]:
+    """Samples and non-padding tokens of a batch, packed (segment_ids: -1 on padding) or not."""
+    if "segment_ids" in batch:
+        segments = batch["segment_ids"]
+        return int((segments.max(dim=1).values + 1).sum()), int((segments >= 0).sum())
+    return batch["input_ids"].size(0), int(batch["attention_mask"].sum())
 
 
 def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float]:
@@ -59,16 +90,13 @@ def main(argv=None) -> None:
     seeding.set_random_seed(config.seed)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step1_model")
 
-    tokenizer = load_tokenizer(config.model.model_name_or_path, config.add_eot_token, config.eot_token,
-                               config.trust_remote_code)
-    data = build_phase_data(config.data, tokenizer, PHASE_SFT)
-    train_loader, eval_loader = make_loaders(data, config, SFTCollator(tokenizer.pad_token_id))
-    distributed.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval samples "
-                             f"(cache {data.cache_dir}; train {data.stats['train']})")
+    tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_SFT, SFTCollator, "samples")
 
     model = create_hf_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                             dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
     apply_lora(model, config.model, config.only_optimize_lora)
+    if config.packing:
+        train_loader = packed_train_loader(config, data, tokenizer, model, training_dtype(config, device), train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     engine, lr_scheduler = initialize_train_engine(model, config, config.model, ds_config, device, steps_per_epoch)
 
@@ -85,13 +113,13 @@ def main(argv=None) -> None:
     for epoch in loop.epochs(train_loader):
         for batch in loop.batches(train_loader):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            use_cache=False).logits
+            logits = engine(**model_inputs(batch), use_cache=False).logits
             loss = causal_lm_loss(logits, batch["labels"], config.compute_fp32_loss)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            loop.record(loss.item(), samples=batch["input_ids"].size(0), tokens=int(batch["attention_mask"].sum()))
+            samples, tokens = real_samples_and_tokens(batch)
+            loop.record(loss.item(), samples=samples, tokens=tokens)
             if boundary:
                 losses = loop.optimizer_step()
                 metrics.log(loop.global_step, **{"train/loss": losses[-1], "train/lr": lr_scheduler.get_last_lr()[0]})

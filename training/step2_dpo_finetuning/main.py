@@ -20,7 +20,7 @@ from training.utils import distributed, seeding
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, in_range, option, parse_config, positive
 from training.utils.data.collators import PairCollator
-from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, build_phase_data, make_loaders
+from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data
 from training.utils.engine import (
     apply_lora,
     frozen_ds_config,
@@ -36,7 +36,6 @@ from training.utils.losses import DPO_LOSS_TYPES, dpo_loss, sequence_log_probs
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import save_hf_format
-from training.utils.tokenizer import load_tokenizer
 
 
 @configuration(tensorboard_path="step2_tensorboard")
@@ -140,12 +139,7 @@ def main(argv=None) -> None:
     seeding.set_random_seed(config.seed)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step2_dpo_model")
 
-    tokenizer = load_tokenizer(config.model.model_name_or_path, config.add_eot_token, config.eot_token,
-                               config.trust_remote_code)
-    data = build_phase_data(config.data, tokenizer, PHASE_REWARD)
-    train_loader, eval_loader = make_loaders(data, config, PairCollator(tokenizer.pad_token_id))
-    distributed.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval pairs "
-                             f"(cache {data.cache_dir}; train {data.stats['train']})")
+    tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD, PairCollator, "pairs")
 
     # Policy and reference are built right after the same seeding, so a random-initialised tiny config
     # gives both the same starting weights (a checkpoint does anyway). LoRA starts as a zero update.

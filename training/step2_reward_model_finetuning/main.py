@@ -18,7 +18,7 @@ from training.utils import distributed, seeding
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, at_least, configuration, flag_values, group, option, parse_config
 from training.utils.data.collators import PairCollator
-from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, build_phase_data, make_loaders
+from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data
 from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
 from training.utils.errors import report_user_errors
 from training.utils.flags import ModelFlags, PaddingCompatFlags, PeriodicEvalFlags, SupervisedConfig
@@ -27,7 +27,6 @@ from training.utils.losses import pairwise_loss, span_pairwise_loss
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.reward_model import create_reward_model, save_reward_model
 from training.utils.output_dir import REWARD_MODEL
-from training.utils.tokenizer import load_tokenizer
 
 
 @configuration(tensorboard_path="step2_tensorboard")
@@ -97,12 +96,7 @@ def main(argv=None) -> None:
     seeding.set_random_seed(config.seed)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step2_model")
 
-    tokenizer = load_tokenizer(config.model.model_name_or_path, config.add_eot_token, config.eot_token,
-                               config.trust_remote_code)
-    data = build_phase_data(config.data, tokenizer, PHASE_REWARD)
-    train_loader, eval_loader = make_loaders(data, config, PairCollator(tokenizer.pad_token_id))
-    distributed.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval pairs "
-                             f"(cache {data.cache_dir}; train {data.stats['train']})")
+    tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD, PairCollator, "pairs")
 
     model = create_reward_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                                 dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)

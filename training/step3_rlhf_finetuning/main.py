@@ -81,7 +81,9 @@ def main(argv=None) -> None:
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos)
     eval_prompts = CappedPrompts(data.eval, config.max_prompt_seq_len, config.prompt_overflow, bos, config.eval_prompts)
     collator = PromptCollator(tokenizer.pad_token_id)
-    prompt_loader = make_loader(prompts, config.per_device_generation_batch_size, collator, config.seed, shuffle=True)
+    # Length-grouped prompts: one generation batch pads its prompts less (answers end where they end).
+    prompt_loader = make_loader(prompts, config.per_device_generation_batch_size, collator, config.seed, shuffle=True,
+                                length_grouped=config.data.group_by_length)
     eval_loader = (make_loader(eval_prompts, config.per_device_generation_batch_size, collator, config.seed,
                                shuffle=False) if len(eval_prompts) else None)
     data.stats["prompt_limit"] = {"train": prompts.counts, "eval": eval_prompts.counts}

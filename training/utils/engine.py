@@ -16,12 +16,16 @@ from training.utils.lora import (
 from training.utils.optim import create_lr_scheduler, create_optimizer, get_optimizer_grouped_parameters
 from training.utils.precision import resolve_dtype
 
+_logged_dtypes: set = set()
+
 
 def training_dtype(config, device) -> str:
-    """The precision every model of the run uses (--dtype, or the device's default)."""
-    if config.dtype is None:
-        return "fp16" if device.type == "cuda" else "fp32"
-    return resolve_dtype(config.dtype, device.type)[0]
+    """The precision every model of the run uses (--dtype; auto picks from the hardware), logged once."""
+    dtype, reason = resolve_dtype(config.dtype, device.type)
+    if (dtype, reason) not in _logged_dtypes:
+        _logged_dtypes.add((dtype, reason))
+        distributed.print_rank_0(f"precision: {dtype} ({reason})")
+    return dtype
 
 
 def train_ds_config(config, model_flags: ModelFlags, micro_batch_size: int, device, tb_name: str | None = None,

@@ -13,7 +13,7 @@ from training.utils.errors import UserInputError
 from training.utils.optim import LR_SCHEDULERS
 from training.utils.output_dir import LANGUAGE_MODEL, check_output_dir
 
-DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
 MAX_SEED = 2**32 - 1
 
@@ -97,8 +97,11 @@ class SupervisedBatchFlags:
 @dataclass
 class DeepSpeedFlags:
     """DeepSpeed"""
-    dtype: str | None = option(None, "Training precision. Default: fp16 on CUDA (DeepSpeed-Chat's default), fp32 "
-                                     "on CPU.", choices=DTYPE_CHOICES, resume=FIXED)
+    dtype: str = option("auto", "Training precision. auto: bf16 where the hardware runs it natively (CPUs with "
+                                "AVX-512 BF16 or AMX, CUDA GPUs with bf16), fp16 on older GPUs (DeepSpeed-Chat's "
+                                "default), fp32 elsewhere; the choice and its reason are logged. Master weights and "
+                                "optimizer state stay fp32; log-probabilities and reward scores are always computed "
+                                "in fp32.", choices=DTYPE_CHOICES, resume=FIXED)
     offload: bool = option(False, "ZeRO-Offload the optimizer state (and the parameters at stage 3) to CPU memory.")
     deepspeed: bool = option(False, "Accepted for DeepSpeed's launcher convention; the DeepSpeed config is built "
                                     "from these flags.")

@@ -71,7 +71,7 @@ class TrainLoop:
         self._samples += samples
         self._tokens += tokens
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}")
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redrawn at the bar's own interval
         if self.print_loss:
             print(f"[rank {distributed.rank()}] epoch {self.epoch + 1} step {self.global_step} loss {loss:.4f}",
                   flush=True)

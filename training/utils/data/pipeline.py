@@ -26,7 +26,7 @@ from training.utils.data.conversation import Chunk, encode_conversations, messag
 from training.utils.data.samplers import DEFAULT_GROUP_BATCHES, LengthGroupedSampler, ResumableSampler, sample_lengths
 from training.utils.data.sources import Sample, Source, open_source
 from training.utils.errors import UserInputError
-from training.utils.tokenizer import tokenizer_fingerprint
+from training.utils.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 PHASE_SFT, PHASE_REWARD, PHASE_RLHF = 1, 2, 3
 EVAL_HOLDOUT = 0.1  # share of a train-only source that becomes its eval split
@@ -46,6 +46,10 @@ class DataConfig:
                                                        "(shared by all ranks).")
     data_seed: int = option(1234, "[new] Seed of the phase split, independent of --seed so phases never overlap.",
                             check=in_range(0, 2**32 - 1), resume=FIXED)
+    group_by_length: bool = option(True, "[new] Batch samples of similar length together (shuffled groups of "
+                                         f"{DEFAULT_GROUP_BATCHES} batches sorted by length, batch order shuffled): "
+                                         "little padding on real data. --no_group_by_length: random batches.",
+                                   resume=FIXED)
     # Flags of some steps only (SequenceDataConfig, SFTDataConfig); these are their values elsewhere.
     max_seq_len: int = 512
     sft_only_data_path: list[str] = field(default_factory=list)
@@ -376,13 +380,20 @@ class RaggedDataset:
         return offsets[1:] - offsets[:-1]
 
 
-def make_loaders(data: PhaseData, args, collator, length_grouped: bool = False,
-                 group_batches: int = DEFAULT_GROUP_BATCHES) -> tuple[DataLoader, DataLoader]:
-    """Shuffled train and ordered eval loaders from the shared batch-size flags (`length_grouped`: see
-    make_loader; it applies to both)."""
-    grouping = {"length_grouped": length_grouped, "group_batches": group_batches}
-    return (make_loader(data.train, args.per_device_train_batch_size, collator, args.seed, shuffle=True, **grouping),
-            make_loader(data.eval, args.per_device_eval_batch_size, collator, args.seed, shuffle=False, **grouping))
+def load_supervised_data(config, phase: int, make_collator, unit: str):
+    """The tokenizer, the phase's data and its shuffled train / ordered eval loaders for steps 1, 2 and DPO
+    (`config` is their SupervisedConfig; `make_collator(pad_token_id)`), with one log line in `unit`s."""
+    tokenizer = load_tokenizer(config.model.model_name_or_path, config.add_eot_token, config.eot_token,
+                               config.trust_remote_code)
+    data = build_phase_data(config.data, tokenizer, phase)
+    collator, grouped = make_collator(tokenizer.pad_token_id), config.data.group_by_length
+    train_loader = make_loader(data.train, config.per_device_train_batch_size, collator, config.seed, shuffle=True,
+                               length_grouped=grouped)
+    eval_loader = make_loader(data.eval, config.per_device_eval_batch_size, collator, config.seed, shuffle=False,
+                              length_grouped=grouped)
+    distributed.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval {unit} (cache {data.cache_dir}; "
+                             f"train {data.stats['train']}; {'length-grouped' if grouped else 'random'} batches)")
+    return tokenizer, data, train_loader, eval_loader
 
 
 def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool, length_grouped: bool = False,

@@ -23,7 +23,7 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --weight_decay 0.01 \
    --num_train_epochs 4 \
    --num_warmup_steps 20 \
-   --dtype fp32 \
+   --dtype auto \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \

@@ -15,7 +15,7 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" main.py \
    --max_seq_len 64 \
    --learning_rate 1e-3 \
    --num_train_epochs 2 \
-   --dtype fp32 \
+   --dtype auto \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --output_dir "$OUTPUT" \

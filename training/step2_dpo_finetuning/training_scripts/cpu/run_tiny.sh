@@ -26,7 +26,7 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --dropout 0.0 \
    --beta 0.1 \
    --eval_interval 100 \
-   --dtype fp32 \
+   --dtype auto \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \

@@ -24,7 +24,7 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --num_warmup_steps 20 \
    --eval_interval 100 \
    --eval_iters 20 \
-   --dtype fp32 \
+   --dtype auto \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \

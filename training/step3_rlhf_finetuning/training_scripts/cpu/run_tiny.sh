@@ -30,7 +30,7 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --num_warmup_steps 10 \
    --actor_dropout 0.0 \
    --critic_dropout 0.0 \
-   --dtype fp32 \
+   --dtype auto \
    --eval_interval 20 \
    --eval_prompts 128 \
    --print_answers \
