@@ -15,7 +15,9 @@ layer they add about T / (6 * hidden) of the matmul work (up to ~10% for tiny/op
     MFU = model FLOPs / elapsed seconds / peak FLOP/s
 
 with the peak the best fp32 `torch.matmul` rate of two large square matrices on the same machine,
-measured in the same run (before and after the rows, the better of the two).
+measured in the same run (before and after the rows, the better of the two). The real-data rows
+(`run_all.py --real-data`) compute in different dtypes, so each row is measured against the peak of its
+own dtype (`training.utils.precision.matmul_peak_gflops(dtype)`, `add_mfu_by_dtype`).
 """
 import time
 
@@ -71,3 +73,15 @@ def add_mfu(document: dict, peak_gflops: float) -> None:
             row["mfu"] = {phase: mfu(value, peak_gflops) for phase, value in achieved.items()}
         else:
             row["mfu"] = mfu(achieved, peak_gflops)
+
+
+def add_mfu_by_dtype(document: dict, peaks_gflops: dict[str, float]) -> None:
+    """add_mfu with each row's own peak: the matmul peak in the dtype the row computed in (`row["dtype"]`,
+    e.g. fp32 for a baseline row, bf16 for a `--dtype auto` row on a CPU with native bf16). The peak used
+    is recorded in the row as `mfu_peak_gflops`."""
+    for row in document["rows"]:
+        if row["dtype"] not in peaks_gflops:
+            raise KeyError(f"no {row['dtype']} matmul peak measured for the {row.get('variant', '?')} row")
+        peak = peaks_gflops[row["dtype"]]
+        add_mfu({"rows": [row]}, peak)
+        row["mfu_peak_gflops"] = peak

@@ -39,8 +39,89 @@ def ppo_table(document: dict) -> list[str]:
     return lines
 
 
+def speedups(rows: list[dict], key: str = "samples_per_s") -> list[float | None]:
+    """Each row's `key` divided by that of the baseline row (`"baseline": True`) of the same step, rounded to
+    two places; None for a step without a baseline row (or a baseline of 0)."""
+    baselines = {row["step"]: row[key] for row in rows if row.get("baseline")}
+    return [round(row[key] / baselines[row["step"]], 2) if baselines.get(row["step"]) else None for row in rows]
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def variant_label(row: dict) -> str:
+    """What a real-data row ran: its dtype (and whether --dtype auto chose it), batching, packing."""
+    dtype = f"auto -> {row['dtype']}" if row["variant"].startswith("auto") else row["dtype"]
+    parts = [dtype, "length-grouped" if row["group_by_length"] else "random batches"]
+    parts += ["packed"] if row["packing"] else []
+    return ", ".join(parts) + (" (baseline)" if row.get("baseline") else "")
+
+
+def real_training_table(documents: list[dict]) -> list[str]:
+    lines = ["| step | run | batches | samples/s | speed-up | speed-up by CPU time | real tokens/s | "
+             "padding efficiency | epoch s (CPU s) | model GFLOP/s | MFU (peak of its dtype) | peak RSS MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for document in documents:
+        rows = document["rows"]
+        for row, ratio, cpu_ratio in zip(rows, speedups(rows), speedups(rows, "samples_per_cpu_s")):
+            unit = " pairs/s" if row["step"] in ("rm", "dpo") else ""
+            lines.append(f"| {row['step'].upper()} | {variant_label(row)} | {row['batches']} | "
+                         f"{row['samples_per_s']:.2f}{unit} | {_ratio(ratio)} | {_ratio(cpu_ratio)} | "
+                         f"{row['real_tokens_per_s']:.0f} | {row['padding_efficiency']:.2f} | "
+                         f"{row['elapsed_s']:.1f} ({row['cpu_s']:.1f}) | {row['model_gflops_per_s']:.2f} | "
+                         f"{_pct(row['mfu'])} | {row['peak_rss_mib']:.0f} |")
+    return lines
+
+
+def real_ppo_table(document: dict) -> list[str]:
+    lines = ["| run | steps | answers/s | speed-up | speed-up by CPU time | generated tokens/s | real tokens/s | "
+             "padding efficiency | generation s | experience s | training s | epoch s (CPU s) | "
+             "MFU generation / experience / training / all | peak RSS MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    rows = document["rows"]
+    for row, ratio, cpu_ratio in zip(rows, speedups(rows), speedups(rows, "samples_per_cpu_s")):
+        mfu = " / ".join(_pct(row["mfu"][phase]) for phase in ("generation", "experience", "training", "total"))
+        lines.append(f"| {variant_label(row)} | {row['steps']} | {row['samples_per_s']:.2f} | {_ratio(ratio)} | "
+                     f"{_ratio(cpu_ratio)} | {row['generated_tokens_per_s']:.0f} | {row['real_tokens_per_s']:.0f} | "
+                     f"{row['padding_efficiency']:.2f} | {row['generation_s']:.1f} | {row['experience_s']:.1f} | "
+                     f"{row['training_s']:.1f} | {row['elapsed_s']:.1f} ({row['cpu_s']:.1f}) | {mfu} | "
+                     f"{row['peak_rss_mib']:.0f} |")
+    return lines
+
+
+def real_markdown(report: dict) -> str:
+    """A `run_all.py --real-data` report: machine, per-dtype peaks, workload, then the tables with ratios."""
+    machine, workload = report["machine"], report["workload"]
+    flags = ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in machine.get("bf16_flags", {}).items())
+    peaks = "; ".join(f"{dtype} {peak['before']} GFLOP/s before, {peak['after']} after"
+                      for dtype, peak in report["matmul_peaks_gflops"].items())
+    documents = report["benchmarks"]
+    training = [d for d in documents if d["benchmark"] in ("real_sft", "real_rm", "real_dpo")]
+    ppo = [d for d in documents if d["benchmark"] == "real_ppo"]
+    parts = [f"# Real-data benchmark ({report['date']})", "",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores ({flags}), torch {machine['torch']} with "
+             f"{machine['torch_threads']} threads, DeepSpeed {machine['deepspeed']}. Load average (1 min) "
+             f"{machine['load_before']:.2f} before, {machine['load_after']:.2f} after the rows.", "",
+             f"Matmul peak ({report['peak_size']}x{report['peak_size']}, best product over "
+             f"{report['peak_seconds']} s; each row's MFU uses the better value of its own dtype): {peaks}.", "",
+             f"Workload: {workload['description']}", "",
+             "Speed-up: samples/s over the baseline row of the same step (every row of a step trains on the same "
+             "samples, so it is also the ratio of epoch times). Speed-up by CPU time: the same with the row "
+             "process's CPU seconds instead of wall seconds; with one thread per row it is much less disturbed by "
+             "other jobs on the machine than the wall clock.", "",
+             f"MFU: {report['mfu_formula']}", ""]
+    if training:
+        parts += ["## Steps 1-2: SFT, reward model, DPO", "", *real_training_table(training), ""]
+    for document in ppo:
+        parts += ["## Step 3: PPO (time totals over the timed steps)", "", *real_ppo_table(document), ""]
+    return "\n".join(parts)
+
+
 def markdown(report: dict) -> str:
     """The whole report as Markdown: the machine and its measured peak, then one table per kind of row."""
+    if report.get("kind") == "real":
+        return real_markdown(report)
     machine, peak = report["machine"], report["matmul_peak_gflops"]
     documents = report["benchmarks"]
     training = [d for d in documents if d["benchmark"].startswith("train_")]

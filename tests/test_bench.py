@@ -163,3 +163,121 @@ def test_quality_table_lists_every_actor():
     text = markdown(results)
     assert "| DPO | 1.000 | 0.800 | +5.000 | 1.250 | 9.00 | 1.000 |" in text
     assert "| wall time step1 | 91 s |" in text
+
+
+def _real_row(step: str, variant: str, samples_per_s: float, dtype: str = "bf16", **extra) -> dict:
+    row = {"step": step, "variant": variant, "baseline": variant == "fp32-random", "dtype": dtype,
+           "group_by_length": "grouped" in variant, "packing": "packed" in variant, "batches": 10,
+           "samples_per_s": samples_per_s, "real_tokens_per_s": 100 * samples_per_s, "padding_efficiency": 0.9,
+           "elapsed_s": 80 / samples_per_s, "cpu_s": 40 / samples_per_s, "samples_per_cpu_s": 2 * samples_per_s,
+           "model_gflops_per_s": 10.0 * samples_per_s, "mfu": 0.05,
+           "peak_rss_mib": 900.0}
+    return row | extra
+
+
+def test_speedups_divide_by_the_baseline_row_of_the_same_step():
+    rows = [_real_row("sft", "fp32-random", 2.0, "fp32"), _real_row("sft", "auto-grouped", 5.0),
+            _real_row("sft", "auto-grouped-packed", 6.5), _real_row("rm", "fp32-random", 1.0, "fp32"),
+            _real_row("rm", "auto-grouped", 3.333), _real_row("dpo", "auto-grouped", 4.0)]
+    assert report.speedups(rows) == [1.0, 2.5, 3.25, 1.0, 3.33, None]  # DPO has no baseline row here
+    assert report.speedups(rows, key="real_tokens_per_s")[:3] == [1.0, 2.5, 3.25]
+
+
+def test_add_mfu_by_dtype_uses_each_rows_own_peak():
+    document = {"rows": [_real_row("sft", "fp32-random", 2.0, "fp32"), _real_row("sft", "auto-grouped", 4.0),
+                         _real_row("ppo", "auto-grouped", 1.0, model_gflops_per_s={"generation": 20.0,
+                                                                                   "total": 40.0})]}
+    flops.add_mfu_by_dtype(document, {"fp32": 100.0, "bf16": 400.0})
+    assert [row["mfu"] for row in document["rows"][:2]] == [0.2, 0.1]  # 20/100 (fp32), 40/400 (bf16)
+    assert document["rows"][2]["mfu"] == {"generation": 0.05, "total": 0.1}
+    assert [row["mfu_peak_gflops"] for row in document["rows"]] == [100.0, 400.0, 400.0]
+    with pytest.raises(KeyError, match="no fp16 matmul peak"):
+        flops.add_mfu_by_dtype({"rows": [_real_row("sft", "auto-grouped", 1.0, "fp16")]}, {"fp32": 1.0})
+
+
+def test_real_markdown_shows_the_ratio_per_row_and_the_peaks_per_dtype():
+    ppo = [_real_row("ppo", "fp32-random", 0.5, "fp32"), _real_row("ppo", "auto-grouped", 0.75)]
+    for row in ppo:
+        row.update(steps=10, generated_tokens_per_s=64.0, generation_s=30.0, experience_s=40.0, training_s=50.0,
+                   mfu={"generation": 0.1, "experience": 0.2, "training": 0.3, "total": 0.25})
+    machine = {"cpu": "test cpu", "cores": 2, "torch": "2.x", "deepspeed": "0.x", "torch_threads": 1,
+               "load_before": 1.5, "load_after": 2.5, "bf16_flags": {"avx512_bf16": True, "amx_bf16": False}}
+    result = {"kind": "real", "date": "2026-01-01", "machine": machine, "peak_size": 1024, "peak_seconds": 1.0,
+              "matmul_peaks_gflops": {"bf16": {"before": 300.0, "after": 290.0, "used": 300.0},
+                                      "fp32": {"before": 90.0, "after": 95.0, "used": 95.0}},
+              "workload": {"description": "the first 400 rows"}, "mfu_formula": "6 N per token",
+              "benchmarks": [{"benchmark": "real_sft", "rows": [_real_row("sft", "fp32-random", 2.0, "fp32"),
+                                                                _real_row("sft", "auto-grouped-packed", 5.0)]},
+                             {"benchmark": "real_ppo", "rows": ppo}]}
+    text = report.markdown(result)
+    assert "(avx512_bf16 yes, amx_bf16 no)" in text
+    assert "bf16 300.0 GFLOP/s before, 290.0 after; fp32 90.0 GFLOP/s before, 95.0 after" in text
+    assert "| SFT | fp32, random batches (baseline) | 10 | 2.00 | 1.00x | 1.00x | 200 | 0.90 | 40.0 (20.0) | 20.00 | " \
+           "5.0% | 900 |" in text
+    assert "| SFT | auto -> bf16, length-grouped, packed | 10 | 5.00 | 2.50x | 2.50x |" in text
+    assert "| auto -> bf16, length-grouped | 10 | 0.75 | 1.50x | 1.50x | 64 | 75 | 0.90 | 30.0 | 40.0 | 50.0 | " \
+           "106.7 (53.3) | 10.0% / 20.0% / 30.0% / 25.0% | 900 |" in text
+
+
+def test_real_variants_are_the_steps_own_flags():
+    from benchmarks import bench_real
+
+    assert bench_real.variants_for("sft") == ["fp32-random", "auto-grouped", "auto-grouped-packed"]
+    assert bench_real.variants_for("ppo", ["auto-grouped", "fp32-random"]) == ["fp32-random", "auto-grouped"]
+    with pytest.raises(SystemExit, match="step-1"):
+        bench_real.variants_for("rm", ["auto-grouped-packed"])
+    args = bench_real.parse_args(["--data_output_path", "/tmp/unused"])
+    baseline = bench_real.step_argv(args, "sft", "fp32-random", "d.jsonl", "/tmp/out")
+    assert baseline[-3:] == ["--dtype", "fp32", "--no_group_by_length"]
+    assert "--packing" in bench_real.step_argv(args, "sft", "auto-grouped-packed", "d.jsonl", "/tmp/out")
+    ppo = bench_real.step_argv(args, "ppo", "auto-grouped", "d.jsonl", "/tmp/out", "/tmp/critic")
+    assert ppo[ppo.index("--max_answer_seq_len") + 1] == "128" and ppo[-2:] == ["--dtype", "auto"]
+
+
+def test_real_variants_parse_with_the_steps_parsers(tmp_path):
+    from benchmarks import bench_real
+    from training.step1_supervised_finetuning.main import parse_args as parse_sft
+    from training.step2_reward_model_finetuning.main import parse_args as parse_rm
+    from training.step3_rlhf_finetuning.main import parse_args as parse_ppo
+
+    args = bench_real.parse_args(["--data_output_path", str(tmp_path)])
+    out = tmp_path / "out"
+    baseline = parse_sft(bench_real.step_argv(args, "sft", "fp32-random", "d.jsonl", out))
+    assert (baseline.dtype, baseline.data.group_by_length, baseline.packing) == ("fp32", False, False)
+    assert (baseline.per_device_train_batch_size, baseline.data.max_seq_len, baseline.model.zero_stage) == (8, 512, 0)
+    packed = parse_sft(bench_real.step_argv(args, "sft", "auto-grouped-packed", "d.jsonl", out))
+    assert (packed.dtype, packed.data.group_by_length, packed.packing) == ("auto", True, True)
+    assert parse_rm(bench_real.step_argv(args, "rm", "auto-grouped", "d.jsonl", out)).data.data_split == "2,4,4"
+    ppo = parse_ppo(bench_real.step_argv(args, "ppo", "fp32-random", "d.jsonl", out, tmp_path / "critic"))
+    assert (ppo.max_prompt_seq_len, ppo.max_answer_seq_len, ppo.per_device_generation_batch_size) == (256, 128, 8)
+    assert (ppo.dtype, ppo.data.group_by_length) == ("fp32", False)
+
+
+def test_real_subset_is_the_first_rows_and_is_not_rewritten_when_unchanged(tmp_path):
+    import json
+    import os
+
+    from benchmarks import bench_real
+
+    source = tmp_path / "hh_harmless_test.pref.jsonl"
+    lines = [json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) for i in range(10)]
+    source.write_text("\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]))  # a blank line, no final newline
+    subset = bench_real.write_subset(source, 6, tmp_path / "data")
+    assert subset.name == "hh_harmless_test_first6.pref.jsonl"
+    assert subset.read_text().splitlines() == lines[:6]
+    os.utime(subset, ns=(1, 1))
+    assert bench_real.write_subset(source, 6, tmp_path / "data") == subset
+    assert subset.stat().st_mtime_ns == 1  # unchanged content: the data cache key (mtime) stays
+    assert bench_real.write_subset(source, 10, tmp_path / "data").read_text() == "\n".join(lines) + "\n"
+    with pytest.raises(ValueError, match="fewer than the 11"):
+        bench_real.write_subset(source, 11, tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        bench_real.write_subset(tmp_path / "missing.jsonl", 5, tmp_path / "data")
+
+
+def test_run_all_skips_the_real_rows_without_the_data_file(tmp_path, capsys):
+    from benchmarks import run_all
+
+    run_all.main(["--real-data", "--real_source", str(tmp_path / "absent.jsonl"), "--output-dir", str(tmp_path)])
+    assert "skipping the real-data rows" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,6 @@
-"""Step 2 alternative, DPO: the reply mask, policy == reference, learning on the built-in copy pairs, reload
-of the saved policy, two-rank ZeRO-3 with an offloaded reference, bad input. The loss math on hand-worked
-numbers is in test_losses.py."""
+"""Step 2 alternative, DPO: the reply mask, policy == reference, the cached reference log-probs, learning on the
+built-in copy pairs, reload of the saved policy, the same run with and without the cache, two-rank ZeRO-3 with an
+offloaded reference, bad input. The loss math on hand-worked numbers is in test_losses.py."""
 import argparse
 import math
 import os
@@ -19,6 +19,7 @@ from training.utils.losses import sequence_log_probs
 
 DPO_DIR = REPO / "training" / "step2_dpo_finetuning"
 COPY = "synthetic/copy:size=800,eval_size=200"
+SMALL = "synthetic/copy:size=200,eval_size=40"
 LOG2 = math.log(2.0)
 
 
@@ -125,6 +126,57 @@ def test_policy_equal_to_reference_gives_log_2_and_zero_rewards(tokenizer):
     assert torch.allclose(padded_logps[[4, 9]], alone_logps, atol=1e-4)
 
 
+def test_cached_reference_log_probs_equal_a_reference_forward_per_batch(tmp_path, tokenizer):
+    """The one pass before training gives what running the reference on each batch gives: bitwise in the batches
+    it scored (the eval loader's own, the train split's length-grouped pass), and in the differently padded
+    training batches up to fp32 rounding (a sum of about -500 has a last bit of 6e-5). Evaluation reading the
+    cache equals evaluation running the reference, and the indexed loader yields the plain loader's batches."""
+    from training.step2_dpo_finetuning.main import cache_reference_log_probs, evaluate, reply_log_probs
+    from training.utils.reference_cache import IndexedCollator, IndexedDataset, with_sample_index
+
+    config = DataConfig(data_path=(SMALL,), data_split="1,8,1", data_output_path=str(tmp_path / "cache"),
+                        max_seq_len=96)
+    data = build_phase_data(config, tokenizer, PHASE_REWARD)
+    collator, cpu = PairCollator(tokenizer.pad_token_id), torch.device("cpu")
+    plain_train = make_loader(data.train, 16, collator, seed=1234, shuffle=True, length_grouped=True)
+    train_loader = with_sample_index(plain_train)
+    eval_loader = with_sample_index(make_loader(data.eval, 32, collator, seed=1234, shuffle=False,
+                                                length_grouped=True))
+    reference = seeded_tiny_model(tokenizer)
+    settings = argparse.Namespace(per_device_eval_batch_size=32, seed=1234)
+    train_ref, eval_ref = cache_reference_log_probs(reference, data, eval_loader, tokenizer.pad_token_id, settings,
+                                                    cpu)
+    assert train_ref.table.shape == (len(data.train), 2) and eval_ref.table.shape == (len(data.eval), 2)
+    assert train_ref.table.dtype == eval_ref.table.dtype == torch.float32
+    assert train_ref.nbytes == 8 * len(data.train)
+
+    # the indexed loader: the plain loader's batches, plus each row's dataset position
+    for plain, indexed in zip(plain_train, train_loader, strict=True):
+        assert indexed.keys() == plain.keys() | {"index"}
+        assert all(torch.equal(plain[k], indexed[k]) for k in plain)
+        first = data.train[int(indexed["index"][0])]["chosen_ids"]
+        assert indexed["input_ids"][0, :len(first)].tolist() == first
+
+    train_pass = make_loader(IndexedDataset(data.train), 32, IndexedCollator(collator), seed=1234, shuffle=False,
+                             length_grouped=True)
+    with torch.no_grad():
+        for cached, loader in ((eval_ref, eval_loader), (train_ref, train_pass)):
+            for batch in loader:
+                assert torch.equal(cached(batch), reply_log_probs(reference, batch))
+        seen = set()
+        for epoch in (0, 1):
+            train_loader.sampler.set_epoch(epoch)
+            for batch in train_loader:
+                torch.testing.assert_close(train_ref(batch), reply_log_probs(reference, batch), rtol=1e-6, atol=1e-6)
+                seen |= set(batch["index"].tolist())
+    assert seen == set(range(len(data.train)))
+
+    policy = seeded_tiny_model(tokenizer, seed=99)  # another model, so the rewards are not all 0
+    cached_stats = evaluate(policy, eval_ref, eval_loader, cpu, loss_settings())
+    assert cached_stats == evaluate(policy, reference, eval_loader, cpu, loss_settings())
+    assert cached_stats["pairs"] == len(data.eval) and cached_stats["chosen_reward"] != 0
+
+
 def test_bad_flags_are_refused():
     from training.step2_dpo_finetuning.main import parse_args
     from training.utils.config import flag_values
@@ -138,6 +190,8 @@ def test_bad_flags_are_refused():
     defaults = (args.beta, args.label_smoothing, args.loss_type, args.offload_reference_model,
                 args.model.learning_rate)
     assert defaults == (0.1, 0.0, "sigmoid", False, 1e-3)  # DeepSpeed-Chat's DPO defaults
+    assert args.precompute_ref_log_probs and not parse_args(base + ["--no_precompute_ref_log_probs"]
+                                                            ).precompute_ref_log_probs
     assert "sft_only_data_path" not in flag_values(args)
 
 
@@ -208,6 +262,27 @@ def test_two_ranks_zero3_with_offloaded_reference(tmp_path, tokenizer):
             chosen, rejected = reply_log_probs(policy, batch).chunk(2)
             margins.append(chosen - rejected)
     assert torch.cat(margins).mean().item() == pytest.approx(after["eval/logp_margin"], rel=1e-4)
+
+
+def test_cached_reference_log_probs_give_the_run_of_a_reference_forward_per_step(tmp_path):
+    """fp32, 10 steps: every evaluation with the reference's log-probs cached (the default) matches the run that
+    keeps the reference and runs it on every batch."""
+    logs = {}
+    for name, extra in (("cached", ()), ("per_step", ("--no_precompute_ref_log_probs",))):
+        result = run_script(DPO_DIR, dpo_args(tmp_path, tmp_path / name, "--num_warmup_steps", "2", "--eval_interval",
+                                              "5", *extra, data=SMALL), OMP_NUM_THREADS="1")
+        assert_ok(result)
+        logs[name] = result.stdout
+    assert logs["cached"].count("reference log-probs cached in") == 1
+    assert "160 train + 32 eval pairs" in logs["cached"] and "reference log-probs" not in logs["per_step"]
+    cached, per_step = eval_rows(tmp_path / "cached"), eval_rows(tmp_path / "per_step")
+    assert len(cached) == len(per_step) == 4  # before training, steps 5 and 10, after the epoch
+    assert cached[0]["eval/loss"] == pytest.approx(LOG2, abs=1e-6) and cached[0]["eval/chosen_reward"] == 0.0
+    for with_cache, without in zip(cached, per_step):
+        assert with_cache.keys() == without.keys()
+        for name, value in without.items():
+            assert with_cache[name] == pytest.approx(value, rel=0, abs=1e-4), (name, with_cache, without)
+    assert cached[-1]["eval/loss"] < LOG2 - 0.1  # it did learn
 
 
 def test_pairs_without_rejected_are_refused(tmp_path):

@@ -85,9 +85,11 @@ def program_args(script: Path, command: list[str]):
         pytest.fail(f"{script_id(script)}: {program} rejects its flags (exit {exit_.code}): {flags}")
 
 
-def zero_stages(args) -> set[int]:
-    return {getattr(args, name) for name in ("zero_stage", "actor_zero_stage", "critic_zero_stage")
-            if hasattr(args, name)}
+def zero_stages(config) -> set[int]:
+    from training.utils.config import flag_values
+
+    flags = flag_values(config)
+    return {flags[name] for name in ("zero_stage", "actor_zero_stage", "critic_zero_stage") if name in flags}
 
 
 def test_the_matrix_is_found():
@@ -149,5 +151,7 @@ def test_evaluation_script_flags_parse(script, launcher_double, tmp_path):
     placeholders = required_positionals(script)
     (run,) = launch(script, placeholders, launcher_double, tmp_path)
     _, args = program_args(script, run)
-    passed = {value for value in vars(args).values() if isinstance(value, str)}
+    from training.utils.config import flag_values
+
+    passed = {value for value in flag_values(args).values() if isinstance(value, str)}
     assert set(placeholders) <= passed  # every positional argument reached a flag

@@ -4,15 +4,23 @@
 
 Recipe: parse flags -> tokenizer -> phase-2 pairs (with reply masks) -> policy (+LoRA) and DeepSpeed engine
 -> frozen reference (the same starting weights; ZeRO-3 when the policy uses 3, else 0; optionally
-offloaded) -> evaluation before training -> epochs of preference loss, evaluated every --eval_interval
-steps and after each epoch -> save the policy as a Hugging Face directory (chat.py and step 3 load it
-as an actor).
+offloaded) -> its log-probs of every train and eval pair cached, the reference released (unless
+--no_precompute_ref_log_probs) -> evaluation before training -> epochs of preference loss, evaluated every
+--eval_interval steps and after each epoch -> save the policy as a Hugging Face directory (chat.py and step 3
+load it as an actor).
 
 A reply's log-probability is summed over its tokens and the EOS that ends it (prompt + reply + EOS, the
 convention of steps 1 and 3); prompt and padding tokens are masked out. Log-probabilities are always
 computed in fp32, so --compute_fp32_loss changes nothing here.
+
+The reference is frozen and in eval mode, so its log-probs of a pair never change: by default one no-grad pass
+before training scores every pair of both splits (reference_cache.py), batches carry their dataset index, and
+each step and evaluation looks the reference's rows up instead of running it. The cache is recomputed, not
+saved, on --resume (the same deterministic pass).
 """
+import gc
 import math
+import time
 
 import torch
 
@@ -20,7 +28,7 @@ from training.utils import distributed, seeding
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, in_range, option, parse_config, positive
 from training.utils.data.collators import PairCollator
-from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data
+from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data, make_loader
 from training.utils.engine import (
     apply_lora,
     frozen_ds_config,
@@ -36,6 +44,7 @@ from training.utils.losses import DPO_LOSS_TYPES, dpo_loss, sequence_log_probs
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import save_hf_format
+from training.utils.reference_cache import IndexedCollator, IndexedDataset, ReferenceLogProbs, with_sample_index
 
 
 @configuration(tensorboard_path="step2_tensorboard")
@@ -51,6 +60,11 @@ class DPOConfig(SupervisedConfig, ReferenceOffloadFlags, PeriodicEvalFlags):
     loss_type: str = option("sigmoid", "[new] sigmoid: DPO (conservative DPO with --label_smoothing); ipo: IPO's "
                                        "squared loss (h - 1/(2 beta))^2 on the log-ratio difference h.",
                             choices=DPO_LOSS_TYPES, resume=FIXED)
+    precompute_ref_log_probs: bool = option(True, "[new] Score every train and eval pair with the frozen reference "
+                                                  "once before training (one no-grad pass; fp32 log-probs kept in "
+                                                  "memory, 8 bytes a pair), then release the reference: no "
+                                                  "reference forward per step. --no_precompute_ref_log_probs keeps "
+                                                  "the reference and runs it on every batch.", resume=FIXED)
 
     def validate(self) -> None:
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
@@ -70,10 +84,14 @@ def reply_log_probs(engine, batch) -> torch.Tensor:
 
 def preference_loss(policy, reference, batch, config: DPOConfig
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses, chosen and rejected implicit rewards, and the policy's chosen-minus-rejected log-prob."""
+    """Per-pair losses, chosen and rejected implicit rewards, and the policy's chosen-minus-rejected log-prob.
+    `reference`: the frozen reference model, or its cached log-probs of the batch's split (ReferenceLogProbs)."""
     policy_logps = reply_log_probs(policy, batch)
     with torch.no_grad():
-        reference_logps = reply_log_probs(reference, batch)
+        if isinstance(reference, ReferenceLogProbs):
+            reference_logps = reference(batch)
+        else:
+            reference_logps = reply_log_probs(reference, batch)
     policy_chosen, policy_rejected = policy_logps.chunk(2)
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, *reference_logps.chunk(2),
                                                         beta=config.beta, label_smoothing=config.label_smoothing,
@@ -132,6 +150,22 @@ def build_reference(config: DPOConfig, tokenizer, ds_config: dict, device):
                         dropout=config.model.dropout, trust_remote_code=config.trust_remote_code), ref_ds_config)
 
 
+def cache_reference_log_probs(reference, data, eval_loader, pad_token_id: int, config: DPOConfig, device
+                              ) -> tuple[ReferenceLogProbs, ReferenceLogProbs]:
+    """The reference's log-probs of every train and of every eval pair. The train split is scored in
+    length-grouped batches of --per_device_eval_batch_size (little padding), the eval split in the eval loader's
+    own batches (`eval_loader` yields "index"), so evaluation reads exactly what a per-batch forward gives."""
+    def score(batch):
+        return reply_log_probs(reference, batch)
+
+    train_pass = make_loader(IndexedDataset(data.train), config.per_device_eval_batch_size,
+                             IndexedCollator(PairCollator(pad_token_id)), config.seed, shuffle=False,
+                             length_grouped=True)
+    train = ReferenceLogProbs.compute(score, train_pass, len(data.train), device, "reference log-probs (train)")
+    evaluation = ReferenceLogProbs.compute(score, eval_loader, len(data.eval), device, "reference log-probs (eval)")
+    return train, evaluation
+
+
 @report_user_errors
 def main(argv=None) -> None:
     config = parse_args(argv)
@@ -150,11 +184,27 @@ def main(argv=None) -> None:
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     engine, lr_scheduler = initialize_train_engine(policy, config, config.model, ds_config, device, steps_per_epoch)
     reference = build_reference(config, tokenizer, ds_config, device)
+    if config.precompute_ref_log_probs:
+        start_time = time.time()
+        train_loader, eval_loader = with_sample_index(train_loader), with_sample_index(eval_loader)
+        train_reference, eval_reference = cache_reference_log_probs(reference, data, eval_loader,
+                                                                    tokenizer.pad_token_id, config, device)
+        reference.destroy()  # DeepSpeed's release of the engine's own state; then drop the last reference to it
+        del reference
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        distributed.print_rank_0(
+            f"reference log-probs cached in {time.time() - start_time:.1f} s: {len(data.train)} train + "
+            f"{len(data.eval)} eval pairs, {(train_reference.nbytes + eval_reference.nbytes) / 1024:.1f} KiB (fp32); "
+            "the reference model is released")
+    else:
+        train_reference = eval_reference = reference
 
     metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step2_dpo_model")
     checkpoints = Checkpointer(config, {"policy": engine}, device)
     if config.resume is None:
-        stats = evaluate(engine, reference, eval_loader, device, config)
+        stats = evaluate(engine, eval_reference, eval_loader, device, config)
         log_eval(metrics, 0, stats)
         distributed.print_rank_0(f"before training: {describe(stats)}")
     start, _ = checkpoints.resume(metrics, loaders=[train_loader])
@@ -164,7 +214,7 @@ def main(argv=None) -> None:
     for epoch in loop.epochs(train_loader):
         for batch in loop.batches(train_loader):
             batch = {k: v.to(device) for k, v in batch.items()}
-            losses, chosen_rewards, rejected_rewards, _ = preference_loss(engine, reference, batch, config)
+            losses, chosen_rewards, rejected_rewards, _ = preference_loss(engine, train_reference, batch, config)
             loss = losses.mean()
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -178,12 +228,12 @@ def main(argv=None) -> None:
                 "train/reward_accuracy": correct_pairs(chosen_rewards, rejected_rewards) / losses.numel(),
                 "train/reward_margin": (chosen_rewards - rejected_rewards).mean().item()})
             if config.eval_interval and loop.global_step % config.eval_interval == 0:
-                stats = evaluate(engine, reference, eval_loader, device, config)
+                stats = evaluate(engine, eval_reference, eval_loader, device, config)
                 log_eval(metrics, loop.global_step, stats)
                 distributed.print_rank_0(f"step {loop.global_step}: {describe(stats)}")
             checkpoints.step_boundary(loop.position, step_losses, metrics)
         summary = loop.epoch_summary()
-        stats = evaluate(engine, reference, eval_loader, device, config)
+        stats = evaluate(engine, eval_reference, eval_loader, device, config)
         log_eval(metrics, loop.global_step, stats)
         distributed.print_rank_0(f"epoch {epoch + 1}/{config.num_train_epochs}: train loss {summary.mean_loss:.4f}, "
                                  f"eval {describe(stats)}, {summary.samples_per_s:.1f} pairs/s")

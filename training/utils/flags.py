@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from training.utils.checkpoint import CheckpointFlags
 from training.utils.config import FIXED, at_least, in_range, option, positive
 from training.utils.errors import UserInputError
-from training.utils.optim import LR_SCHEDULERS
 from training.utils.output_dir import LANGUAGE_MODEL, check_output_dir
 
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
+# DeepSpeed-Chat's --lr_scheduler_type choices (all understood by transformers.get_scheduler).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MAX_SEED = 2**32 - 1
 
 

@@ -5,10 +5,8 @@ from torch import nn
 from transformers import get_scheduler
 
 from training.utils.errors import UserInputError
+from training.utils.flags import LR_SCHEDULERS
 from training.utils.lora import LORA_PARAM_NAMES
-
-# DeepSpeed-Chat's --lr_scheduler_type choices (all understood by transformers.get_scheduler).
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def logical_ndim(param: torch.Tensor) -> int:

@@ -3,7 +3,6 @@ import os
 
 from training.utils.atomic_dir import is_run_artifact
 from training.utils.errors import UserInputError
-from training.utils.model.reward_model import is_reward_model_dir
 
 # What a step saves, as `saved_kind` names what a directory holds.
 LANGUAGE_MODEL, REWARD_MODEL, RLHF_MODELS = "language model", "reward model", "step-3 actor/ and critic/"
@@ -12,6 +11,8 @@ RLHF_SUBDIRS = ("actor", "critic", "actor_ema")
 
 def saved_kind(directory: str) -> str | None:
     """What an earlier run saved in `directory`: a language model, a reward model, step 3's models, or None."""
+    from training.utils.model.reward_model import is_reward_model_dir  # (here: chat.py's flags import this module)
+
     if is_reward_model_dir(directory):
         return REWARD_MODEL
     if os.path.isfile(os.path.join(directory, "config.json")):

@@ -75,12 +75,22 @@ class PPOTrainer:
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """[B, A] answers to left-padded prompts, sampled with the rollout settings, stopped at EOS (what
-        follows an answer's EOS is padding)."""
+        follows an answer's EOS is padding).
+
+        Exactly the model's own `generate` (the same tokens as a plain call from the same seed; tested in
+        tests/test_generation_speed.py, timed by benchmarks/bench_generation.py): one forward per token over
+        the KV cache, sampled on the model's device, the loop ends once every row has its EOS (under ZeRO-3
+        with several ranks, once every rank is done), and the answers are a view of its output. The KV
+        cache is asked for explicitly: a checkpoint whose config says `use_cache: false` (as trainers with
+        activation checkpointing save it) and that has no generation_config.json would otherwise re-read
+        the whole sequence for every token. Kept out, as measured on CPU (the benchmark's docstring): a
+        static KV cache and torch.compile'd decoding (no clear win; compilation costs more than a 10-step
+        run saves)."""
         actor = self.engine.actor
         actor.eval()
         generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
         output = generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=self.tokenizer.eos_token_id,
-                          pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.synced_gpus,
+                          pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.synced_gpus, use_cache=True,
                           **self.sampling.generate_kwargs())
         # The Hybrid Engine swaps its inference kernels back out on train(); scoring must use the
         # training forward (so PPO's ratio starts at 1) with dropout off.

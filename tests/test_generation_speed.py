@@ -1,0 +1,92 @@
+"""Step 3's rollout generation (PPOTrainer.generate, through the actor's DeepSpeed engine) is plain
+`model.generate`: the same tokens from the same seed, greedy and sampled, one forward per token over the
+KV cache, and no step once every answer has ended. In process, on tiny/opt; the throughput itself is
+benchmarks/bench_generation.py's to measure."""
+import pytest
+import torch
+
+from training.utils.data.collators import PromptCollator
+from training.utils.masks import answer_lengths
+from training.utils.sampling import SamplingConfig
+
+ANSWER_LEN = 24
+EOS_BOOST = 64  # the EOS row of the (tied) output embedding is scaled by this: answers end, at varied lengths
+SAMPLINGS = {"greedy": SamplingConfig(ANSWER_LEN),
+             "sampled": SamplingConfig(ANSWER_LEN, do_sample=True),  # step 3's defaults: temperature 1, no top-k/p
+             "sampled_top_k_top_p": SamplingConfig(ANSWER_LEN, do_sample=True, temperature=0.7, top_p=0.9, top_k=50)}
+
+
+@pytest.fixture(scope="module")
+def rollout(tmp_path_factory, distributed, tokenizer):
+    """(PPOTrainer over step 3's engines with a tiny/opt actor in fp32, a plain Hugging Face copy of its actor)."""
+    from training.step3_rlhf_finetuning.main import parse_args
+    from training.utils import seeding
+    from training.utils.model.build import create_hf_model
+    from training.utils.model.reward_model import create_reward_model, save_reward_model
+    from training.utils.rlhf.engine import build_rlhf_engine
+    from training.utils.rlhf.ppo_trainer import PPOTrainer
+
+    work = tmp_path_factory.mktemp("rollout_generation")
+    save_reward_model(create_reward_model("tiny/opt", tokenizer), tokenizer, str(work / "reward"), reward_stats={})
+    config = parse_args(["--actor_model_name_or_path", "tiny/opt", "--critic_model_name_or_path", str(work / "reward"),
+                         "--data_path", "synthetic/copy", "--output_dir", str(work / "unused"), "--dtype", "fp32",
+                         "--max_answer_seq_len", str(ANSWER_LEN), "--actor_dropout", "0.0", "--critic_dropout", "0.0",
+                         "--per_device_generation_batch_size", "6", "--per_device_training_batch_size", "6"])
+    seeding.set_random_seed(0)
+    trainer = PPOTrainer(build_rlhf_engine(config, tokenizer, torch.device("cpu"), 10, 10), config)
+    actor = trainer.engine.actor.module
+    with torch.no_grad():
+        actor.get_output_embeddings().weight[tokenizer.eos_token_id] *= EOS_BOOST
+    plain = create_hf_model("tiny/opt", tokenizer, dropout=0.0)
+    plain.load_state_dict(actor.state_dict())
+    return trainer, plain.eval()
+
+
+def left_padded_prompts(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    items = [{"prompt_ids": torch.randint(10, 4000, (n,), generator=generator).tolist()} for n in (5, 12, 9, 3, 16, 7)]
+    batch = PromptCollator(tokenizer.pad_token_id)(items)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLINGS))
+def test_rollout_answers_are_plain_generate_token_for_token(rollout, tokenizer, monkeypatch, sampling):
+    trainer, plain = rollout
+    monkeypatch.setattr(trainer, "sampling", SAMPLINGS[sampling])
+    prompt_ids, prompt_mask = left_padded_prompts(tokenizer)
+    torch.manual_seed(1)
+    answers = trainer.generate(prompt_ids, prompt_mask)
+    torch.manual_seed(1)
+    expected = plain.generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **SAMPLINGS[sampling].generate_kwargs())
+    assert torch.equal(answers, expected[:, prompt_ids.size(1):])
+    lengths, ended = answer_lengths(answers, tokenizer.eos_token_id)
+    assert ended.any() and len(set(lengths.tolist())) > 2  # answers of several lengths, EOS and padding included
+    if trainer.sampling.do_sample:  # the sampled answers all end early here: generation stopped with the last one
+        assert ended.all() and answers.size(1) == int(lengths.max()) < ANSWER_LEN
+
+
+def test_rollout_decodes_one_token_per_forward_over_the_kv_cache(rollout, tokenizer, monkeypatch):
+    """Even for a model whose configs turn the cache off (a checkpoint saved with activation checkpointing on),
+    the prompt is read once and every further forward reads one token; no forward after the last answer ended."""
+    trainer, plain = rollout
+    actor = trainer.engine.actor.module
+    monkeypatch.setattr(trainer, "sampling", SAMPLINGS["sampled"])
+    monkeypatch.setattr(actor.config, "use_cache", False)
+    monkeypatch.setattr(actor.generation_config, "use_cache", False)
+    prompt_ids, prompt_mask = left_padded_prompts(tokenizer)
+    widths = []
+    hook = actor.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].size(1)),
+                                           with_kwargs=True)
+    try:
+        torch.manual_seed(1)
+        answers = trainer.generate(prompt_ids, prompt_mask)
+    finally:
+        hook.remove()
+    assert widths == [prompt_ids.size(1)] + [1] * (answers.size(1) - 1)
+    lengths, _ = answer_lengths(answers, tokenizer.eos_token_id)
+    assert answers.size(1) == int(lengths.max()) < ANSWER_LEN
+    torch.manual_seed(1)
+    expected = plain.generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **SAMPLINGS["sampled"].generate_kwargs())
+    assert torch.equal(answers, expected[:, prompt_ids.size(1):])
