@@ -3,7 +3,6 @@ trip for --resume) and the reward normalizer built from a reward model's stats."
 import pytest
 import torch
 
-from training.utils.errors import UserInputError
 from training.utils.rlhf.control import AdaptiveKLController, FixedKLController, RewardNormalizer, make_kl_controller
 
 
@@ -23,7 +22,7 @@ def test_adaptive_kl_controller_hand_computed_and_resumable():
     for c in (controller, resumed):
         c.update(6.6, n_steps=500)  # error 0.1, unclipped
     assert resumed.value == controller.value == pytest.approx(0.102 * 0.98 * 1.005)
-    with pytest.raises(UserInputError, match="horizon"):
+    with pytest.raises(ValueError, match="horizon"):
         make_kl_controller(0.1, target=6.0, horizon=0)
 
 

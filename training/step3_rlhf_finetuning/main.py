@@ -18,7 +18,7 @@ import os
 import time
 
 from training.utils import distributed, seeding
-from training.utils.checkpoint import Checkpointer, module_shard, restore_module_shard
+from training.utils.checkpoint import Checkpointer
 from training.utils.config import flag_values, parse_config
 from training.utils.data.collators import PromptCollator
 from training.utils.data.conversation import tokenizer_adds_bos
@@ -34,6 +34,7 @@ from training.utils.rlhf.engine import build_rlhf_engine
 from training.utils.rlhf.experience import CappedPrompts, EndlessBatches, ExperienceBuffer
 from training.utils.rlhf.metrics import describe_evaluation, describe_step, evaluate_policy, show_answer, step_metrics
 from training.utils.rlhf.ppo_trainer import PPOTrainer
+from training.utils.rlhf.run_state import RLHFRunState
 from training.utils.tokenizer import load_tokenizer
 
 
@@ -57,15 +58,6 @@ def evaluate(trainer, loader, metrics, step: int, seed: int) -> None:
     values = evaluate_policy(trainer, loader, seed)
     metrics.log(step, **values)
     distributed.print_rank_0(f"eval after step {step}: {describe_evaluation(values)}")
-
-
-def restore_step3_state(state: dict, path: str, trainer, rlhf_engine, unsup_batches) -> None:
-    trainer.kl_ctl.load_state_dict(state["kl_controller"])
-    trainer.reward_normalizer.load_state_dict(state["reward_normalizer"])
-    if unsup_batches is not None:
-        unsup_batches.drawn = state["unsupervised_batches_drawn"]
-    if rlhf_engine.actor_ema is not None:
-        restore_module_shard(rlhf_engine.actor_ema.module, path, "actor_ema")
 
 
 @report_user_errors
@@ -107,19 +99,12 @@ def main(argv=None) -> None:
     checkpoints = Checkpointer(config, {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}, device)
     if config.resume is None:
         evaluate(trainer, eval_loader, metrics, 0, config.seed)
-    start, saved_state = checkpoints.resume(metrics, loaders=[prompt_loader], rank_state_consumers=[
-        lambda state: buffer.generator.set_state(state["buffer_generator"])])
+    run_state = RLHFRunState(trainer, rlhf_engine, buffer, unsup_batches)
+    start, saved_state = checkpoints.resume(metrics, loaders=[prompt_loader],
+                                            rank_state_consumers=[run_state.load_rank_state])
     if config.resume is not None:
-        restore_step3_state(saved_state, checkpoints.resumed_from, trainer, rlhf_engine, unsup_batches)
+        run_state.load_state_dict(saved_state, checkpoints.resumed_from)
     checkpoints.watch_signals()
-
-    def checkpoint_state() -> dict:
-        """What step 3 adds to a checkpoint (the experience buffer is empty at a step boundary)."""
-        return {"step_state": {"kl_controller": trainer.kl_ctl.state_dict(),
-                               "reward_normalizer": trainer.reward_normalizer.state_dict(),
-                               "unsupervised_batches_drawn": unsup_batches.drawn if unsup_batches else 0},
-                "rank_state": {"buffer_generator": buffer.generator.get_state()},
-                "weights": {"actor_ema": module_shard(rlhf_engine.actor_ema.module) if rlhf_engine.actor_ema else {}}}
 
     step, rollouts, round_start, stop = start.global_step, [], time.perf_counter(), False
     for epoch in range(start.epoch, config.num_train_epochs):
@@ -156,7 +141,7 @@ def main(argv=None) -> None:
                 evaluate(trainer, eval_loader, metrics, step, config.seed)
             losses = [row[k] for row in stats for k in ("actor_loss", "critic_loss", "unsup_loss") if k in row]
             checkpoints.step_boundary(Position(epoch, batches_done, step), losses + [values["reward/mean"]], metrics,
-                                      checkpoint_state)
+                                      run_state.state_dict)
             if config.enable_test_mode and step >= config.test_stop_step:
                 stop = True
                 break

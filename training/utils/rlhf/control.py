@@ -8,7 +8,6 @@ import math
 import torch
 
 from training.utils import distributed
-from training.utils.errors import UserInputError
 
 
 class FixedKLController:
@@ -40,8 +39,8 @@ class AdaptiveKLController:
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
         if not target > 0 or not horizon > 0:
-            raise UserInputError(f"adaptive KL needs a positive target and horizon (got target {target}, "
-                                 f"horizon {horizon}): pass positive numbers, or no target for a fixed coefficient")
+            # (the flags --target_kl / --kl_horizon are checked where they are defined; this guards other callers)
+            raise ValueError(f"adaptive KL needs a positive target and horizon (got {target}, {horizon})")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
