@@ -90,7 +90,7 @@ class PPOTrainer:
         actor.eval()
         generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
         output = generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=self.tokenizer.eos_token_id,
-                          pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.synced_gpus,
+                          pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.synced_gpus, use_cache=True,
                           **self.sampling.generate_kwargs())
         # The Hybrid Engine swaps its inference kernels back out on train(); scoring must use the
         # training forward (so PPO's ratio starts at 1) with dropout off.
