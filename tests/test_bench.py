@@ -237,6 +237,7 @@ def test_real_variants_are_the_steps_own_flags():
 def test_real_variants_parse_with_the_steps_parsers(tmp_path):
     from benchmarks import bench_real
     from training.step1_supervised_finetuning.main import parse_args as parse_sft
+    from training.step2_dpo_finetuning.main import parse_args as parse_dpo
     from training.step2_reward_model_finetuning.main import parse_args as parse_rm
     from training.step3_rlhf_finetuning.main import parse_args as parse_ppo
 
@@ -248,6 +249,8 @@ def test_real_variants_parse_with_the_steps_parsers(tmp_path):
     packed = parse_sft(bench_real.step_argv(args, "sft", "auto-grouped-packed", "d.jsonl", out))
     assert (packed.dtype, packed.data.group_by_length, packed.packing) == ("auto", True, True)
     assert parse_rm(bench_real.step_argv(args, "rm", "auto-grouped", "d.jsonl", out)).data.data_split == "2,4,4"
+    dpo = parse_dpo(bench_real.step_argv(args, "dpo", "auto-grouped", "d.jsonl", out))
+    assert (dpo.dtype, dpo.data.group_by_length, dpo.precompute_ref_log_probs) == ("auto", True, False)
     ppo = parse_ppo(bench_real.step_argv(args, "ppo", "fp32-random", "d.jsonl", out, tmp_path / "critic"))
     assert (ppo.max_prompt_seq_len, ppo.max_answer_seq_len, ppo.per_device_generation_batch_size) == (256, 128, 8)
     assert (ppo.dtype, ppo.data.group_by_length) == ("fp32", False)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from training.utils import distributed, seeding
+from training.utils import distributed
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, option, parse_config
 from training.utils.data.collators import SFTCollator
@@ -18,7 +18,7 @@ from training.utils.data.pipeline import PHASE_SFT, SFTDataConfig, load_supervis
 from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config, training_dtype
 from training.utils.errors import report_user_errors
 from training.utils.flags import ModelFlags, SupervisedConfig
-from training.utils.loop import TrainLoop
+from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import causal_lm_loss, count_label_tokens
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.build import create_hf_model
@@ -86,8 +86,7 @@ def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float]:
 @report_user_errors
 def main(argv=None) -> None:
     config = parse_args(argv)
-    device = distributed.init_distributed(config.local_rank)
-    seeding.set_random_seed(config.seed)
+    device = start_run(config)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step1_model")
 
     tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_SFT, SFTCollator, "samples")
@@ -134,10 +133,7 @@ def main(argv=None) -> None:
 
     save_hf_format(engine.module, tokenizer, config.output_dir, metrics=metrics, metrics_title="step 1: SFT",
                    extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
-    checkpoints.finish()
-    metrics.close()
-    distributed.print_rank_0(f"saved the SFT model to {config.output_dir}")
-    distributed.shutdown_distributed()
+    finish_run(checkpoints, metrics, f"saved the SFT model to {config.output_dir}")
 
 
 if __name__ == "__main__":

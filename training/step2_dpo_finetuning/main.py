@@ -39,7 +39,7 @@ from training.utils.engine import (
 )
 from training.utils.errors import UserInputError, report_user_errors
 from training.utils.flags import ModelFlags, PeriodicEvalFlags, ReferenceOffloadFlags, SupervisedConfig
-from training.utils.loop import TrainLoop
+from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import DPO_LOSS_TYPES, dpo_loss, sequence_log_probs
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.build import create_hf_model
@@ -169,8 +169,7 @@ def cache_reference_log_probs(reference, data, eval_loader, pad_token_id: int, c
 @report_user_errors
 def main(argv=None) -> None:
     config = parse_args(argv)
-    device = distributed.init_distributed(config.local_rank)
-    seeding.set_random_seed(config.seed)
+    device = start_run(config)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step2_dpo_model")
 
     tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD, PairCollator, "pairs")
@@ -240,10 +239,7 @@ def main(argv=None) -> None:
 
     save_hf_format(engine.module, tokenizer, config.output_dir, metrics=metrics, metrics_title="step 2: DPO",
                    extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
-    checkpoints.finish()
-    metrics.close()
-    distributed.print_rank_0(f"saved the DPO policy to {config.output_dir}")
-    distributed.shutdown_distributed()
+    finish_run(checkpoints, metrics, f"saved the DPO policy to {config.output_dir}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from training.utils import distributed, seeding
+from training.utils import distributed
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, at_least, configuration, flag_values, group, option, parse_config
 from training.utils.data.collators import PairCollator
@@ -22,7 +22,7 @@ from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_
 from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
 from training.utils.errors import report_user_errors
 from training.utils.flags import ModelFlags, PaddingCompatFlags, PeriodicEvalFlags, SupervisedConfig
-from training.utils.loop import TrainLoop
+from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import pairwise_loss, span_pairwise_loss
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.reward_model import create_reward_model, save_reward_model
@@ -92,8 +92,7 @@ def describe(stats: dict) -> str:
 @report_user_errors
 def main(argv=None) -> None:
     config = parse_args(argv)
-    device = distributed.init_distributed(config.local_rank)
-    seeding.set_random_seed(config.seed)
+    device = start_run(config)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step2_model")
 
     tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD, PairCollator, "pairs")
@@ -146,10 +145,7 @@ def main(argv=None) -> None:
     save_reward_model(engine.module, tokenizer, config.output_dir, reward_stats=final, metrics=metrics,
                       metrics_title="step 2: reward model",
                       extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
-    checkpoints.finish()
-    metrics.close()
-    distributed.print_rank_0(f"saved the reward model to {config.output_dir}")
-    distributed.shutdown_distributed()
+    finish_run(checkpoints, metrics, f"saved the reward model to {config.output_dir}")
 
 
 if __name__ == "__main__":

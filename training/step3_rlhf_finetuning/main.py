@@ -17,7 +17,7 @@ import math
 import os
 import time
 
-from training.utils import distributed, seeding
+from training.utils import distributed
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import flag_values, parse_config
 from training.utils.data.collators import PromptCollator
@@ -25,7 +25,7 @@ from training.utils.data.conversation import tokenizer_adds_bos
 from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
 from training.utils.data.unsupervised import build_unsupervised_dataset, make_unsupervised_loader
 from training.utils.errors import report_user_errors
-from training.utils.loop import Position
+from training.utils.loop import Position, finish_run, start_run
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.reward_model import save_reward_model
 from training.utils.model.save import save_hf_format
@@ -63,8 +63,7 @@ def evaluate(trainer, loader, metrics, step: int, seed: int) -> None:
 @report_user_errors
 def main(argv=None) -> None:
     config = parse_args(argv)
-    device = distributed.init_distributed(config.local_rank)
-    seeding.set_random_seed(config.seed)
+    device = start_run(config)
 
     tokenizer = load_tokenizer(config.actor.model_name_or_path, config.add_eot_token, config.eot_token,
                                config.trust_remote_code)
@@ -162,11 +161,8 @@ def main(argv=None) -> None:
     if rlhf_engine.actor_ema is not None:
         save_hf_format(rlhf_engine.actor_ema.module, tokenizer, os.path.join(config.output_dir, "actor_ema"),
                        extra_json=extra)
-    checkpoints.finish()
-    metrics.close()
     saved = "actor/, critic/" + (", actor_ema/" if config.enable_ema else "")
-    distributed.print_rank_0(f"saved {saved} to {config.output_dir}")
-    distributed.shutdown_distributed()
+    finish_run(checkpoints, metrics, f"saved {saved} to {config.output_dir}")
 
 
 if __name__ == "__main__":

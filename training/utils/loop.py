@@ -87,3 +87,21 @@ class TrainLoop:
         world = distributed.world_size()
         return EpochSummary(self._loss_sum / max(self._batches, 1), self._samples * world / elapsed,
                             self._tokens * world / elapsed, elapsed)
+
+
+def start_run(config):
+    """The process group (as the launcher set it up) and the seeded RNGs; returns this rank's device."""
+    from training.utils import seeding
+
+    device = distributed.init_distributed(config.local_rank)
+    seeding.set_random_seed(config.seed)
+    return device
+
+
+def finish_run(checkpoints, metrics, message: str) -> None:
+    """After the final save: drop the checkpoints (unless kept), close TensorBoard, say what was saved, and
+    tear the process group down."""
+    checkpoints.finish()
+    metrics.close()
+    distributed.print_rank_0(message)
+    distributed.shutdown_distributed()
