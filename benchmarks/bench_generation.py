@@ -24,8 +24,9 @@ answer's EOS.
 
 Per variant: generated tokens/s (best of `--repeats` timed calls after `--warmup` untimed ones), the seconds
 of a call, and whether its tokens equal plain's (torch.equal). `rollout_overhead` is rollout's time per
-call over plain's, minus one. For compile, the first call's seconds (compilation included) and the time of a
-10-call run (first call + 9 compiled ones) against 10 plain calls say whether it pays.
+call over plain's, minus one (`rollout_overhead_cpu` the same in CPU seconds of the process, steadier on a
+shared machine). For compile: the first call's seconds (compilation included), a call on a wider prompt batch
+(a longer static cache: compiled again), and a 10-call run, its compilation included, against 10 plain calls.
 """
 import argparse
 import json
@@ -107,6 +108,26 @@ def plain_copy(actor_engine, actor_name: str, tokenizer):
     return model.to(next(module.parameters()).dtype).eval()
 
 
+def wider_prompts(args, tokenizer, width: int, device):
+    """A prompt batch as random_prompts draws it, wider than `width` once padded."""
+    for seed in range(args.seed + 1, args.seed + 1000):
+        batch = random_prompts(tokenizer, args.batch_size, *args.prompt_lens, seed=seed)
+        if batch["input_ids"].size(1) > width:
+            return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    raise SystemExit("--prompt_lens: no batch is wider than the first, so there is no recompilation to time")
+
+
+def compile_costs(first_s: float, compiled_s: float, plain_s: float, wider_s: float) -> dict:
+    """Whether compiling pays over a run of RUN_CALLS calls, compilation included, in the best case: the first
+    batch is the widest (generate keeps its static cache while later prompts fit in it, and the compiled steps
+    with it). A wider batch than any before allocates a longer cache and compiles again (`wider_prompt_call_s`);
+    step 3's widths vary, so that happens now and then."""
+    compiled_run = first_s + (RUN_CALLS - 1) * compiled_s
+    return {"first_call_s": round(first_s, 2), "wider_prompt_call_s": round(wider_s, 2),
+            f"plain_run_of_{RUN_CALLS}_s": round(RUN_CALLS * plain_s, 2),
+            f"run_of_{RUN_CALLS}_s": round(compiled_run, 2), "pays_in_run": compiled_run < RUN_CALLS * plain_s}
+
+
 def run_row(args, model_name: str, dtype: str) -> dict:
     import torch
     from transformers import CompileConfig
@@ -132,22 +153,22 @@ def run_row(args, model_name: str, dtype: str) -> dict:
     width = prompt_ids.size(1)
 
     def plain_generate(model=plain, **extra):
-        def call():
-            return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  **trainer.sampling.generate_kwargs(), **extra)[:, width:]
+        def call(ids, mask):
+            return model.generate(input_ids=ids, attention_mask=mask, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, **trainer.sampling.generate_kwargs(),
+                                  **extra)[:, ids.size(1):]
         return call
 
-    def timed(call) -> tuple[float, float, torch.Tensor]:
+    def timed(call, ids=prompt_ids, mask=prompt_mask) -> tuple[float, float, torch.Tensor]:
         """(wall seconds, CPU seconds of this process, answers) of one call, from the same seed."""
         torch.manual_seed(args.seed)
         wall, cpu = time.perf_counter(), time.process_time()
-        output = call()
+        output = call(ids, mask)
         return time.perf_counter() - wall, time.process_time() - cpu, output
 
     compile_config = CompileConfig(mode="default", dynamic=False)
     compile_config._compile_all_devices = True  # transformers compiles generate on accelerators only otherwise
-    variants = {"plain": plain_generate(), "rollout": lambda: trainer.generate(prompt_ids, prompt_mask),
+    variants = {"plain": plain_generate(), "rollout": trainer.generate,
                 "static": plain_generate(cache_implementation="static"), "eager": plain_generate(eager),
                 "compile": plain_generate(cache_implementation="static", compile_config=compile_config)}
     chosen = ["plain", "rollout"] + list(args.variants)
@@ -168,7 +189,6 @@ def run_row(args, model_name: str, dtype: str) -> dict:
                 assert torch.equal(output, outputs[name]), f"{name}: a repeated call gave other tokens"
         best = {name: min(wall[name]) for name in chosen}
         best_cpu = {name: min(cpu[name]) for name in chosen}
-        reference = outputs["plain"]
         per_variant = {}
         for name in chosen:
             lengths, ended = answer_lengths(outputs[name], tokenizer.eos_token_id)
@@ -176,13 +196,11 @@ def run_row(args, model_name: str, dtype: str) -> dict:
             per_variant[name] = {"tokens_per_s": round(tokens / best[name], 1),
                                  "tokens_per_cpu_s": round(tokens / best_cpu[name], 1),
                                  "call_s": round(best[name], 4), "tokens": tokens, "ended": int(ended.sum()),
-                                 "identical_to_plain": bool(torch.equal(outputs[name], reference))}
+                                 "identical_to_plain": bool(torch.equal(outputs[name], outputs["plain"]))}
         if "compile" in per_variant:
-            compiled_run = first_call["compile"] + (RUN_CALLS - 1) * best["compile"]
-            per_variant["compile"].update({"first_call_s": round(first_call["compile"], 2),
-                                           f"run_of_{RUN_CALLS}_s": round(compiled_run, 2),
-                                           f"plain_run_of_{RUN_CALLS}_s": round(RUN_CALLS * best["plain"], 2),
-                                           "pays_in_run": compiled_run < RUN_CALLS * best["plain"]})
+            per_variant["compile"].update(compile_costs(first_call["compile"], best["compile"], best["plain"],
+                                                        timed(variants["compile"], *wider_prompts(args, tokenizer,
+                                                                                                  width, device))[0]))
         results[str(answer_len)] = {**per_variant,
                                     "rollout_overhead": round(best["rollout"] / best["plain"] - 1, 4),
                                     "rollout_overhead_cpu": round(best_cpu["rollout"] / best_cpu["plain"] - 1, 4)}

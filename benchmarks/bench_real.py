@@ -8,9 +8,10 @@
 
 Workload (the defaults): the first --rows 400 rows of ../shared/data/hh_harmless_test.pref.jsonl (the path is
 relative to the repository root), copied into a local jsonl file under --data_output_path; `--data_split
-2,4,4`, so after the 9:1 train/eval hold-out of a file without an eval split 72 SFT samples, 144 pairs and
-144 prompts; tiny/opt-20m (21M parameters, random weights), per-device batch 8, --max_seq_len 512, ZeRO 0,
-one rank, --threads 1 (torch.set_num_threads and OMP_NUM_THREADS).
+2,4,4`, so after the 9:1 train/eval hold-out of a file without an eval split 72 SFT samples, 143 pairs (one
+of the 144 is longer than --max_seq_len and dropped) and 144 prompts; tiny/opt-20m (21M parameters, random
+weights), per-device batch 8, --max_seq_len 512, ZeRO 0, one rank, --threads 1 (torch.set_num_threads and
+OMP_NUM_THREADS).
 
 Variants (`--variants`; the report divides every row's samples/s by the baseline's):
 
@@ -24,10 +25,12 @@ Each row runs in its own process (rows.run_row) through the step's own code: its
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
 builder, train_ds_config / initialize_train_engine (a real DeepSpeed engine in the resolved dtype), and its
 loss helpers (step 1's model_inputs / real_samples_and_tokens / packed_train_loader, step 2's pair_loss,
-DPO's preference_loss / build_reference); step 3 runs build_rlhf_engine, PPOTrainer and ExperienceBuffer as
-its main.py does. Evaluation and saving are left out. One untimed warm-up step on the first batch, then one
-whole epoch is timed (PPO: --ppo_steps steps, one epoch over the first --ppo_steps x batch prompts), so every
-variant of a step trains on exactly the same samples: the ratio of samples/s is the ratio of epoch times.
+DPO's preference_loss / build_reference, with --no_precompute_ref_log_probs: the reference runs on every
+batch, so the DPO rows compare dtype and batching alone); step 3 runs build_rlhf_engine, PPOTrainer and
+ExperienceBuffer as its main.py does. Evaluation and saving are left out. One untimed warm-up step on the
+first batch, then one whole epoch is timed (PPO: --ppo_steps steps, one epoch over the first --ppo_steps x
+batch prompts), so every variant of a step trains on exactly the same samples: the ratio of samples/s is the
+ratio of epoch times.
 
 Per row: samples/s (pairs/s for rm/dpo, answers/s for ppo), samples per CPU second (the process's user + system
 time over the timed epoch: with one thread, a figure that other jobs on a shared machine disturb much less
@@ -147,10 +150,13 @@ def step_argv(args, step: str, variant: str, data_file: str | Path, output_dir: 
                          "--max_prompt_seq_len", str(args.max_prompt_seq_len),
                          "--max_answer_seq_len", str(args.max_answer_seq_len), "--num_warmup_steps", "0",
                          *VARIANT_FLAGS[variant]]
+    # DPO: the frozen reference runs on every batch in every variant (not the one pass over the data before
+    # training that --precompute_ref_log_probs does by default), so the rows compare dtype and batching only.
+    reference = ["--no_precompute_ref_log_probs"] if step == "dpo" else []
     return common + ["--model_name_or_path", args.model, "--zero_stage", "0",
                      "--per_device_train_batch_size", str(args.batch_size),
                      "--per_device_eval_batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
-                     *VARIANT_FLAGS[variant]]
+                     *reference, *VARIANT_FLAGS[variant]]
 
 
 def _set_threads(threads: int) -> None:

@@ -86,7 +86,8 @@ class ReferenceLogProbs:
         value = torch.cat(values) if values else torch.zeros(0, 2, dtype=torch.float32, device=device)
         table = torch.zeros(size, 2, dtype=torch.float32, device=device)
         filled = torch.zeros(size, dtype=torch.bool, device=device)
-        for rank_index, rank_value in _gather_rows(index, value):
+        # `size` is the same on every rank, so skipping an empty split keeps the collectives aligned
+        for rank_index, rank_value in _gather_rows(index, value) if size else ():
             table[rank_index] = rank_value
             filled[rank_index] = True
         if not bool(filled.all()):
