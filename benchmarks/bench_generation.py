@@ -22,14 +22,17 @@ model's generation config, for every variant alike: every answer runs to the len
 produces B x answer_len tokens. `--allow_eos` leaves EOS in; tokens then count up to and including each
 answer's EOS.
 
-Per variant: generated tokens/s (best of `--repeats` timed calls after `--warmup` untimed ones), the seconds
-of a call, and whether its tokens equal plain's (torch.equal). `rollout_overhead` is rollout's time per
-call over plain's, minus one (`rollout_overhead_cpu` the same in CPU seconds of the process, steadier on a
-shared machine). For compile: the first call's seconds (compilation included), a call on a wider prompt batch
-(a longer static cache: compiled again), and a 10-call run, its compilation included, against 10 plain calls.
+Per variant: generated tokens per second and per CPU second of the process (best of `--repeats` timed calls
+after `--warmup` untimed ones; the variants take turns, in alternating order), the seconds of a call, and
+whether its tokens equal plain's (torch.equal). `rollout_overhead` is the median over the repeats of
+rollout's seconds over plain's in the same repeat, minus one (`rollout_overhead_cpu`: the same in CPU
+seconds, steadier on a shared machine). For compile: the first call's seconds (compilation included), a
+call on a wider prompt batch (a longer static cache: compiled again), and a 10-call run, its compilation
+included, against 10 plain calls.
 """
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -108,6 +111,12 @@ def plain_copy(actor_engine, actor_name: str, tokenizer):
     return model.to(next(module.parameters()).dtype).eval()
 
 
+def paired_overhead(seconds: list[float], baseline: list[float]) -> float:
+    """The median over repeats of seconds / baseline - 1, each pair timed back to back (steadier than a ratio of
+    bests when other work shares the machine)."""
+    return round(statistics.median(s / b for s, b in zip(seconds, baseline)) - 1, 4)
+
+
 def wider_prompts(args, tokenizer, width: int, device):
     """A prompt batch as random_prompts draws it, wider than `width` once padded."""
     for seed in range(args.seed + 1, args.seed + 1000):
@@ -181,8 +190,8 @@ def run_row(args, model_name: str, dtype: str) -> dict:
             for _ in range(args.warmup - 1):
                 timed(variants[name])
         wall, cpu = {name: [] for name in chosen}, {name: [] for name in chosen}
-        for _ in range(args.repeats):  # interleaved, so a burst of load on the machine hits every variant alike
-            for name in chosen:
+        for repeat in range(args.repeats):  # interleaved (a burst of load hits every variant alike), and in
+            for name in chosen[::-1] if repeat % 2 else chosen:  # alternate orders (no variant always goes first)
                 seconds, cpu_seconds, output = timed(variants[name])
                 wall[name].append(seconds)
                 cpu[name].append(cpu_seconds)
@@ -201,9 +210,8 @@ def run_row(args, model_name: str, dtype: str) -> dict:
             per_variant["compile"].update(compile_costs(first_call["compile"], best["compile"], best["plain"],
                                                         timed(variants["compile"], *wider_prompts(args, tokenizer,
                                                                                                   width, device))[0]))
-        results[str(answer_len)] = {**per_variant,
-                                    "rollout_overhead": round(best["rollout"] / best["plain"] - 1, 4),
-                                    "rollout_overhead_cpu": round(best_cpu["rollout"] / best_cpu["plain"] - 1, 4)}
+        results[str(answer_len)] = {**per_variant, "rollout_overhead": paired_overhead(wall["rollout"], wall["plain"]),
+                                    "rollout_overhead_cpu": paired_overhead(cpu["rollout"], cpu["plain"])}
     return {"model": model_name, "dtype": dtype, "batch_size": args.batch_size, "prompt_width": width,
             "prompt_tokens": int(prompt_mask.sum()), "greedy": args.greedy, "eos_suppressed": not args.allow_eos,
             "torch_threads": torch.get_num_threads(), "answers": results, "peak_rss_mib": rows.peak_rss_mib()}

@@ -90,3 +90,44 @@ def test_rollout_decodes_one_token_per_forward_over_the_kv_cache(rollout, tokeni
     expected = plain.generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **SAMPLINGS["sampled"].generate_kwargs())
     assert torch.equal(answers, expected[:, prompt_ids.size(1):])
+
+
+# ---------------------------------------------------------------- benchmarks/bench_generation.py
+
+def test_benchmark_prompts_are_left_padded_and_of_the_asked_lengths(tokenizer):
+    from benchmarks.bench_generation import random_prompts
+
+    batch = random_prompts(tokenizer, 8, 64, 256, seed=0)
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].size(1) == int(lengths.max()) and 64 <= int(lengths.min()) and int(lengths.max()) <= 256
+    assert len(set(lengths.tolist())) > 1 and (batch["attention_mask"][:, -1] == 1).all()  # padding on the left
+    real = batch["input_ids"][batch["attention_mask"] == 1]
+    assert not torch.isin(real, torch.tensor(tokenizer.all_special_ids)).any()
+    assert torch.equal(random_prompts(tokenizer, 8, 64, 256, seed=0)["input_ids"], batch["input_ids"])
+
+
+def test_benchmark_overhead_is_the_median_of_paired_ratios():
+    from benchmarks.bench_generation import compile_costs, paired_overhead
+
+    # a load burst in repeat 2 slows both variants; the pairs still say 10%
+    assert paired_overhead([1.1, 5.5, 1.1], [1.0, 5.0, 1.0]) == pytest.approx(0.1)
+    costs = compile_costs(first_s=30.0, compiled_s=0.5, plain_s=1.0, wider_s=20.0)
+    assert costs["run_of_10_s"] == 34.5 and costs["plain_run_of_10_s"] == 10.0 and not costs["pays_in_run"]
+    assert compile_costs(first_s=2.0, compiled_s=0.5, plain_s=1.0, wider_s=2.0)["pays_in_run"]
+
+
+def test_benchmark_row_times_plain_and_rollout_on_the_same_tokens(distributed):
+    from benchmarks.bench_generation import parse_args, run_row
+
+    threads = torch.get_num_threads()
+    try:
+        row = run_row(parse_args(["--answer_lens", "4", "--batch_size", "2", "--prompt_lens", "4", "8",
+                                  "--repeats", "1", "--variants", "static", "eager"]), "tiny/opt", "fp32")
+    finally:
+        torch.set_num_threads(threads)
+    answers = row["answers"]["4"]
+    for name in ("plain", "rollout", "static", "eager"):
+        assert answers[name]["tokens"] == 2 * 4 and answers[name]["ended"] == 0  # EOS suppressed: to the limit
+        assert answers[name]["tokens_per_s"] > 0 and answers[name]["tokens_per_cpu_s"] > 0
+    assert answers["rollout"]["identical_to_plain"]
+    assert row["torch_threads"] == 1 and isinstance(answers["rollout_overhead"], float)
