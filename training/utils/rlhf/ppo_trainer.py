@@ -77,15 +77,15 @@ class PPOTrainer:
         """[B, A] answers to left-padded prompts, sampled with the rollout settings, stopped at EOS (what
         follows an answer's EOS is padding).
 
-        Exactly the model's own `generate` (the same tokens as a plain call from the same seed; tested in
-        tests/test_generation_speed.py, timed by benchmarks/bench_generation.py): one forward per token over
-        the KV cache, sampled on the model's device, the loop ends once every row has its EOS (under ZeRO-3
-        with several ranks, once every rank is done), and the answers are a view of its output. The KV
-        cache is asked for explicitly: a checkpoint whose config says `use_cache: false` (as trainers with
-        activation checkpointing save it) and that has no generation_config.json would otherwise re-read
-        the whole sequence for every token. Kept out, as measured on CPU (the benchmark's docstring): a
-        static KV cache and torch.compile'd decoding (no clear win; compilation costs more than a 10-step
-        run saves)."""
+        Exactly the model's own `generate`, so the same tokens as a plain call from the same seed
+        (tests/test_generation_speed.py) at the same speed (benchmarks/bench_generation.py): one forward per
+        token over the KV cache, sampled on the model's device, the loop ends once every row has its EOS (or,
+        under ZeRO-3 with several ranks, once every rank is done), and the answers are a view of its output.
+        The KV cache is asked for explicitly: a checkpoint whose config says `use_cache: false` (as trainers
+        with activation checkpointing save it) and that has no generation_config.json would otherwise re-read
+        the whole sequence for every token. Measured and left out on CPU: a static KV cache and
+        torch.compile'd decoding (no clear win; compiling costs more than 10 rollouts save; both change tokens
+        in bf16)."""
         actor = self.engine.actor
         actor.eval()
         generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
