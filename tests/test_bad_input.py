@@ -201,6 +201,9 @@ CASES = [
          in_process=True),
     Case("step3-negative-save-interval", "step3", {"--save_interval": "-1"}, "--save_interval must be at least 0",
          in_process=True),
+    # issue 16: inputs (models, lengths, text, DeepSpeed config)
+    # issue 16: results and e2e
+    # issue 16: outputs, resume and checkpoints
 ]
 
 
