@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.utils import distributed
+from training.utils.config import at_least
 from training.utils.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, UserInputError, report_user_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +50,14 @@ FAILURE_HINTS = [
     (r"Address already in use", "another run holds the port: set MASTER_PORT to a free port"),
     (r"offline|Cannot reach|couldn't connect|LocalEntryNotFoundError", "no network: pass a local model "
                                                                        "directory or dataset file"),
-    (r"hostfile", "multi_node needs a hostfile: set HOSTFILE (see docs/launching.md)"),
 ]
+# Only for multi_node: every single-machine DeepSpeed launch logs "Unable to find hostfile" and carries on.
+MULTI_NODE_HINTS = [
+    (r"hostfile.*(not found|does not exist|no such file|invalid|unable to|error)|ssh|pdsh|Permission denied "
+     r"\(publickey", "multi_node needs a hostfile naming reachable nodes: set HOSTFILE (see docs/launching.md)"),
+]
+EXIT_CRASH = 1
+ZERO_STAGES = ("", "0", "1", "2", "3")
 # What a step's own exit code says (training/utils/errors.py), and what to do about it. Other codes are
 # crashes (1, with a traceback in the log) or signals (128 + N).
 EXIT_MEANINGS = {
@@ -70,9 +78,17 @@ class Step:
     figures: str = ""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, as every other bad input (argparse would print the usage first)."""
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     has_cuda = _has_cuda()
-    parser = argparse.ArgumentParser(description="Run RLHF steps 1-3 (or SFT + DPO) one after the other.")
+    parser = _Parser(description="Run RLHF steps 1-3 (or SFT + DPO) one after the other. Exit codes: 0 done; 2 bad "
+                                 "input (here or a step's); 3 a step diverged; 1 a crash; 128+N stopped by signal N "
+                                 "(Ctrl-C: 130, after the running step saved a checkpoint).")
     parser.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
                         help="Steps to run (with --algo dpo, step 2 is DPO and step 3 does not exist).")
     parser.add_argument("--algo", choices=("ppo", "dpo"), default="ppo",
@@ -83,10 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reward-model", default=None,
                         help="Reward model: an OPT size (350m), a hub id, a local path, or tiny/opt. "
                              "Default: tiny/opt on cpu, facebook/opt-350m otherwise.")
-    parser.add_argument("--actor-zero-stage", type=str, default="",
-                        help="ZeRO stage of the actor (empty: the script's default).")
-    parser.add_argument("--reward-zero-stage", type=str, default="",
-                        help="ZeRO stage of the reward model / critic (empty: the script's default).")
+    parser.add_argument("--actor-zero-stage", type=str, default="", choices=ZERO_STAGES,
+                        help="ZeRO stage of the actor, 0-3 (empty: the script's default).")
+    parser.add_argument("--reward-zero-stage", type=str, default="", choices=ZERO_STAGES,
+                        help="ZeRO stage of the reward model / critic, 0-3 (empty: the script's default).")
     parser.add_argument("--output-dir", default="./output", help="Where the three model folders go.")
     parser.add_argument("--deployment-type", choices=DEPLOYMENTS, default="single_gpu" if has_cuda else "cpu",
                         help="cpu (the default without a CUDA device) | single_gpu | single_node | multi_node.")
@@ -95,8 +111,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="[new] Smoke run: small synthetic data and a few steps each (minutes on CPU).")
     parser.add_argument("--check-prompts", type=int, default=200,
-                        help="[new] Held-out synthetic prompts on which the step-1 and final actors are checked.")
+                        help="[new] Held-out synthetic prompts on which the step-1 and final actors are checked "
+                             "(0: no check).")
+    parser.add_argument("--resume", action="store_true",
+                        help="[new] Continue an interrupted pipeline: every step whose output directory holds "
+                             "checkpoints continues from them (the step's own --resume); the others run as usual.")
     args = parser.parse_args(argv)
+    check_numbers(args)
+    check_output_dir(Path(args.output_dir))
     if args.data_path is None and args.deployment_type == "cpu":
         args.data_path = QUICK_DATA if args.quick else DEFAULT_DATA
     if args.algo == "dpo" and 3 in args.step:
@@ -107,6 +129,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserInputError(f"--deployment-type multi_node needs a hostfile, and '{hostfile()}' does not exist: "
                              "set HOSTFILE to one (see docs/launching.md)")
     return args
+
+
+def check_numbers(args) -> None:
+    """Range checks of the numeric flags, now rather than after the whole pipeline ran."""
+    problem = at_least(0)(args.check_prompts)
+    if problem:
+        raise UserInputError(f"--check-prompts {problem} (got {args.check_prompts}): pass 0 to skip the check")
+
+
+def check_output_dir(out: Path) -> None:
+    """--output-dir must be a directory or creatable as one: a file there (or in its path) would only fail
+    once the first step writes."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserInputError(f"--output-dir '{out}': '{path}' is a file, not a directory: pass a directory "
+                                     "(an existing one, or a new path)")
+            return
 
 
 def _has_cuda() -> bool:

@@ -15,12 +15,18 @@ from training.utils.config import FIXED, configuration, flag_values, group, opti
 from training.utils.data.collators import SFTCollator
 from training.utils.data.packing import make_packed_loader, supports_packing
 from training.utils.data.pipeline import PHASE_SFT, SFTDataConfig, load_supervised_data
-from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config, training_dtype
+from training.utils.engine import (
+    apply_lora,
+    initialize_train_engine,
+    supervised_steps_per_epoch,
+    train_ds_config,
+    training_dtype,
+)
 from training.utils.errors import report_user_errors
 from training.utils.flags import ModelFlags, SupervisedConfig
 from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import causal_lm_loss, count_label_tokens
-from training.utils.metrics_log import MetricsLog
+from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import save_hf_format
 from training.utils.precision import TORCH_DTYPES
@@ -66,8 +72,9 @@ def real_samples_and_tokens(batch: dict) -> tuple[int, int]:
     return batch["input_ids"].size(0), int(batch["attention_mask"].sum())
 
 
-def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float]:
-    """Token-weighted mean loss and perplexity over the whole eval split, all ranks together."""
+def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float] | None:
+    """Token-weighted mean loss and perplexity over the whole eval split, all ranks together; None when the split
+    has no reply token to score (an empty eval split): a made-up loss 0 / perplexity 1 would read as perfect."""
     engine.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
@@ -79,8 +86,19 @@ def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float]:
             tokens += count_label_tokens(batch["labels"])
     loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens], device)
     engine.train()
-    mean_loss = loss_sum / max(tokens, 1)
+    if tokens == 0:
+        return None
+    mean_loss = loss_sum / tokens
     return mean_loss, math.exp(min(mean_loss, 50.0))
+
+
+def report_eval(metrics, step: int, result: tuple[float, float] | None) -> str:
+    """Log an evaluation (never an absent one) and describe it for the log line."""
+    if result is None:
+        return NO_EVAL_DATA
+    eval_loss, ppl = result
+    metrics.log(step, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
+    return f"eval loss {eval_loss:.4f}, perplexity {ppl:.2f}"
 
 
 @report_user_errors
@@ -96,15 +114,14 @@ def main(argv=None) -> None:
     apply_lora(model, config.model, config.only_optimize_lora)
     if config.packing:
         train_loader = packed_train_loader(config, data, tokenizer, model, training_dtype(config, device), train_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    steps_per_epoch = supervised_steps_per_epoch(config, len(train_loader), "rows" if config.packing else "samples")
     engine, lr_scheduler = initialize_train_engine(model, config, config.model, ds_config, device, steps_per_epoch)
 
     metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step1_model")
-    checkpoints = Checkpointer(config, {"model": engine}, device)
+    checkpoints = Checkpointer(config, {"model": engine}, device, data=data)
     if config.resume is None:
-        eval_loss, ppl = evaluate(engine, eval_loader, device, config.compute_fp32_loss)
-        metrics.log(0, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
-        distributed.print_rank_0(f"before training: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+        result = evaluate(engine, eval_loader, device, config.compute_fp32_loss)
+        distributed.print_rank_0(f"before training: {report_eval(metrics, 0, result)}")
     start, _ = checkpoints.resume(metrics, loaders=[train_loader])
     checkpoints.watch_signals()
 
@@ -124,11 +141,10 @@ def main(argv=None) -> None:
                 metrics.log(loop.global_step, **{"train/loss": losses[-1], "train/lr": lr_scheduler.get_last_lr()[0]})
                 checkpoints.step_boundary(loop.position, losses, metrics)
         summary = loop.epoch_summary()
-        eval_loss, ppl = evaluate(engine, eval_loader, device, config.compute_fp32_loss)
-        metrics.log(loop.global_step, **{"eval/loss": eval_loss, "eval/perplexity": ppl})
+        result = evaluate(engine, eval_loader, device, config.compute_fp32_loss)
         distributed.print_rank_0(
-            f"epoch {epoch + 1}/{config.num_train_epochs}: train loss {summary.mean_loss:.4f}, eval loss "
-            f"{eval_loss:.4f}, perplexity {ppl:.2f}, {summary.samples_per_s:.1f} samples/s, "
+            f"epoch {epoch + 1}/{config.num_train_epochs}: train loss {summary.mean_loss:.4f}, "
+            f"{report_eval(metrics, loop.global_step, result)}, {summary.samples_per_s:.1f} samples/s, "
             f"{summary.tokens_per_s:.0f} tokens/s")
 
     save_hf_format(engine.module, tokenizer, config.output_dir, metrics=metrics, metrics_title="step 1: SFT",

@@ -19,7 +19,6 @@ each step and evaluation looks the reference's rows up instead of running it. Th
 saved, on --resume (the same deterministic pass).
 """
 import gc
-import math
 import time
 
 import torch
@@ -35,13 +34,14 @@ from training.utils.engine import (
     frozen_stage,
     initialize_frozen_engine,
     initialize_train_engine,
+    supervised_steps_per_epoch,
     train_ds_config,
 )
 from training.utils.errors import UserInputError, report_user_errors
 from training.utils.flags import ModelFlags, PeriodicEvalFlags, ReferenceOffloadFlags, SupervisedConfig
 from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import DPO_LOSS_TYPES, dpo_loss, sequence_log_probs
-from training.utils.metrics_log import MetricsLog
+from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import save_hf_format
 from training.utils.reference_cache import IndexedCollator, IndexedDataset, ReferenceLogProbs, with_sample_index
@@ -104,8 +104,8 @@ def correct_pairs(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) 
     return (chosen_rewards > rejected_rewards).sum().item() + 0.5 * (chosen_rewards == rejected_rewards).sum().item()
 
 
-def evaluate(policy, reference, loader, device, config: DPOConfig) -> dict:
-    """Means over every pair of the eval split, all batches and all ranks together."""
+def evaluate(policy, reference, loader, device, config: DPOConfig) -> dict | None:
+    """Means over every pair of the eval split, all batches and all ranks together; None for an empty split."""
     policy.eval()
     totals = [0.0] * 6  # pairs, loss, chosen reward, rejected reward, correct, policy log-prob margin
     with torch.no_grad():
@@ -117,17 +117,21 @@ def evaluate(policy, reference, loader, device, config: DPOConfig) -> dict:
                 correct_pairs(chosen, rejected), logp_margin.sum().item()))]
     pairs, loss, chosen, rejected, correct, logp_margin = distributed.all_reduce_sum(totals, device)
     policy.train()
-    pairs = max(pairs, 1)
+    if pairs == 0:
+        return None
     return {"loss": loss / pairs, "chosen_reward": chosen / pairs, "rejected_reward": rejected / pairs,
             "reward_accuracy": correct / pairs, "reward_margin": (chosen - rejected) / pairs,
             "logp_margin": logp_margin / pairs, "pairs": int(pairs)}
 
 
-def log_eval(metrics, step: int, stats: dict) -> None:
-    metrics.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
+def log_eval(metrics, step: int, stats: dict | None) -> None:
+    if stats is not None:
+        metrics.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
 
 
-def describe(stats: dict) -> str:
+def describe(stats: dict | None) -> str:
+    if stats is None:
+        return NO_EVAL_DATA
     return (f"loss {stats['loss']:.4f}, reward accuracy {stats['reward_accuracy']:.4f}, chosen reward "
             f"{stats['chosen_reward']:.3f}, rejected reward {stats['rejected_reward']:.3f}, reward margin "
             f"{stats['reward_margin']:.3f}, policy log-prob margin {stats['logp_margin']:.3f} ({stats['pairs']} pairs)")
@@ -180,7 +184,7 @@ def main(argv=None) -> None:
     policy = create_hf_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                              dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
     apply_lora(policy, config.model, config.only_optimize_lora)
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    steps_per_epoch = supervised_steps_per_epoch(config, len(train_loader), "pairs")
     engine, lr_scheduler = initialize_train_engine(policy, config, config.model, ds_config, device, steps_per_epoch)
     reference = build_reference(config, tokenizer, ds_config, device)
     if config.precompute_ref_log_probs:
@@ -201,7 +205,7 @@ def main(argv=None) -> None:
         train_reference = eval_reference = reference
 
     metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step2_dpo_model")
-    checkpoints = Checkpointer(config, {"policy": engine}, device)
+    checkpoints = Checkpointer(config, {"policy": engine}, device, data=data)
     if config.resume is None:
         stats = evaluate(engine, eval_reference, eval_loader, device, config)
         log_eval(metrics, 0, stats)
@@ -235,7 +239,8 @@ def main(argv=None) -> None:
         stats = evaluate(engine, eval_reference, eval_loader, device, config)
         log_eval(metrics, loop.global_step, stats)
         distributed.print_rank_0(f"epoch {epoch + 1}/{config.num_train_epochs}: train loss {summary.mean_loss:.4f}, "
-                                 f"eval {describe(stats)}, {summary.samples_per_s:.1f} pairs/s")
+                                 f"{'' if stats is None else 'eval '}{describe(stats)}, "
+                                 f"{summary.samples_per_s:.1f} pairs/s")
 
     save_hf_format(engine.module, tokenizer, config.output_dir, metrics=metrics, metrics_title="step 2: DPO",
                    extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})

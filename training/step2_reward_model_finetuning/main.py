@@ -19,12 +19,12 @@ from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, at_least, configuration, flag_values, group, option, parse_config
 from training.utils.data.collators import PairCollator
 from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data
-from training.utils.engine import apply_lora, initialize_train_engine, train_ds_config
+from training.utils.engine import apply_lora, initialize_train_engine, supervised_steps_per_epoch, train_ds_config
 from training.utils.errors import report_user_errors
 from training.utils.flags import ModelFlags, PaddingCompatFlags, PeriodicEvalFlags, SupervisedConfig
 from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import pairwise_loss, span_pairwise_loss
-from training.utils.metrics_log import MetricsLog
+from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.reward_model import create_reward_model, save_reward_model
 from training.utils.output_dir import REWARD_MODEL
 
@@ -56,8 +56,9 @@ def pair_loss(output, batch, config: RewardConfig) -> torch.Tensor:
     return pairwise_loss(output.end_scores[:half], output.end_scores[half:], config.margin)
 
 
-def evaluate(engine, loader, device, max_batches: int = 0) -> dict:
-    """Pairwise accuracy, mean chosen/rejected score, mean margin, score mean/std; all ranks together."""
+def evaluate(engine, loader, device, max_batches: int = 0) -> dict | None:
+    """Pairwise accuracy, mean chosen/rejected score, mean margin, score mean/std; all ranks together. None when
+    there is no pair to score (an empty eval split): invented numbers would be saved as the reward statistics."""
     engine.eval()
     totals = [0.0] * 6  # pairs, correct, sum chosen, sum rejected, sum of scores, sum of squared scores
     with torch.no_grad():
@@ -72,18 +73,22 @@ def evaluate(engine, loader, device, max_batches: int = 0) -> dict:
                 scores.sum().item(), scores.pow(2).sum().item()))]
     pairs, correct, chosen_sum, rejected_sum, score_sum, square_sum = distributed.all_reduce_sum(totals, device)
     engine.train()
-    pairs = max(pairs, 1)
+    if pairs == 0:
+        return None
     mean = score_sum / (2 * pairs)
     return {"accuracy": correct / pairs, "chosen_mean": chosen_sum / pairs, "rejected_mean": rejected_sum / pairs,
             "margin_mean": (chosen_sum - rejected_sum) / pairs, "mean": mean,
             "std": math.sqrt(max(square_sum / (2 * pairs) - mean * mean, 0.0)), "pairs": int(pairs)}
 
 
-def log_eval(metrics, step: int, stats: dict) -> None:
-    metrics.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
+def log_eval(metrics, step: int, stats: dict | None) -> None:
+    if stats is not None:
+        metrics.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
 
 
-def describe(stats: dict) -> str:
+def describe(stats: dict | None) -> str:
+    if stats is None:
+        return NO_EVAL_DATA
     return (f"accuracy {stats['accuracy']:.4f}, chosen {stats['chosen_mean']:.3f}, rejected "
             f"{stats['rejected_mean']:.3f}, margin {stats['margin_mean']:.3f}, reward mean {stats['mean']:.3f} "
             f"std {stats['std']:.3f} ({stats['pairs']} pairs)")
@@ -100,11 +105,11 @@ def main(argv=None) -> None:
     model = create_reward_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                                 dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
     apply_lora(model, config.model, config.only_optimize_lora, force_optimize_params=("v_head",))
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    steps_per_epoch = supervised_steps_per_epoch(config, len(train_loader), "pairs")
     engine, lr_scheduler = initialize_train_engine(model, config, config.model, ds_config, device, steps_per_epoch)
 
     metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step2_model")
-    checkpoints = Checkpointer(config, {"model": engine}, device)
+    checkpoints = Checkpointer(config, {"model": engine}, device, data=data)
     if config.resume is None:
         stats = evaluate(engine, eval_loader, device, config.eval_iters)
         log_eval(metrics, 0, stats)
@@ -141,8 +146,9 @@ def main(argv=None) -> None:
     # already did when --eval_iters does not cut it short.
     covered_all = config.eval_iters == 0 or config.eval_iters >= len(eval_loader)
     final = stats if covered_all else evaluate(engine, eval_loader, device)
-    distributed.print_rank_0(f"final (whole eval split): {describe(final)}")
-    save_reward_model(engine.module, tokenizer, config.output_dir, reward_stats=final, metrics=metrics,
+    distributed.print_rank_0(f"final (whole eval split): {describe(final)}"
+                             + ("; reward_model.json records no reward statistics" if final is None else ""))
+    save_reward_model(engine.module, tokenizer, config.output_dir, reward_stats=final or {}, metrics=metrics,
                       metrics_title="step 2: reward model",
                       extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
     finish_run(checkpoints, metrics, f"saved the reward model to {config.output_dir}")

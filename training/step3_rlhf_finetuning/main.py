@@ -13,7 +13,6 @@ critic/ and actor_ema/.
 A "step" is one such round of generation and training; --eval_interval, --print_answers_interval
 and --test_stop_step count these.
 """
-import math
 import os
 import time
 
@@ -28,9 +27,10 @@ from training.utils.errors import report_user_errors
 from training.utils.loop import Position, finish_run, start_run
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.reward_model import save_reward_model
-from training.utils.model.save import save_hf_format
-from training.utils.rlhf.config import RLHFConfig
-from training.utils.rlhf.engine import build_rlhf_engine
+from training.utils.model.save import save_hf_format, saving_set
+from training.utils.output_dir import RLHF_SUBDIRS
+from training.utils.rlhf.config import RLHFConfig, check_input_models
+from training.utils.rlhf.engine import build_rlhf_engine, optimizer_steps_per_epoch
 from training.utils.rlhf.experience import CappedPrompts, EndlessBatches, ExperienceBuffer
 from training.utils.rlhf.metrics import describe_evaluation, describe_step, evaluate_policy, show_answer, step_metrics
 from training.utils.rlhf.ppo_trainer import PPOTrainer
@@ -42,18 +42,11 @@ def parse_args(argv=None) -> RLHFConfig:
     return parse_config(RLHFConfig, argv, "Step 3: RLHF of the actor with PPO.")
 
 
-def optimizer_steps_per_epoch(config: RLHFConfig, prompt_batches: int) -> tuple[int, int]:
-    """(actor, critic) optimizer steps per epoch, for the LR schedules. Each PPO mini-batch steps both
-    models once; PPO-ptx steps the actor once more."""
-    rows_per_step = config.generation_batches * config.per_device_generation_batch_size
-    minibatches = (prompt_batches // config.generation_batches) * config.ppo_epochs * math.ceil(
-        rows_per_step / config.per_device_training_batch_size)
-    critic_steps = max(1, math.ceil(minibatches / config.gradient_accumulation_steps))
-    return critic_steps * (2 if config.unsupervised_dataset_name else 1), critic_steps
-
-
 def evaluate(trainer, loader, metrics, step: int, seed: int) -> None:
-    if loader is None:
+    if loader is None:  # no held-out prompts: nothing is logged, rather than numbers over no answers
+        if step == 0:
+            distributed.print_rank_0("eval: no eval data (no held-out prompts: the phase-3 eval split is empty or "
+                                     "--eval_prompts is 0)")
         return
     values = evaluate_policy(trainer, loader, seed)
     metrics.log(step, **values)
@@ -67,6 +60,7 @@ def main(argv=None) -> None:
 
     tokenizer = load_tokenizer(config.actor.model_name_or_path, config.add_eot_token, config.eot_token,
                                config.trust_remote_code)
+    check_input_models(config)
     data = build_phase_data(config.data, tokenizer, PHASE_RLHF)
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos)
@@ -95,7 +89,8 @@ def main(argv=None) -> None:
                               config.seed)
 
     metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step3_rlhf")
-    checkpoints = Checkpointer(config, {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}, device)
+    checkpoints = Checkpointer(config, {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}, device,
+                               data=data)
     if config.resume is None:
         evaluate(trainer, eval_loader, metrics, 0, config.seed)
     run_state = RLHFRunState(trainer, rlhf_engine, buffer, unsup_batches)
@@ -152,15 +147,16 @@ def main(argv=None) -> None:
 
     extra = {"training_args.json": flag_values(config), "data_stats.json": data.stats}
     rlhf_engine.actor.train()  # the Hybrid Engine's inference kernels out, LoRA unfused
-    save_hf_format(rlhf_engine.actor.module, tokenizer, os.path.join(config.output_dir, "actor"), extra_json=extra,
-                   metrics=metrics, metrics_title="step 3: PPO")
-    # The critic keeps the reward-model format (it loads as one), but its scores are values now, not the
-    # reward model's calibrated scores: no reward statistics go with it.
-    save_reward_model(rlhf_engine.critic.module, tokenizer, os.path.join(config.output_dir, "critic"), reward_stats={},
-                      extra_json=extra)
-    if rlhf_engine.actor_ema is not None:
-        save_hf_format(rlhf_engine.actor_ema.module, tokenizer, os.path.join(config.output_dir, "actor_ema"),
-                       extra_json=extra)
+    with saving_set(config.output_dir, RLHF_SUBDIRS) as staging:  # actor/, critic/, actor_ema/ replaced as one set
+        save_hf_format(rlhf_engine.actor.module, tokenizer, os.path.join(staging, "actor"), extra_json=extra,
+                       metrics=metrics, metrics_title="step 3: PPO")
+        # The critic keeps the reward-model format (it loads as one), but its scores are values now, not the
+        # reward model's calibrated scores: no reward statistics go with it.
+        save_reward_model(rlhf_engine.critic.module, tokenizer, os.path.join(staging, "critic"), reward_stats={},
+                          extra_json=extra)
+        if rlhf_engine.actor_ema is not None:
+            save_hf_format(rlhf_engine.actor_ema.module, tokenizer, os.path.join(staging, "actor_ema"),
+                           extra_json=extra)
     saved = "actor/, critic/" + (", actor_ema/" if config.enable_ema else "")
     finish_run(checkpoints, metrics, f"saved {saved} to {config.output_dir}")
 

@@ -16,6 +16,7 @@ removed by the next one. Checkpoints are saved at optimizer-step boundaries only
 gradients), so resuming replays exactly: the same batches in the same order with the same random draws.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -25,17 +26,27 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from training.utils import distributed
 from training.utils.config import at_least, fixed_flag_values, option
-from training.utils.errors import NonFiniteLossError, UserInputError
+from training.utils.errors import (
+    NonFiniteLossError,
+    OutputWriteError,
+    UserInputError,
+    is_write_failure,
+    say,
+    write_failure,
+)
 from training.utils.loop import Position
 from training.utils.seeding import get_rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TRAINER_STATE = "trainer_state.json"
+_STEP_NAMES = {"SFTConfig": "step 1 (SFT)", "RewardConfig": "step 2 (reward model)", "DPOConfig": "DPO",
+               "RLHFConfig": "step 3 (RLHF)"}  # configuration class -> the step a person knows
 
 @dataclass
 class CheckpointFlags:
@@ -47,8 +58,9 @@ class CheckpointFlags:
                                       "complete (0: keep all).", check=at_least(0))
     resume: str | None = option(None, "Continue an interrupted run: alone, from the newest checkpoint in "
                                       "<output_dir>/checkpoints; with PATH, from that checkpoint (a step_N directory "
-                                      "or a checkpoints directory). Flags that fix data order and schedule must be "
-                                      "unchanged.", nargs="?", const="latest", metavar="PATH")
+                                      "or a checkpoints directory). Flags marked fixed on resume must be unchanged "
+                                      "(refused otherwise); the others, learning rates and weight decay included, "
+                                      "take effect from the resume on.", nargs="?", const="latest", metavar="PATH")
     keep_checkpoints: bool = option(False, "Keep the checkpoints after the run finishes (default: deleted once the "
                                            "final model is saved).")
 
@@ -60,8 +72,14 @@ class CheckpointFlags:
             raise UserInputError(f"--output_dir {output_dir} holds checkpoints of an earlier run "
                                  f"({os.path.basename(found[-1])}): add --resume to continue it, or "
                                  "choose another --output_dir")
-        if self.resume is not None:
-            find_checkpoint(self.resume, root)  # fail now, not after the models are built
+        if self.resume is not None:  # fail now, not after the models are built
+            path = find_checkpoint(self.resume, root)
+            state = read_trainer_state(path)
+            written_by = state["run"].get("program")
+            if written_by not in (None, type(self).__name__):
+                raise UserInputError(f"--resume: {path} is a checkpoint of {_STEP_NAMES.get(written_by, written_by)}, "
+                                     f"not of {_STEP_NAMES.get(type(self).__name__, 'this step')}: pass a checkpoint "
+                                     "this step wrote")
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -70,6 +88,41 @@ def list_checkpoints(root: str) -> list[str]:
         return []
     steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
     return [os.path.join(root, name) for _, name in steps]
+
+
+def training_data_fingerprint(data) -> str:
+    """A digest of the training split's token ids: a resume must continue on exactly the data it started on (the
+    same path with other contents is other data; a new version of this tool that tokenises alike is not)."""
+    digest = hashlib.sha256()
+    for name, (values, offsets) in sorted(data.train.fields.items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
+        digest.update(np.ascontiguousarray(offsets).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def read_trainer_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json, after checking that every file the resume will read is there."""
+    try:
+        with open(os.path.join(path, _TRAINER_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+        world, engines = state["run"]["world_size"], state["run"].get("engines", [])
+        absent = {"position", "metrics_history", "step_state"} - state.keys()
+        if absent:
+            raise KeyError(", ".join(sorted(absent)))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise damaged_checkpoint(path, f"{_TRAINER_STATE}: {type(err).__name__}: {err}") from None
+    missing = [f"rank_{r}.pt" for r in range(world) if not os.path.isfile(os.path.join(path, f"rank_{r}.pt"))]
+    missing += [f"{name}/" for name in engines if not os.path.isdir(os.path.join(path, name))]
+    if missing:
+        raise damaged_checkpoint(path, f"missing {', '.join(missing)}")
+    return state
+
+
+def damaged_checkpoint(path: str, reason: str) -> UserInputError:
+    earlier = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(path))) if c < os.path.abspath(path)]
+    fix = f"resume from the earlier checkpoint with --resume {earlier[-1]}" if earlier else "start without --resume"
+    return UserInputError(f"--resume: checkpoint {path} is damaged or incomplete ({reason}): {fix}, or delete it")
 
 
 def find_checkpoint(resume: str, default_root: str) -> str:
@@ -88,9 +141,11 @@ def find_checkpoint(resume: str, default_root: str) -> str:
 class Checkpointer:
     """One step's checkpoints: `engines` are the trained DeepSpeed engines by name."""
 
-    def __init__(self, config, engines: dict, device):
-        """`config`: the step's configuration (output_dir, the CheckpointFlags, the FIXED flags to match)."""
+    def __init__(self, config, engines: dict, device, data=None):
+        """`config`: the step's configuration (output_dir, the CheckpointFlags, the FIXED flags to match);
+        `data`: the training data (a pipeline.PhaseData), whose tokens must be the same on resume."""
         self.config, self.engines, self.device = config, engines, device
+        self.data_key = training_data_fingerprint(data) if data is not None else None
         self.root = os.path.join(config.output_dir, CHECKPOINTS)
         self.stop_signal: int | None = None
         self.resumed_from: str | None = None  # the checkpoint directory --resume loaded
@@ -106,10 +161,10 @@ class Checkpointer:
         if self.config.resume is None:
             return Position(), {}
         path = self.resumed_from = find_checkpoint(self.config.resume, self.root)
-        with open(os.path.join(path, _TRAINER_STATE), encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_trainer_state(path)
         self._check_compatible(path, state)
         for name, engine in self.engines.items():
+            configured = optimizer_settings(engine)
             try:
                 with weights_only_loads():
                     load_path, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
@@ -118,14 +173,20 @@ class Checkpointer:
                 reason = str(err).split("WeightsUnpickler error: ")[-1].split(". ")[0]
                 raise UserInputError(f"--resume: {path}/{name} holds a pickled object that is not weights ({reason}): "
                                      "resume only from checkpoints this tool wrote") from None
+            except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:  # truncated or missing shards
+                reason = f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                raise damaged_checkpoint(path, reason) from None
             if load_path is None:
-                raise UserInputError(f"--resume: {path}/{name} could not be loaded; resume from an earlier "
-                                     "checkpoint (pass its step_N directory)")
+                raise damaged_checkpoint(path, f"DeepSpeed could not load {name}/")
+            self._apply_optimizer_settings(name, engine, configured)
         metrics.history = state["metrics_history"]
         position = Position(**state["position"])
         for loader in loaders:
             loader.sampler.skip_batches(position.batches_done, loader.batch_size)
-        rank_state = torch.load(os.path.join(path, f"rank_{distributed.rank()}.pt"), weights_only=True)
+        try:
+            rank_state = torch.load(os.path.join(path, f"rank_{distributed.rank()}.pt"), weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise damaged_checkpoint(path, f"rank_{distributed.rank()}.pt: {str(err).splitlines()[0][:160]}") from None
         for consume in rank_state_consumers:
             consume(rank_state)
         set_rng_state(rank_state["rng"])
@@ -133,9 +194,33 @@ class Checkpointer:
                                  f"of it done, step {position.global_step}")
         return position, state["step_state"]
 
+    def _apply_optimizer_settings(self, name: str, engine, configured: list[tuple[float, float]]) -> None:
+        """Learning rates and weight decay may change on resume (FREE flags): the checkpoint restored its own into
+        the optimizer and the schedule, so put this run's values back, keeping the schedule's position (a
+        learning rate halved on resume is half of what the schedule would have given, from this step on)."""
+        if engine.lr_scheduler is None:
+            return
+        scheduler, changed = engine.lr_scheduler, []
+        for i, (group, (base_lr, weight_decay)) in enumerate(zip(scheduler.optimizer.param_groups, configured)):
+            restored = scheduler.base_lrs[i]
+            if restored != base_lr:
+                changed.append(f"learning rate {restored:g} -> {base_lr:g}")
+                group["lr"] = group["lr"] * base_lr / restored if restored else base_lr
+                scheduler.base_lrs[i] = group["initial_lr"] = base_lr
+            if group.get("weight_decay") != weight_decay:
+                changed.append(f"weight decay {group.get('weight_decay'):g} -> {weight_decay:g}")
+                group["weight_decay"] = weight_decay
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        if changed:
+            distributed.print_rank_0(f"--resume: {name}: applied this run's {'; '.join(sorted(set(changed)))}")
+
     def _check_compatible(self, path: str, state: dict) -> None:
         """Refuse, before any training, a checkpoint this run cannot continue exactly."""
         saved = state["run"]
+        if self.data_key and saved.get("data") not in (None, self.data_key):
+            raise UserInputError(f"--resume: the training data differ from those {path} was trained on (the contents "
+                                 "of a --data_path, the tokenizer or the data code changed since): resume with the "
+                                 "data the run started with, or start a new --output_dir")
         if saved["world_size"] != distributed.world_size():
             raise UserInputError(f"--resume: {path} was written by {saved['world_size']} ranks, this run has "
                                  f"{distributed.world_size()}: resume with the same number of ranks (ZeRO shards and "
@@ -168,20 +253,25 @@ class Checkpointer:
                     shutil.rmtree(os.path.join(self.root, leftover), ignore_errors=True)
             os.makedirs(tmp)
         distributed.barrier()
-        for name, engine in self.engines.items():
-            engine.save_checkpoint(tmp, tag=name, save_latest=False)
-        torch.save({"rng": get_rng_state(), **(rank_state or {})}, os.path.join(tmp, f"rank_{distributed.rank()}.pt"))
-        for name, tensors in (weights or {}).items():
-            if tensors:
-                from safetensors.torch import save_file
-
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                          os.path.join(tmp, f"{name}_rank_{distributed.rank()}.safetensors"))
-        if distributed.is_rank_0():
-            state = {"position": asdict(position), "metrics_history": metrics.history, "step_state": step_state or {},
-                     "run": {"world_size": distributed.world_size(), "flags": fixed_flag_values(self.config)}}
-            with open(os.path.join(tmp, _TRAINER_STATE), "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=1)
+        failure = None
+        try:
+            self._write(tmp, position, metrics, step_state, rank_state, weights)
+        except Exception as err:  # every rank must learn of it, or the others would wait at the barrier forever
+            failure = err
+        disk_failures = float(failure is not None and is_write_failure(failure))
+        failed_ranks, disk_failures = distributed.all_reduce_sum([float(failure is not None), disk_failures],
+                                                                 self.device)
+        if failed_ranks:
+            if distributed.is_rank_0():
+                shutil.rmtree(tmp, ignore_errors=True)
+            keeps = f"the last complete checkpoint is {self.latest()}" if self.latest() else "no checkpoint was saved"
+            if failure is not None and is_write_failure(failure):
+                raise write_failure(failure, final, "a checkpoint", keeps) from failure
+            if failure is not None:
+                raise failure
+            error = OutputWriteError if disk_failures else RuntimeError  # (a crash elsewhere is no bad input)
+            raise error(f"could not write checkpoint {final} on another rank: the partial copy was removed and "
+                        f"{keeps}; see that rank's error")
         distributed.barrier()  # every rank's files are complete before the checkpoint becomes visible
         if distributed.is_rank_0():
             if os.path.isdir(final):
@@ -193,6 +283,25 @@ class Checkpointer:
         distributed.barrier()
         distributed.print_rank_0(f"saved checkpoint {final}")
         return final
+
+    def _write(self, tmp: str, position: Position, metrics, step_state, rank_state, weights) -> None:
+        """This rank's files of a checkpoint (rank 0 adds trainer_state.json)."""
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(tmp, tag=name, save_latest=False)
+        torch.save({"rng": get_rng_state(), **(rank_state or {})}, os.path.join(tmp, f"rank_{distributed.rank()}.pt"))
+        for name, tensors in (weights or {}).items():
+            if tensors:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                          os.path.join(tmp, f"{name}_rank_{distributed.rank()}.safetensors"))
+        if distributed.is_rank_0():
+            state = {"position": asdict(position), "metrics_history": metrics.history, "step_state": step_state or {},
+                     "run": {"world_size": distributed.world_size(), "flags": fixed_flag_values(self.config),
+                             "program": type(self.config).__name__, "engines": list(self.engines),
+                             "data": self.data_key}}
+            with open(os.path.join(tmp, _TRAINER_STATE), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
 
     def latest(self) -> str | None:
         found = list_checkpoints(self.root)
@@ -218,8 +327,8 @@ class Checkpointer:
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
-            print(f"[rank {distributed.rank()}] {signal.Signals(signum).name}: saving a checkpoint at the end of this "
-                  "step, then exiting (a second Ctrl-C exits at once)", flush=True)
+            say(f"[rank {distributed.rank()}] {signal.Signals(signum).name}: saving a checkpoint at the end of this "
+                "step, then exiting (a second Ctrl-C exits at once)")  # (not print: stdout may be a dead pipe)
         elif signum == signal.SIGINT == self.stop_signal:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -248,6 +357,14 @@ class Checkpointer:
                                  f"continue with the same command plus --resume (checkpoint {saved})")
             distributed.shutdown_distributed()
             raise SystemExit(128 + signum)
+
+
+def optimizer_settings(engine) -> list[tuple[float, float]]:
+    """(base learning rate, weight decay) of each parameter group, as this run's flags configured them."""
+    if engine.lr_scheduler is None:
+        return []
+    groups = engine.lr_scheduler.optimizer.param_groups
+    return [(base_lr, group.get("weight_decay", 0.0)) for base_lr, group in zip(engine.lr_scheduler.base_lrs, groups)]
 
 
 @contextlib.contextmanager

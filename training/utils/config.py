@@ -29,7 +29,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from training.utils.errors import UserInputError
 
 # May `--resume` change the option? FIXED options fix the data order, the schedule or the shape of the
-# saved state: a resumed run must use the checkpoint's values. FREE ones (logging, intervals) may change.
+# saved state: a resumed run must use the checkpoint's values. FREE ones may change and the new value is used
+# from the resume on: logging, intervals, evaluation, sampling, loss weights, and the learning rates and weight
+# decay, which the resume puts back into the restored optimizer and schedule (checkpoint.Checkpointer.resume).
 FIXED, FREE = "fixed", "free"
 
 _definitions = itertools.count()  # each option() call is one definition; inherited copies keep its number

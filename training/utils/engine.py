@@ -3,10 +3,13 @@
 `config` is a step's configuration (it has the TrainingFlags, DeepSpeedFlags and LoggingFlags);
 `model_flags` is one trained model's ModelFlags (`config.model`, or step 3's `config.actor` / `config.critic`).
 """
+import math
+
 import deepspeed
 
 from training.utils import distributed
 from training.utils.ds_config import get_eval_ds_config, get_train_ds_config, global_batch_size, merge_user_ds_config
+from training.utils.errors import UserInputError
 from training.utils.flags import ModelFlags
 from training.utils.lora import (
     convert_linear_layer_to_lora,
@@ -68,6 +71,37 @@ def apply_lora(model, model_flags: ModelFlags, only_optimize_lora: bool = False,
             only_optimize_lora_parameters(model, force_optimize_params)
             make_model_gradient_checkpointing_compatible(model)
     return model
+
+
+def supervised_steps_per_epoch(config, micro_batches_per_epoch: int, unit: str = "samples") -> int:
+    """Optimizer steps per epoch for the LR schedule of steps 1, 2 and DPO, after refusing a run that would make
+    no optimizer step and warning about a warmup that outlasts the run.
+
+    DeepSpeed counts micro-batches across epochs and steps the optimizer on every
+    --gradient_accumulation_steps-th, so the whole run makes (micro-batches per epoch x epochs) // accumulation
+    optimizer steps; with none, the "trained" model saved at the end would be the untouched start."""
+    accumulation, epochs = config.gradient_accumulation_steps, config.num_train_epochs
+    total = micro_batches_per_epoch * epochs // accumulation
+    if total == 0:
+        raise UserInputError(
+            f"--gradient_accumulation_steps {accumulation} is more than the {micro_batches_per_epoch * epochs} "
+            f"micro-batches of the whole run ({micro_batches_per_epoch} per epoch of --per_device_train_batch_size "
+            f"{config.per_device_train_batch_size} {unit} x {epochs} epochs), so the optimizer would never step and "
+            f"the model would be saved untrained: lower --gradient_accumulation_steps to at most "
+            f"{max(micro_batches_per_epoch * epochs, 1)}, raise --num_train_epochs, lower the batch size or add data")
+    warn_long_warmup(config, total)
+    return math.ceil(micro_batches_per_epoch / accumulation)
+
+
+def warn_long_warmup(config, total_steps: int, what: str = "optimizer steps") -> None:
+    """One warning line (rank 0) when --num_warmup_steps covers the whole run: the learning rate then never gets
+    to --learning_rate (with a decaying schedule there is nothing left after the warmup). Not refused: a short
+    test run with a production warmup is a legitimate choice."""
+    if config.num_warmup_steps >= total_steps and config.lr_scheduler_type != "constant":
+        distributed.print_rank_0(
+            f"WARNING: --num_warmup_steps {config.num_warmup_steps} >= the {total_steps} {what} of this run: the "
+            f"learning rate is still warming up when training ends; lower --num_warmup_steps (e.g. to "
+            f"{total_steps // 10}) to train at the full --learning_rate")
 
 
 def initialize_train_engine(model, config, model_flags: ModelFlags, ds_config: dict, device, steps_per_epoch: int,

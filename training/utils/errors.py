@@ -3,13 +3,18 @@
 Exit codes of every entry point (training steps, evaluation scripts, applications):
 
     0        success
-    2        bad input (UserInputError): one line `error: ...` on stderr naming the input and the fix
+    2        bad input (UserInputError): one line `error: ...` on stderr naming the input and the fix;
+             also an output the disk refused (OutputWriteError: full, quota, read-only), after removing the
+             partial copy
     3        training diverged (NonFiniteLossError): one line `error: ...` naming the step and the last
              good checkpoint
     1        an internal error: a bug or a crash, with its traceback
     128 + N  stopped by signal N (SIGTERM/SIGINT after saving a checkpoint; the shell reports 143/130)
 """
+import contextlib
+import errno
 import functools
+import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -28,12 +33,103 @@ class NonFiniteLossError(Exception):
     seed), so it has its own exit code; the message names the step and the last good checkpoint."""
 
 
+class OutputWriteError(UserInputError):
+    """Writing an output failed for a reason the user must fix (disk full, quota, file size limit, read-only or
+    vanished disk). Raised after the partial output was removed, so the message can say the previous one is
+    intact."""
+
+
+# What a full disk, a quota, a file-size limit or a failing disk look like, by errno and, where a library
+# hides the OSError (torch.save raises RuntimeError("... unexpected pos ..."), safetensors its own error
+# with "os error 28"), by message.
+_WRITE_FAILURE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+_WRITE_FAILURE_TEXT = ("No space left", "File too large", "Disk quota", "Read-only file system", "os error 28",
+                       "os error 27", "os error 122", "file write failed", "unexpected pos")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether `err` (or what it was raised from) is a failed write that is the disk's fault, not a bug."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _WRITE_FAILURE_ERRNOS:
+            return True
+        if isinstance(err, Exception) and any(text in str(err) for text in _WRITE_FAILURE_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def write_failure(err: BaseException, path: str, what: str, keeps: str) -> OutputWriteError:
+    """The one-line error for a failed write of `what` into `path`; `keeps` says what is still intact."""
+    reason = next((str(e) for e in _chain(err) if isinstance(e, OSError) and e.strerror), None) or str(err)
+    return OutputWriteError(f"could not write {what} to '{path}' ({reason.splitlines()[0][:200]}): the partial copy "
+                            f"was removed and {keeps}; free disk space (or choose another location) and run again")
+
+
+def _chain(err):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+class _PipeSafeStream:
+    """sys.stdout/stderr that survive their reader's death: once a write finds the pipe closed (`| head`, a `tee`
+    killed by the same Ctrl-C), the stream's file descriptor is pointed at /dev/null and the program goes on, so
+    saving a checkpoint never depends on anyone reading the output."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            self._to_devnull()
+
+    def _to_devnull(self):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def say(text: str) -> None:
+    """Write one line to stderr from anywhere, a signal handler included: no buffering, and no error when
+    nobody reads stderr any more."""
+    with contextlib.suppress(OSError):
+        os.write(2, (text + "\n").encode("utf-8", "replace"))
+
+
+_cleanups: list = []  # callables run when an entry point ends, however it ends (the output-dir lock's release)
+
+
+def on_exit(cleanup) -> None:
+    """Run `cleanup()` when the entry point returns, fails or is stopped (see report_user_errors)."""
+    _cleanups.append(cleanup)
+
+
 def report_user_errors(main):
-    """Wrap a `main()` so a UserInputError (exit 2) or a NonFiniteLossError (exit 3) ends the process with one
-    line on stderr and no traceback; anything else keeps its traceback and exits 1."""
+    """Wrap an entry point's `main()`:
+
+    - a UserInputError (exit 2) or a NonFiniteLossError (exit 3) ends the process with one line on stderr and
+      no traceback; anything else keeps its traceback and exits 1;
+    - stdout and stderr survive a closed pipe (see _PipeSafeStream);
+    - the cleanups registered with `on_exit` run however main ends.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _PipeSafeStream(sys.stdout), _PipeSafeStream(sys.stderr)
         try:
             return main(*args, **kwargs)
         except UserInputError as err:
@@ -42,5 +138,12 @@ def report_user_errors(main):
         except NonFiniteLossError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(EXIT_DIVERGED)
+        finally:
+            while _cleanups:
+                with contextlib.suppress(Exception):
+                    _cleanups.pop()()
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            sys.stdout, sys.stderr = streams
 
     return wrapper

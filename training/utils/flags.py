@@ -40,7 +40,8 @@ class ModelFlags(ModelPathFlags):
                                                  "the backward pass: less memory, ~30% more compute).")
     lora_dim: int = option(0, "LoRA rank of {role}; 0 disables LoRA.", check=at_least(0), resume=FIXED)
     lora_module_name: str = option("decoder.layers.", "LoRA replaces the nn.Linear layers of {role} whose name "
-                                                      "contains this text (OPT: decoder.layers., Llama: layers.).")
+                                                      "contains this text (OPT: decoder.layers., Llama: layers.).",
+                                   resume=FIXED)
     lora_learning_rate: float = option(5e-4, "Learning rate of the LoRA factors of {role}.", check=positive)
 
 
@@ -107,7 +108,7 @@ class DeepSpeedFlags:
     deepspeed: bool = option(False, "Accepted for DeepSpeed's launcher convention; the DeepSpeed config is built "
                                     "from these flags.")
     deepspeed_config: str | None = option(None, "A JSON file of DeepSpeed config entries that override the built "
-                                                "config (nested entries merge key by key).")
+                                                "config (nested entries merge key by key).", resume=FIXED)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class SupervisedConfig(TrainingFlags, SupervisedBatchFlags, TokenizerFlags, Deep
     def validate(self) -> None:
         if self.only_optimize_lora and self.model.lora_dim <= 0:
             raise UserInputError("--only_optimize_lora needs --lora_dim > 0 (otherwise nothing would train)")
+        self.data.validate(self.output_dir)
         self.validate_checkpoints(self.output_dir)
         check_output_dir(self.output_dir, self.SAVES, {
             "--model_name_or_path": [self.model.model_name_or_path], "--data_path": self.data.data_path,

@@ -90,10 +90,13 @@ class TrainLoop:
 
 
 def start_run(config):
-    """The process group (as the launcher set it up) and the seeded RNGs; returns this rank's device."""
+    """The process group (as the launcher set it up), the --output_dir held for this run (rank 0 locks it and
+    checks every output path, see output_dir.hold_output_dir) and the seeded RNGs; returns this rank's device."""
     from training.utils import seeding
+    from training.utils.output_dir import hold_output_dir
 
     device = distributed.init_distributed(config.local_rank)
+    distributed.run_on_rank_0(hold_output_dir, config)
     seeding.set_random_seed(config.seed)
     return device
 

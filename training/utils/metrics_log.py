@@ -4,6 +4,10 @@ import os
 
 from training.utils import distributed
 
+# How a step reports an evaluation over an empty eval split: absent, never as numbers (a loss of 0 over no
+# tokens, an accuracy over no pairs) that would be logged, plotted and, in step 2, saved as statistics.
+NO_EVAL_DATA = "no eval data (the eval split is empty)"
+
 
 class MetricsLog:
     """TensorBoard scalars (live, rank 0) plus an in-memory history that is saved with the model.

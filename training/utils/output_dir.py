@@ -1,7 +1,13 @@
 """The --output_dir a step saves into: what an earlier run left there, and whether saving may replace it."""
+import contextlib
+import json
 import os
+import socket
+import sys
+import tempfile
+import time
 
-from training.utils.atomic_dir import is_run_artifact
+from training.utils.atomic_dir import LOCK_FILE, is_run_artifact
 from training.utils.errors import UserInputError
 
 # What a step saves, as `saved_kind` names what a directory holds.
@@ -51,3 +57,131 @@ def check_output_dir(output_dir: str, saves: str, inputs: dict[str, list[str | N
             raise UserInputError(f"--output_dir '{output_dir}' holds files that are not a saved model "
                                  f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), which saving "
                                  "would delete: pass a new or empty directory")
+
+
+# ---------------------------------------------------------------------------------------------- the run's hold
+class OutputDirLock:
+    """An exclusive lock on --output_dir for a run's whole life, so a second run into it (a second terminal, a
+    resubmitted job) is refused instead of deleting the first one's checkpoints or replacing its model.
+
+    `flock` on `<output_dir>/.lock`: the OS releases it when the process dies, however it dies, so a stale file
+    never blocks anyone. The file names its holder for the refusal message. Saving carries the file into the new
+    directory as a hard link (training.utils.atomic_dir), so the lock survives the final rename.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self._fd: int | None = None
+        self._created: list[str] = []  # directories this run made, removed again if it leaves them empty
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self._created = make_dirs(self.output_dir, "--output_dir")
+        while self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                self._remove_created()
+                raise UserInputError(f"--output_dir '{self.output_dir}' cannot be written ({err.strerror}): pass a "
+                                     "directory you can write to") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise UserInputError(f"--output_dir '{self.output_dir}' is in use by another run ({holder}): wait "
+                                     "for it to finish or stop it, or choose another --output_dir") from None
+            if _same_file(fd, self.path):  # (else the holder released and unlinked it in between: retry)
+                self._fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime(
+            "%Y-%m-%d %H:%M:%S"), "program": " ".join(sys.argv[:1])}).encode())
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still holding it: a waiting opener re-checks the path (see acquire)
+        os.close(self._fd)
+        self._fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only if empty: a refused run leaves nothing behind
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {holder['pid']} on {holder['host']}, {holder['program']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that holds its lock file"
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def make_dirs(path: str, flag: str) -> list[str]:
+    """`os.makedirs(path)`, returning the directories it created (outermost first); an unwritable path (read-only
+    disk, a component that is a file, a symlink loop, /proc) is one UserInputError line naming `flag`."""
+    missing, head = [], os.path.abspath(path)
+    while not os.path.lexists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        for directory in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise UserInputError(f"{flag} '{path}' cannot be created ({err.strerror}): pass a directory you can "
+                             "write to") from None
+    if not os.path.isdir(path):
+        raise UserInputError(f"{flag} '{path}' is a file, not a directory: pass a directory path")
+    return list(reversed(missing))
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail now, not after training, if files cannot be written in `path` (directories made for the test are
+    removed again)."""
+    created = make_dirs(path, flag)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserInputError(f"{flag} '{path}' is not writable ({err.strerror}): pass a directory you can write "
+                             "to") from None
+    finally:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+
+
+def hold_output_dir(config) -> None:
+    """Rank 0's start of a training run: lock --output_dir for the run's life, check that everything the run
+    will write is writable, and clean up after saves an earlier run could not finish."""
+    from training.utils import distributed
+    from training.utils.atomic_dir import finish_interrupted_saves
+    from training.utils.errors import on_exit
+
+    lock = OutputDirLock(config.output_dir)
+    lock.acquire()
+    on_exit(lock.release)
+    if config.SAVES != RLHF_MODELS:  # saved into a temporary sibling of --output_dir, then renamed onto it
+        check_writable(os.path.dirname(os.path.realpath(config.output_dir)), "the parent of --output_dir")
+    if config.enable_tensorboard:
+        check_writable(config.tensorboard_path, "--tensorboard_path")
+    check_writable(config.data.data_output_path, "--data_output_path")
+    for line in finish_interrupted_saves(config.output_dir):
+        distributed.print_rank_0(line)

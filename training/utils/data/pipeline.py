@@ -55,6 +55,21 @@ class DataConfig:
     sft_only_data_path: list[str] = field(default_factory=list)
     train_on_prompt: bool = False
 
+    def validate(self, output_dir: str) -> None:
+        """Checks of the data flags against the run's --output_dir (called by each step's validate())."""
+        check_cache_outside_output(self.data_output_path, output_dir)
+
+
+def check_cache_outside_output(data_output_path: str, output_dir: str) -> None:
+    """The data cache may not live in --output_dir: that directory holds only the saved model (a resumed run
+    refuses unknown files there) and is replaced whole when the model is saved, cache included."""
+    cache, output = os.path.realpath(data_output_path), os.path.realpath(output_dir)
+    if cache == output or cache.startswith(output.rstrip(os.sep) + os.sep):
+        suggestion = os.path.join(os.path.dirname(output.rstrip(os.sep)), "data_files")
+        raise UserInputError(f"--data_output_path '{data_output_path}' is inside --output_dir '{output_dir}': the "
+                             "saved model replaces that directory and a resumed run refuses the cache in it; pass a "
+                             f"path outside it, e.g. --data_output_path {suggestion}")
+
 
 @dataclass
 class SeqLenFlags:
@@ -230,6 +245,7 @@ def _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir) -> None
     train, train_counts = tokenise(train_rows, tokenizer, config)
     evaluation, eval_counts = tokenise(eval_rows, tokenizer, config)
     if len(train) == 0:
+        check_max_seq_len_keeps_labels(config, phase, train_counts)
         raise UserInputError(f"no usable phase-{phase} training rows in {', '.join(config.data_path)} "
                              f"(dropped: {train_counts}); phase {phase} needs "
                              f"{'pairs with chosen and rejected' if phase == PHASE_REWARD else 'prompts and replies'}")
@@ -244,6 +260,21 @@ def _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir) -> None
             np.save(os.path.join(tmp, "indices", f"{name}.npy"), idx)
         with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=1)
+
+
+def check_max_seq_len_keeps_labels(config: DataConfig, phase: int, counts: dict) -> None:
+    """When --max_seq_len cut away every training sample's reply (so nothing is left to train on: the loss
+    would be the mean over no tokens, NaN), say that, with the numbers, rather than "no usable rows"."""
+    data = ", ".join(config.data_path)
+    if phase == PHASE_SFT and counts.get("no_label"):
+        raise UserInputError(f"--max_seq_len {config.max_seq_len} is too small: after truncation none of the "
+                             f"{counts['no_label']} training samples of {data} keeps a reply token to learn; raise "
+                             "--max_seq_len")
+    if phase == PHASE_REWARD and counts.get("too_long"):
+        shortest = counts["shortest_too_long_reply"]
+        raise UserInputError(f"--max_seq_len {config.max_seq_len} is too small: every one of the {counts['too_long']} "
+                             f"training pairs of {data} has a reply (with its EOS) longer than {config.max_seq_len - 1} "
+                             f"tokens (the shortest takes {shortest}); raise --max_seq_len to at least {shortest + 1}")
 
 
 def _sft_chunks(sample: Sample, train_on_prompt: bool) -> list[Chunk] | None:
@@ -262,7 +293,7 @@ def _sft_chunks(sample: Sample, train_on_prompt: bool) -> list[Chunk] | None:
 def tokenise_sft(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
     """input_ids + label mask. Too-long rows lose the start of the prompt first; a reply that alone
     exceeds the limit keeps its beginning (its EOS is then cut and counted)."""
-    counts = {"no_reply": 0, "prompt_truncated": 0, "reply_truncated": 0}
+    counts = {"no_reply": 0, "prompt_truncated": 0, "reply_truncated": 0, "no_label": 0}
     conversations = []
     for sample in rows:
         chunks = _sft_chunks(sample, config.train_on_prompt)
@@ -273,6 +304,9 @@ def tokenise_sft(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["Ra
     ids_list, mask_list = [], []
     limit = config.max_seq_len
     for ids, trained in encode_conversations(tokenizer, conversations):
+        if not any(trained[1:]):  # a conversation without an assistant reply
+            counts["no_reply"] += 1
+            continue
         if len(ids) > limit:
             reply_start = _last_run_start(trained)
             if len(ids) - reply_start <= limit - 1:
@@ -283,6 +317,9 @@ def tokenise_sft(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["Ra
                 ids = (ids[reply_start - keep_prompt:])[:limit]
                 trained = (trained[reply_start - keep_prompt:])[:limit]
                 counts["reply_truncated"] += 1
+        if not any(trained[1:]):  # truncation left no label (the loss predicts positions 1..): a NaN mean
+            counts["no_label"] += 1
+            continue
         ids_list.append(ids)
         mask_list.append([int(t) for t in trained])
     return RaggedDataset({"input_ids": ids_list, "loss_mask": mask_list}), counts
@@ -317,8 +354,10 @@ def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["
     encoded = encode_conversations(tokenizer, conversations)
     chosen, rejected, chosen_reply, rejected_reply, limit = [], [], [], [], config.max_seq_len
     for (c_ids, c_mask), (r_ids, r_mask) in zip(encoded[0::2], encoded[1::2]):
-        if max(sum(c_mask), sum(r_mask)) > limit - 1:
+        reply = max(sum(c_mask), sum(r_mask))
+        if reply > limit - 1:
             counts["too_long"] += 1
+            counts["shortest_too_long_reply"] = min(reply, counts.get("shortest_too_long_reply", reply))
             continue
         if len(c_ids) > limit or len(r_ids) > limit:
             counts["prompt_truncated"] += 1
@@ -383,8 +422,16 @@ class RaggedDataset:
 def load_supervised_data(config, phase: int, make_collator, unit: str):
     """The tokenizer, the phase's data and its shuffled train / ordered eval loaders for steps 1, 2 and DPO
     (`config` is their SupervisedConfig; `make_collator(pad_token_id)`), with one log line in `unit`s."""
+    # (imported here: the model layer sits below the data layer)
+    from training.utils.model.build import check_model_input
+    from training.utils.output_dir import REWARD_MODEL
+
     tokenizer = load_tokenizer(config.model.model_name_or_path, config.add_eot_token, config.eot_token,
                                config.trust_remote_code)
+    # Refused before any data is tokenised: steps 1 and DPO train a language model from --model_name_or_path.
+    check_model_input(config.model.model_name_or_path, language_model=config.SAVES != REWARD_MODEL,
+                      length=config.data.max_seq_len, what=f"--max_seq_len {config.data.max_seq_len}",
+                      fix="lower --max_seq_len to at most {limit}", trust_remote_code=config.trust_remote_code)
     data = build_phase_data(config.data, tokenizer, phase)
     collator, grouped = make_collator(tokenizer.pad_token_id), config.data.group_by_length
     train_loader = make_loader(data.train, config.per_device_train_batch_size, collator, config.seed, shuffle=True,

@@ -365,7 +365,9 @@ def _read_json_rows(path: Path) -> list[dict]:
     if path.suffix == ".json" and text.lstrip().startswith("["):
         numbered, unit = enumerate(_parse_json(path, text, 1), start=1), "item"
     else:
-        lines = enumerate(text.splitlines(), start=1)
+        # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+2029, U+0085 and other
+        # characters JSON allows raw inside strings (a trailing "\r" is JSON whitespace).
+        lines = enumerate(text.split("\n"), start=1)
         numbered, unit = [(n, _parse_json(path, line, n)) for n, line in lines if line.strip()], "line"
     rows = []
     for number, row in numbered:

@@ -158,7 +158,19 @@ def _load_hub_dataset(name: str, config_name: str | None):
 
 
 def _paragraphs(path: Path) -> list[str]:
-    return [paragraph.strip() for paragraph in _BLANK_LINES.split(path.read_text(encoding="utf-8"))]
+    return [paragraph.strip() for paragraph in _BLANK_LINES.split(read_utf8_text(path))]
+
+
+def read_utf8_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 end the run with where they are (byte offset and line)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserInputError(f"unsupervised dataset '{path}' is not UTF-8 text: byte {err.start} (line {line}) is "
+                             f"0x{data[err.start]:02x}; re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                             ) from None
 
 
 def _text_column(name: str, dataset) -> list[str]:

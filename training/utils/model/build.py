@@ -19,6 +19,10 @@ DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dr
                 "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
                 "summary_first_dropout")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Config keys that bound the sequence length (learned or fixed position tables); a config with none of them
+# (ALiBi models such as Bloom) has no limit here.
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+REWARD_META_FILE = "reward_model.json"  # (reward_model.META_FILE; that module imports this one)
 
 
 def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
@@ -49,6 +53,70 @@ def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
         raise UserInputError(f"cannot load model '{model_name_or_path}': not a local directory, and the hub "
                              f"is not reachable or has no such model ({str(err).splitlines()[0]}); "
                              "pass a local model directory or tiny/opt | tiny/llama") from None
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence (prompt + reply) the model's position embeddings allow, when its config says."""
+    for key in POSITION_LIMIT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_fits_positions(config, length: int, what: str, model: str, fix: str) -> None:
+    """Refuse `length` tokens beyond the model's positions: the embedding lookup would fail mid-run (IndexError)
+    or, with rotary positions, the model would read positions it never saw. `fix` may name {limit}."""
+    limit = position_limit(config)
+    if limit is not None and length > limit:
+        raise UserInputError(f"{what} is more than the {limit} positions of model '{model}' (its config's "
+                             f"position limit): {fix.format(limit=limit)}")
+
+
+def check_model_input(model_name_or_path: str, *, language_model: bool, length: int | None = None,
+                      what: str = "", fix: str = "", trust_remote_code: bool = False):
+    """Everything about an input model that can be refused before data or weights are loaded: its config,
+    its files (check_model_files) and, given `length`, that sequences of that many tokens fit its positions.
+    Returns the config."""
+    config = load_model_config(model_name_or_path, trust_remote_code)
+    check_model_files(model_name_or_path, language_model=language_model)
+    if length is not None:
+        check_fits_positions(config, length, what, model_name_or_path, fix)
+    return config
+
+
+def check_model_files(model_name_or_path: str, *, language_model: bool = False) -> None:
+    """Refuse a local model directory whose files cannot be what the loaders expect, before any work:
+    a reward model given where a language model is trained, no weights, or a weights file that is
+    truncated or empty (safetensors would fail mid-run with a Rust error)."""
+    if model_name_or_path.startswith(TINY_PREFIX) or not os.path.isdir(model_name_or_path):
+        return
+    if language_model and os.path.isfile(os.path.join(model_name_or_path, REWARD_META_FILE)):
+        raise UserInputError(f"'{model_name_or_path}' is a reward model (step 2 output), not a language model: "
+                             "pass the actor saved by step 1 (or another causal LM directory); the reward model "
+                             "goes to step 3's --critic_model_name_or_path")
+    names = sorted(os.listdir(model_name_or_path))
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not weights and not any(n in names for n in PICKLE_WEIGHTS):
+        raise UserInputError(f"model directory '{model_name_or_path}' has config.json but no weights "
+                             "(model.safetensors): it is incomplete; pass the --output_dir of a finished run, or "
+                             "save the model again with model.save_pretrained(dir)")
+    for name in weights:
+        _check_safetensors_file(os.path.join(model_name_or_path, name))
+
+
+def _check_safetensors_file(path: str) -> None:
+    """Open the file's header (memory-mapped, no tensor is read): safetensors checks that the header is
+    complete and that the tensors it lists cover the file exactly, which a truncated copy fails."""
+    from safetensors import SafetensorError, safe_open
+
+    size = os.path.getsize(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise UserInputError(f"weights file '{path}' ({size} bytes) is damaged ({err}): it was probably cut off "
+                             "while copying or saving; copy it again or re-save the model") from None
 
 
 def _declared_model_type(directory: str) -> str:
@@ -125,6 +193,8 @@ def _build(model_class, model_name_or_path: str, config, tokenizer, trust_remote
             raise UserInputError(f"model directory '{model_name_or_path}' holds only pickle weights "
                                  "(pytorch_model.bin): convert it to safetensors with "
                                  "model.save_pretrained(dir) (safe_serialization is the default)")
+        # A causal LM is never built from a reward model directory (its backbone is, as a bare AutoModel body).
+        check_model_files(model_name_or_path, language_model=model_class.__name__ != "AutoModel")
         model = model_class.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
                                             local_files_only=local, trust_remote_code=trust_remote_code)
     configure_special_tokens(model, tokenizer)

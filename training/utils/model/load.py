@@ -10,6 +10,7 @@ def load_causal_lm(path: str, device: torch.device):
     """A saved actor (or any HF causal LM directory) and its tokenizer, with no network access."""
     from transformers import AutoModelForCausalLM
 
+    from training.utils.model.build import check_model_files
     from training.utils.model.configs import TINY_PREFIX
     from training.utils.model.reward_model import is_reward_model_dir
     from training.utils.tokenizer import load_tokenizer
@@ -28,6 +29,7 @@ def load_causal_lm(path: str, device: torch.device):
     if is_reward_model_dir(path):
         raise UserInputError(f"'{path}' is a reward model (step 2 output), not a language model: pass an actor "
                              "saved by step 1, DPO or step 3")
+    check_model_files(path)
     tokenizer = load_tokenizer(path)
     try:  # safetensors only: pickle checkpoints are refused, never unpickled
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)

@@ -39,17 +39,19 @@ from torch import nn
 
 from training.utils.errors import UserInputError
 from training.utils.masks import last_real_token_index, positions_from_mask
-from training.utils.model.build import create_hf_model
+from training.utils.model.build import REWARD_META_FILE, create_hf_model
 from training.utils.model.save import gather_state_dict, write_model_directory
 
 FORMAT = "rlhf-chat/reward-model"
 FORMAT_VERSION = 1
 SCORE_POSITION = "last_real_token"
-META_FILE = "reward_model.json"
+META_FILE = REWARD_META_FILE
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_KEY = "v_head.weight"
 BACKBONE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 BACKBONE_PREFIX = "backbone."
+# reward_model.json entries the loaders read (dotted: nested), with their JSON types.
+META_FIELDS = {"end_token_id": int, "value_head.in_features": int}
 
 
 @dataclass
@@ -133,14 +135,34 @@ def read_reward_model_meta(path: str) -> dict:
                        if os.path.isdir(path) and any(n.endswith(".bin") for n in os.listdir(path)) else "")
         raise UserInputError(f"'{path}' is not a reward model directory (no {META_FILE}{pickle_note}): "
                              "pass the --output_dir of step 2")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserInputError(f"'{meta_path}' is not valid JSON ({err}): the reward model directory is damaged; "
+                             "copy it again or re-run step 2") from None
+    if not isinstance(meta, dict):
+        raise UserInputError(f"'{meta_path}' holds a JSON {type(meta).__name__}, not an object: the reward model "
+                             "directory is damaged; copy it again or re-run step 2")
     found = (meta.get("format"), meta.get("version"), meta.get("score_position"))
     if found != (FORMAT, FORMAT_VERSION, SCORE_POSITION):
         raise UserInputError(f"'{meta_path}' describes (format, version, score_position) = {found}, this code "
                              f"reads {(FORMAT, FORMAT_VERSION, SCORE_POSITION)}: retrain the reward model with "
                              "this version of step 2")
+    missing = [key for key, kind in META_FIELDS.items() if not _has_type(meta, key, kind)]
+    if missing:
+        raise UserInputError(f"'{meta_path}' lacks {', '.join(missing)} (or holds the wrong type there): the reward "
+                             "model directory is damaged or hand-edited; copy it again or re-run step 2")
     return meta
+
+
+def _has_type(meta: dict, dotted_key: str, kind) -> bool:
+    value = meta
+    for part in dotted_key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
 def _check_weight_files(path: str) -> None:

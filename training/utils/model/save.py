@@ -4,13 +4,15 @@ Saving never mutates the live model: parameters are gathered one at a time into 
 rank 0, LoRA deltas are folded into the base weights in that state dict, and the directory is written
 atomically (temp dir + rename) with safetensors weights, config, generation config and tokenizer.
 """
+import contextlib
 import json
 import os
+import shutil
 
 import torch
 
 from training.utils import distributed
-from training.utils.atomic_dir import atomic_directory
+from training.utils.atomic_dir import atomic_directory, commit_set, set_staging_dir, start_set
 from training.utils.lora import lora_scalings, lora_state_dict_to_fused
 
 
@@ -51,7 +53,7 @@ def write_model_directory(output_dir: str, tokenizer, write_weights, *, extra_js
     `write_weights(tmp)`, the tokenizer, the `extra_json` files and the metrics, then renames it onto
     `output_dir`; every rank must call it (it ends with a barrier)."""
     if distributed.is_rank_0():
-        with atomic_directory(output_dir) as tmp:
+        with atomic_directory(output_dir, what="the model") as tmp:
             write_weights(tmp)
             tokenizer.save_pretrained(tmp)
             for name, content in (extra_json or {}).items():
@@ -59,4 +61,24 @@ def write_model_directory(output_dir: str, tokenizer, write_weights, *, extra_js
                     json.dump(content, f, indent=1, default=str)
             if metrics is not None:
                 metrics.write(tmp, metrics_title)
+    distributed.barrier()
+
+
+@contextlib.contextmanager
+def saving_set(parent: str, members: tuple[str, ...]):
+    """Save several model directories as one set (step 3's actor/, critic/, actor_ema/): yields a staging
+    directory to save them into, then moves them into `parent` together (atomic_dir.commit_set). Every rank
+    must enter it; a failure leaves `parent`'s earlier set untouched."""
+    staging = set_staging_dir(parent)
+    if distributed.is_rank_0():
+        start_set(parent)
+    distributed.barrier()
+    try:
+        yield staging
+    except BaseException:
+        if distributed.is_rank_0():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if distributed.is_rank_0():
+        commit_set(parent, members)
     distributed.barrier()

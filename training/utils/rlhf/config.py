@@ -58,6 +58,7 @@ class PPOFlags:
 @configuration(num_warmup_steps=100, tensorboard_path="step3_tensorboard")
 class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffloadFlags, LoggingFlags, PeriodicEvalFlags,
                  PaddingCompatFlags, CheckpointFlags):
+    SAVES = RLHF_MODELS  # what --output_dir receives (see output_dir.check_output_dir)
     data: DataConfig = group(DataConfig)
     actor: ModelFlags = group(ModelFlags, prefix="actor_", title="actor", role="the actor", learning_rate=9.65e-6,
                               help={"model_name_or_path": "The SFT actor (step 1 output, or any causal LM directory / "
@@ -147,9 +148,24 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
         if self.enable_mixed_precision_lora and self.actor.lora_dim <= 0:
             raise UserInputError("--enable_mixed_precision_lora needs --actor_lora_dim > 0 (it quantizes the frozen "
                                  "base weights under LoRA)")
+        self.data.validate(self.output_dir)
         self.validate_checkpoints(self.output_dir)
         check_output_dir(self.output_dir, RLHF_MODELS, {
             "--actor_model_name_or_path": [self.actor.model_name_or_path],
             "--critic_model_name_or_path": [self.critic.model_name_or_path], "--data_path": self.data.data_path,
             "--unsupervised_dataset_name": [self.unsupervised_dataset_name],
             "--deepspeed_config": [self.deepspeed_config]})
+
+
+def check_input_models(config: RLHFConfig) -> None:
+    """Refuse, before any data or weights are loaded, an actor that is not a language model, damaged model
+    files, and rollouts (prompt + answer) longer than the actor's or the critic/reward model's positions."""
+    from training.utils.model.build import check_model_input
+
+    length = config.max_prompt_seq_len + config.max_answer_seq_len
+    what = (f"--max_prompt_seq_len {config.max_prompt_seq_len} + --max_answer_seq_len {config.max_answer_seq_len} "
+            f"= {length}")
+    fix = "lower them to at most {limit} together"
+    for path, language_model in ((config.actor.model_name_or_path, True), (config.critic.model_name_or_path, False)):
+        check_model_input(path, language_model=language_model, length=length, what=what, fix=fix,
+                          trust_remote_code=config.trust_remote_code)

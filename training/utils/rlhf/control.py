@@ -88,7 +88,8 @@ class RewardNormalizer:
         if not (_is_number(mean) and _is_number(std) and std > 0):
             distributed.print_rank_0(f"WARNING: reward normalisation is on but the reward model has no usable "
                                      f"reward_stats (mean {mean}, std {std}) in reward_model.json: using raw "
-                                     f"scores; retrain it with step 2 of this project to record them")
+                                     "scores; step 2 of this project records them from its eval split (none when "
+                                     "that split is empty), so retrain the reward model with eval data to use them")
             return cls()
         return cls(mean, std)
 

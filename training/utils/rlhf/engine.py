@@ -14,6 +14,7 @@ models have no optimizer state, so stages 1-2 mean nothing for them, and offload
 effect under stage 3 only (logged otherwise). Every model is built under its own ZeRO-3
 registration (model/build.py), so mixing stages in one process is safe.
 """
+import math
 from dataclasses import dataclass
 
 from training.utils import distributed, seeding
@@ -25,6 +26,7 @@ from training.utils.engine import (
     initialize_train_engine,
     train_ds_config,
     training_dtype,
+    warn_long_warmup,
 )
 from training.utils.errors import UserInputError
 from training.utils.model.build import create_hf_model
@@ -45,6 +47,43 @@ class RLHFEngine:
     tokenizer: object
     reward_meta: dict  # the reward model's reward_model.json
     hybrid_generation: bool  # True when DeepSpeed's inference kernels generate (engine.generate)
+
+
+def optimizer_steps_per_epoch(config: RLHFConfig, prompt_batches: int) -> tuple[int, int]:
+    """(actor, critic) optimizer steps per epoch, for the LR schedules. Each PPO mini-batch steps both
+    models once; PPO-ptx steps the actor once more.
+
+    Refuses, before any model is built, a run that would make no PPO step (fewer prompt batches in the whole
+    run than --generation_batches: the experience buffer never fills) or no optimizer step (fewer PPO
+    mini-batches than --gradient_accumulation_steps): either would save the starting actor as if trained.
+    Warns when the warmup outlasts the run (--enable_test_mode's --test_stop_step included)."""
+    generation, epochs = config.generation_batches, config.num_train_epochs
+    ppo_steps = prompt_batches * epochs // generation  # the experience buffer carries over an epoch's end
+    if ppo_steps == 0:
+        raise UserInputError(
+            f"--generation_batches {generation} is more than the {prompt_batches * epochs} prompt batches of the whole "
+            f"run ({prompt_batches} per epoch of --per_device_generation_batch_size "
+            f"{config.per_device_generation_batch_size} prompts per rank x {epochs} epochs), so the experience buffer "
+            f"never fills, PPO never trains and the actor would be saved unchanged: lower --generation_batches to at "
+            f"most {max(prompt_batches * epochs, 1)}, raise --num_train_epochs, lower "
+            "--per_device_generation_batch_size or add prompts")
+    rows_per_step = generation * config.per_device_generation_batch_size
+    minibatches_per_step = config.ppo_epochs * math.ceil(rows_per_step / config.per_device_training_batch_size)
+    run_ppo_steps = min(ppo_steps, config.test_stop_step) if config.enable_test_mode else ppo_steps
+    run_minibatches = run_ppo_steps * minibatches_per_step
+    accumulation = config.gradient_accumulation_steps
+    if run_minibatches < accumulation:
+        raise UserInputError(
+            f"--gradient_accumulation_steps {accumulation} is more than the {run_minibatches} PPO mini-batches of the "
+            f"whole run ({run_ppo_steps} PPO steps x {minibatches_per_step} mini-batches of "
+            f"--per_device_training_batch_size {config.per_device_training_batch_size} x --ppo_epochs "
+            f"{config.ppo_epochs}), so the actor and critic optimizers would never step: lower "
+            f"--gradient_accumulation_steps to at most {run_minibatches} or train for more steps")
+    warn_long_warmup(config, run_minibatches // accumulation, "optimizer steps (critic; PPO steps "
+                     f"{run_ppo_steps})")
+    minibatches = (prompt_batches // generation) * minibatches_per_step
+    critic_steps = max(1, math.ceil(minibatches / accumulation))
+    return critic_steps * (2 if config.unsupervised_dataset_name else 1), critic_steps
 
 
 def build_rlhf_engine(config: RLHFConfig, tokenizer, device, actor_steps_per_epoch: int,

@@ -38,10 +38,11 @@ class CappedPrompts(Dataset):
         lengths = dataset.lengths("prompt_ids")
         too_long = lengths > max_len
         self.dataset, self.max_len, self.bos_token_id = dataset, max_len, bos_token_id
-        self.indices = [i for i in range(len(dataset)) if overflow == "truncate" or not too_long[i]][:limit]
+        usable = [i for i in range(len(dataset)) if overflow == "truncate" or not too_long[i]]
+        self.indices = usable[:limit]  # limit 0 (--eval_prompts 0): none, on purpose
         self.counts = {"prompts": len(dataset), "over_max_prompt_seq_len": int(too_long.sum()),
                        "truncated" if overflow == "truncate" else "dropped": int(too_long.sum())}
-        if len(dataset) and not self.indices:
+        if len(dataset) and not usable:
             raise UserInputError(f"every prompt is longer than --max_prompt_seq_len {max_len} (longest "
                                  f"{int(lengths.max())}): raise it, or use --prompt_overflow truncate")
 
