@@ -39,13 +39,22 @@ def parse_args(argv=None) -> ChatConfig:
 
 
 def history_limit(config: ChatConfig, model) -> int:
-    if config.max_history_tokens is not None:
-        return config.max_history_tokens
-    context = context_length(model) or FALLBACK_CONTEXT
+    """Most tokens of model input. History and reply together must fit the model's positions (beyond them the
+    embedding lookup fails), so a larger --max_history_tokens is lowered to what fits, said once on stderr."""
+    context = context_length(model)
+    if context is None:  # the config states no limit: trust --max_history_tokens, else assume a common one
+        if config.max_history_tokens is not None:
+            return config.max_history_tokens
+        context = FALLBACK_CONTEXT
     if context <= config.max_new_tokens:
         raise UserInputError(f"--max_new_tokens {config.max_new_tokens} leaves no room for input in the model's "
                              f"{context}-token context: lower it")
-    return context - config.max_new_tokens
+    room = context - config.max_new_tokens
+    if config.max_history_tokens is not None and config.max_history_tokens > room:
+        print(f"[chat] --max_history_tokens {config.max_history_tokens} + --max_new_tokens {config.max_new_tokens} "
+              f"is more than the model's {context} positions: keeping the most recent turns that fit in {room} "
+              "tokens", file=sys.stderr, flush=True)
+    return min(config.max_history_tokens or room, room)
 
 
 @report_user_errors
@@ -59,6 +68,8 @@ def main(argv=None) -> None:
                                          do_sample=False if config.greedy else None)
     session = ChatSession(model, tokenizer, Conversation(tokenizer, history_limit(config, model)), sampling,
                           out=sys.stdout, log=sys.stderr, show_prompt=config.show_prompt)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD instead of ending the chat
+        sys.stdin.reconfigure(encoding="utf-8", errors="replace")
     interactive = sys.stdin.isatty()
     print(f"[chat] {config.path} on {device}; 'clear' empties the history, 'quit' exits", file=sys.stderr, flush=True)
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.utils import distributed
+from training.utils.checkpoint import CHECKPOINTS
 from training.utils.config import at_least
 from training.utils.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, UserInputError, report_user_errors
 
@@ -219,7 +220,23 @@ def build_steps(args) -> list[Step]:
                 raise UserInputError(f"--step 3 needs the step-{number} output '{model_dir}', which does not "
                                      f"exist: add {number} to --step, or pass the --output-dir of the run that made it")
         steps.append(ppo_step(args, sft_dir, rm_dir, out / "step3-models" / short_name(actor), data, actor))
+    if args.resume:
+        for step in steps:
+            add_resume(step)
     return steps
+
+
+def add_resume(step: Step) -> None:
+    """--resume: the step continues from its own checkpoints, when it has some (the step's --resume)."""
+    if not (step.model_dir / CHECKPOINTS).is_dir():
+        return
+    if step.command[0] != "bash":
+        step.command.append("--resume")
+    elif "EXTRA_ARGS" in Path(step.command[1]).read_text():
+        step.env["EXTRA_ARGS"] = f"{step.env.get('EXTRA_ARGS', '')} --resume".strip()
+    else:
+        raise UserInputError(f"--resume: {step.command[1]} takes no extra flags, so e2e cannot resume {step.key} "
+                             f"from {step.model_dir / CHECKPOINTS}: run that script's command by hand with --resume")
 
 
 def single_model_step(args, key, folder, model, model_dir, zero, data) -> Step:
@@ -264,37 +281,125 @@ def _script_env(args, key: str, data) -> dict:
     return env
 
 
-def run_step(step: Step, log_path: Path) -> int:
-    """Run one step with its output streamed to the terminal and to `log_path`; returns the exit code."""
+def run_step(step: Step, log_path: Path) -> tuple[int, int | None]:
+    """Run one step with its output streamed to the terminal and to `log_path`; returns its exit code and the
+    signal (SIGINT/SIGTERM) e2e received meanwhile, if any.
+
+    The step runs in a session of its own and e2e passes such a signal on to the step's training processes
+    only: they save a checkpoint and exit 128 + N, and the deepspeed launcher and the script's `tee` in between
+    report that instead of dying first (the launcher would print a KeyboardInterrupt traceback). e2e itself
+    keeps relaying the step's output until it ends, so the step's log is whole."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **step.env}
     print(f"\n=== {step.key}: (cd training/{step.folder} && "
           f"{' '.join(f'{k}={shlex.quote(v)}' for k, v in step.env.items())} {shlex.join(step.command)})", flush=True)
-    start = time.time()
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(step.command, cwd=REPO / "training" / step.folder, env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, errors="replace")
-        for line in process.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-        code = process.wait()
+    start, received = time.time(), []
+    process = None
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        if process is not None:
+            pass_signal_on(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            process = subprocess.Popen(step.command, cwd=REPO / "training" / step.folder, env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
+                                       errors="replace", start_new_session=True)
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                log.flush()  # the log is whole whenever the run is stopped
+            code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     step.seconds = time.time() - start
-    return code
+    return code, (received[0] if received else None)
 
 
-def explain_failure(step: Step, log_path: Path, code: int) -> str:
-    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    tail = "\n".join(lines[-25:])
+def pass_signal_on(pid: int, signum: int) -> None:
+    """Signal the training processes (`python [-flags] main.py ...`) under the step's process `pid`; before
+    they exist, the step's whole process group."""
+    import psutil
+
+    try:
+        ranks = [child for child in psutil.Process(pid).children(recursive=True) if _is_training_process(child)]
+    except psutil.Error:
+        ranks = []
+    for rank in ranks:
+        try:
+            rank.send_signal(signum)
+        except psutil.Error:
+            pass
+    if not ranks:
+        try:
+            os.killpg(pid, signum)
+        except OSError:
+            pass
+
+
+def _is_training_process(process) -> bool:
+    try:
+        args = [a for a in process.cmdline()[1:] if not a.startswith("-")]
+    except Exception:  # gone, or not ours to read
+        return False
+    return bool(args) and args[0].endswith("main.py")
+
+
+def step_number(step: Step) -> int:
+    return {"step1": 1, "step2": 2, "dpo": 2, "step3": 3}[step.key]
+
+
+def e2e_exit_code(code: int) -> int:
+    """e2e's exit code for a step's: bad input 2 and divergence 3 pass through, a signal is 128 + N (a process
+    killed by one reports -N), anything else is a crash, 1 (never 2: that would blame the user's input)."""
+    if code in (EXIT_BAD_INPUT, EXIT_DIVERGED):
+        return code
+    if code < 0:
+        return 128 - code
+    if 128 < code < 128 + 65:
+        return code
+    return EXIT_CRASH
+
+
+def explain_interrupt(step: Step, log_path: Path, signum: int, steps: list[Step], finished: bool) -> str:
+    """One line: which step the signal stopped, where its log is, and how to continue."""
+    rest = steps[steps.index(step) + (1 if finished else 0):]
+    what = (f"came after {step.key} finished" if finished else
+            f"stopped {step.key} (it saved a checkpoint if it had started training)")
+    cont = (f"rerun the same e2e command plus --step {' '.join(str(step_number(s)) for s in rest)} --resume" if rest
+            else "nothing is left to run")
+    return f"e2e: {signal.Signals(signum).name} {what}; its log: {log_path}; to continue, {cont}"
+
+def last_error_line(text: str) -> str | None:
+    """The step's own last `error: ...` line, whole: found also after a progress bar's carriage return or a
+    launcher's `[rank0]: ` prefix."""
+    found = None
+    for line in text.splitlines():
+        match = re.search(r"(?:^|\r|\]: )((?:\S+: )?error: .*)$", line)
+        if match:
+            found = match.group(1).split("\r")[0].rstrip()
+    return found
+
+
+def explain_failure(step: Step, log_path: Path, code: int, deployment: str = "cpu") -> str:
+    text = log_path.read_text(encoding="utf-8", errors="replace")
     what, fix = EXIT_MEANINGS.get(code, (None, None))
-    hints = [fix] if fix else []
-    hints += [hint for pattern, hint in FAILURE_HINTS if re.search(pattern, tail, re.IGNORECASE)]
-    errors = [line for line in lines if line.startswith("error:")]
+    error = last_error_line(text)
+    tail = "\n".join(text.splitlines()[-25:])
+    patterns = FAILURE_HINTS + (MULTI_NODE_HINTS if deployment == "multi_node" else [])
+    hints = ([fix] if fix else []) + [hint for pattern, hint in patterns if re.search(pattern, tail, re.IGNORECASE)]
     outcome = f"exit {code}: {what}" if what else f"exit {code}"
-    message = [f"\n{step.key} failed ({outcome}) after {step.seconds:.0f} s; last lines of {log_path}:", tail]
-    if errors:
-        message.append(f"the step said: {errors[-1]}")
-    message += [f"hint: {hint}" for hint in hints] or ["hint: read the log above; rerun only this step with "
-                                                      f"--step {step.key[-1] if step.key[-1].isdigit() else 2}"]
+    # A step that ended on its own error line said what is wrong; a crash's traceback is in the last lines.
+    message = [f"\n{step.key} failed ({outcome}) after {step.seconds:.0f} s; its log: {log_path}"]
+    if error is None or code not in EXIT_MEANINGS:
+        message += [f"last lines of the log:\n{tail}"]
+    if error is not None:
+        message.append(f"the step said: {error}")
+    message += [f"hint: {hint}" for hint in hints] or [f"hint: read the log above; rerun only this step with "
+                                                      f"--step {step_number(step)}"]
     return "\n".join(message)
 
 
@@ -303,15 +408,16 @@ def key_figures(step: Step) -> str:
     metrics = _metrics(step.model_dir / ("actor" if step.key == "step3" else ""))
     if step.key == "step1":
         ppl = [row["eval/perplexity"] for row in metrics if "eval/perplexity" in row]
-        return f"eval perplexity {ppl[0]:.2f} -> {ppl[-1]:.2f}" if ppl else ""
+        return f"eval perplexity {ppl[0]:.2f} -> {ppl[-1]:.2f}" if ppl else "no eval data"
     if step.key == "step2":
-        stats = json.loads((step.model_dir / "reward_model.json").read_text())["reward_stats"]
-        return f"reward accuracy {stats['accuracy']:.3f} (held-out pairs)"
+        stats = json.loads((step.model_dir / "reward_model.json").read_text()).get("reward_stats") or {}
+        # Step 2 records no statistics without eval pairs, rather than invented ones.
+        return f"reward accuracy {stats['accuracy']:.3f} (held-out pairs)" if "accuracy" in stats else "no eval data"
     if step.key == "dpo":
         accuracy = [row["eval/reward_accuracy"] for row in metrics if "eval/reward_accuracy" in row]
-        return f"reward accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}" if accuracy else ""
+        return f"reward accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}" if accuracy else "no eval data"
     reward = [row["eval/reward_mean"] for row in metrics if "eval/reward_mean" in row]
-    return f"mean reward {reward[0]:.3f} -> {reward[-1]:.3f} (held-out prompts)" if reward else ""
+    return f"mean reward {reward[0]:.3f} -> {reward[-1]:.3f} (held-out prompts)" if reward else "no eval data"
 
 
 def _metrics(directory: Path) -> list[dict]:
@@ -326,7 +432,7 @@ def final_actor(steps: list[Step]) -> Path:
     return last.model_dir / "actor" if last.key == "step3" else last.model_dir
 
 
-def checker_accuracy(actor_dir: Path, data: str, prompts: int, sampling) -> float:
+def checker_accuracy(actor_dir: Path, data: str, prompts: int, sampling) -> float | None:
     """Share of held-out synthetic prompts the actor answers right, by the task's checker."""
     import torch
 
@@ -335,6 +441,8 @@ def checker_accuracy(actor_dir: Path, data: str, prompts: int, sampling) -> floa
     from training.utils.sampling import generate_replies
 
     rows = generate_rows(parse_synthetic_name(data), "eval")[:prompts]
+    if not rows:  # no held-out prompts to check on
+        return None
     model, tokenizer = load_causal_lm(str(actor_dir), torch.device("cpu"))
     torch.manual_seed(0)  # the same sampling noise for every actor checked
     replies = generate_replies(model, tokenizer, [r["prompt"] for r in rows], sampling)
@@ -357,6 +465,9 @@ def summary(steps: list[Step], args) -> None:
         for label, sampling in (("greedy", SamplingConfig(max_new_tokens=24)),
                                 ("sampled at temperature 1", SamplingConfig(max_new_tokens=24, do_sample=True))):
             before = checker_accuracy(sft_dir, data, args.check_prompts, sampling)
+            if before is None:
+                print("held-out checker accuracy: no eval data (the synthetic task has no eval prompts)")
+                break
             after = checker_accuracy(actor, data, args.check_prompts, sampling)
             print(f"held-out checker accuracy ({args.check_prompts} prompts, {label}): step-1 actor {before:.3f}, "
                   f"final actor {after:.3f} ({after - before:+.3f})")
@@ -370,13 +481,20 @@ def main(argv=None) -> None:
     print(f"e2e: {args.algo}, steps {args.step}, deployment {args.deployment_type}, output {out}")
     for step in steps:
         log_path = out / ("dpo" if step.key == "dpo" else step.key) / "training.log"
-        code = run_step(step, log_path)
+        code, signum = run_step(step, log_path)
+        if signum is not None:
+            print(explain_interrupt(step, log_path, signum, steps, code == 0), file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
         if code != 0:
-            print(explain_failure(step, log_path, code), file=sys.stderr)
-            sys.exit(code)
+            print(explain_failure(step, log_path, code, args.deployment_type), file=sys.stderr, flush=True)
+            sys.exit(e2e_exit_code(code))
         step.figures = key_figures(step)
         print(f"=== {step.key} done in {step.seconds:.0f} s: {step.figures}", flush=True)
-    summary(steps, args)
+    try:
+        summary(steps, args)
+    except KeyboardInterrupt:  # every step is saved; only the closing check was cut short
+        print("e2e: SIGINT during the closing accuracy check; every step finished and is saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

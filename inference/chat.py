@@ -20,6 +20,7 @@ from training.utils.data.conversation import (
     format_user_turn,
     prompt_chunks,
 )
+from training.utils.model.build import position_limit
 from training.utils.sampling import SamplingConfig
 
 TURN_MARKERS = (HUMAN, ASSISTANT)
@@ -172,12 +173,7 @@ def generate_reply(model, tokenizer, input_ids: list[int], sampling: SamplingCon
 
 def context_length(model) -> int | None:
     """The longest sequence the model's position embeddings allow, when its config says."""
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return position_limit(model.config)
 
 
 @dataclass

@@ -12,6 +12,7 @@ Python + DeepSpeed start-up (~3 s) per case; nothing after parse_args runs for t
 import importlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -90,6 +91,42 @@ def output_dir_with_notes(tmp, models):
 
 def sft_rows(tmp, models):
     write_jsonl(tmp / "rows.jsonl", [{"prompt": f"q{i}", "response": f" a{i}"} for i in range(50)])
+
+
+def damaged_copy(name: str, damage):
+    """`tmp/model`: a copy of the shared model `name` ("actor" or "reward") after `damage(directory)`."""
+    def setup(tmp, models):
+        shutil.copytree(models[name], tmp / "model")
+        damage(tmp / "model")
+    return setup
+
+
+def cut_file(file_name: str, keep: float):
+    """Keep the first `keep` share of the file's bytes (0: an empty file), as an interrupted copy leaves it."""
+    def damage(directory: Path):
+        data = (directory / file_name).read_bytes()
+        (directory / file_name).write_bytes(data[:int(len(data) * keep)])
+    return damage
+
+
+def remove_file(file_name: str):
+    return lambda directory: (directory / file_name).unlink()
+
+
+def edit_reward_meta(edit):
+    def damage(directory: Path):
+        path = directory / "reward_model.json"
+        path.write_text(edit(json.loads(path.read_text())))
+    return damage
+
+
+def without_end_token_id(meta: dict) -> str:
+    meta.pop("end_token_id")
+    return json.dumps(meta)
+
+
+def ds_config_file(entries: dict):
+    return write_text("ds.json", json.dumps(entries))
 
 
 REMOTE_CODE = {"model_type": "fancy", "auto_map": {"AutoConfig": "configuration_fancy.FancyConfig",
@@ -202,7 +239,87 @@ CASES = [
     Case("step3-negative-save-interval", "step3", {"--save_interval": "-1"}, "--save_interval must be at least 0",
          in_process=True),
     # issue 16: inputs (models, lengths, text, DeepSpeed config)
+    Case("step1-max-seq-len-beyond-positions", "step1", {"--max_seq_len": "1024"},
+         "--max_seq_len 1024 is more than the 512 positions of model 'tiny/opt'"),
+    Case("step2-max-seq-len-beyond-positions", "step2", {"--max_seq_len": "600"},
+         "--max_seq_len 600 is more than the 512 positions of model 'tiny/opt'"),
+    Case("dpo-max-seq-len-beyond-positions", "dpo", {"--max_seq_len": "513"},
+         "--max_seq_len 513 is more than the 512 positions of model 'tiny/opt'"),
+    Case("step3-prompt-and-answer-beyond-positions", "step3", {"--max_prompt_seq_len": "400",
+                                                               "--max_answer_seq_len": "200"},
+         "--max_prompt_seq_len 400 + --max_answer_seq_len 200 = 600 is more than the 512 positions of model "
+         "'{actor}'"),
+    Case("step2-max-seq-len-below-every-reply", "step2", {"--max_seq_len": "4"},
+         "--max_seq_len 4 is too small: every one of the"),
+    Case("dpo-max-seq-len-below-every-reply", "dpo", {"--max_seq_len": "3"}, "--max_seq_len 3 is too small"),
+    Case("model-truncated-safetensors", "step1", {"--model_name_or_path": "{tmp}/model"},
+         "weights file '{tmp}/model/model.safetensors'",
+         setup=damaged_copy("actor", cut_file("model.safetensors", 0.5))),
+    Case("model-empty-safetensors", "step1", {"--model_name_or_path": "{tmp}/model"},
+         "weights file '{tmp}/model/model.safetensors' (0 bytes) is damaged",
+         setup=damaged_copy("actor", cut_file("model.safetensors", 0))),
+    Case("dpo-model-dir-without-weights", "dpo", {"--model_name_or_path": "{tmp}/model"},
+         "model directory '{tmp}/model' has config.json but no weights",
+         setup=damaged_copy("actor", remove_file("model.safetensors"))),
+    Case("step2-truncated-reward-model-weights", "step2", {"--model_name_or_path": "{tmp}/model"},
+         "weights file '{tmp}/model/value_head.safetensors'",
+         setup=damaged_copy("reward", cut_file("value_head.safetensors", 0.9))),
+    Case("step3-reward-model-json-misses-a-key", "step3", {"--critic_model_name_or_path": "{tmp}/model"},
+         "'{tmp}/model/reward_model.json' lacks end_token_id",
+         setup=damaged_copy("reward", edit_reward_meta(without_end_token_id))),
+    Case("step3-reward-model-json-not-json", "step3", {"--critic_model_name_or_path": "{tmp}/model"},
+         "'{tmp}/model/reward_model.json' is not valid JSON",
+         setup=damaged_copy("reward", edit_reward_meta(lambda meta: json.dumps(meta)[:-7]))),
+    Case("step3-truncated-actor-weights", "step3", {"--actor_model_name_or_path": "{tmp}/model"},
+         "weights file '{tmp}/model/model.safetensors'",
+         setup=damaged_copy("actor", cut_file("model.safetensors", 0.3))),
+    Case("chat-truncated-safetensors", "chat", {"--path": "{tmp}/model"},
+         "weights file '{tmp}/model/model.safetensors'",
+         setup=damaged_copy("actor", cut_file("model.safetensors", 0.5))),
+    Case("step1-reward-model-as-model", "step1", {"--model_name_or_path": "{reward}"},
+         "'{reward}' is a reward model (step 2 output), not a language model"),
+    Case("dpo-reward-model-as-model", "dpo", {"--model_name_or_path": "{reward}"},
+         "'{reward}' is a reward model (step 2 output), not a language model"),
+    Case("step3-reward-model-as-actor", "step3", {"--actor_model_name_or_path": "{reward}"},
+         "'{reward}' is a reward model (step 2 output), not a language model"),
+    Case("step1-deepspeed-config-zero-stage-7", "step1", {"--deepspeed_config": "{tmp}/ds.json"},
+         "--deepspeed_config '{tmp}/ds.json': \"zero_optimization.stage\": Input should be 0, 1, 2, 3",
+         setup=ds_config_file({"zero_optimization": {"stage": 7}})),
+    Case("step1-deepspeed-config-batch-size-text", "step1", {"--deepspeed_config": "{tmp}/ds.json"},
+         "\"train_micro_batch_size_per_gpu\" must be an integer, got \"abc\"",
+         setup=ds_config_file({"train_micro_batch_size_per_gpu": "abc"})),
+    Case("step1-deepspeed-config-optimizer-number", "step1", {"--deepspeed_config": "{tmp}/ds.json"},
+         "\"optimizer\" must be a JSON object, got 5", setup=ds_config_file({"optimizer": 5})),
+    Case("dpo-deepspeed-config-negative-clipping", "dpo", {"--deepspeed_config": "{tmp}/ds.json"},
+         "\"gradient_clipping\" must be at least 0.0, got -1", setup=ds_config_file({"gradient_clipping": -1})),
+    Case("step3-deepspeed-config-zero-block-not-an-object", "step3", {"--deepspeed_config": "{tmp}/ds.json"},
+         "\"zero_optimization\" must be a JSON object, got [3]", setup=ds_config_file({"zero_optimization": [3]})),
+    Case("step3-unsupervised-file-not-utf8", "step3", {"--unsupervised_dataset_name": "{tmp}/wiki.txt"},
+         "unsupervised dataset '{tmp}/wiki.txt' is not UTF-8 text: byte 13 (line 3)",
+         setup=write_bytes("wiki.txt", b"first doc\n\nse\xffcond\n")),
+    Case("step1-data-cache-inside-output-dir", "step1", {"--data_output_path": "{out}/cache"},
+         "--data_output_path '{out}/cache' is inside --output_dir '{out}'", in_process=True),
+    Case("step3-data-cache-is-output-dir", "step3", {"--data_output_path": "{out}"},
+         "--data_output_path '{out}' is inside --output_dir '{out}'", in_process=True),
     # issue 16: results and e2e
+    Case("step1-accumulation-beyond-the-run", "step1", {"--gradient_accumulation_steps": "1000"},
+         "--gradient_accumulation_steps 1000 is more than the 3 micro-batches of the whole run"),
+    Case("step2-accumulation-beyond-the-run", "step2", {"--gradient_accumulation_steps": "1000",
+                                                        "--num_train_epochs": "2"},
+         "micro-batches of the whole run"),
+    Case("dpo-accumulation-beyond-the-run", "dpo", {"--gradient_accumulation_steps": "1000"},
+         "so the optimizer would never step"),
+    Case("step3-generation-batches-beyond-the-prompts", "step3", {"--generation_batches": "1000"},
+         "--generation_batches 1000 is more than the 20 prompt batches of the whole run"),
+    Case("step3-accumulation-beyond-the-run", "step3", {"--gradient_accumulation_steps": "50",
+                                                        "--enable_test_mode": True, "--test_stop_step": "2"},
+         "--gradient_accumulation_steps 50 is more than the 2 PPO mini-batches of the whole run"),
+    Case("e2e-negative-check-prompts", "e2e", {"--check-prompts": "-1000"}, "--check-prompts must be at least 0",
+         in_process=True),
+    Case("e2e-zero-stage-out-of-range", "e2e", {"--actor-zero-stage": "4"}, "--actor-zero-stage: invalid choice",
+         in_process=True),
+    Case("e2e-output-dir-is-a-file", "e2e", {"--output-dir": "{tmp}/notes.txt"},
+         "'{tmp}/notes.txt' is a file, not a directory", setup=write_text("notes.txt", "mine\n"), in_process=True),
     # issue 16: outputs, resume and checkpoints
 ]
 

@@ -6,9 +6,10 @@
 import torch
 
 from training.utils.config import at_least, configuration, group, option, parse_config
-from training.utils.data.conversation import format_user_turn
+from training.utils.data.conversation import encode_chunks, format_user_turn, prompt_chunks
 from training.utils.errors import UserInputError, report_user_errors
 from training.utils.flags import EvalBatchFlags, ReplyLengthFlags, SamplingFlags, SeedFlags
+from training.utils.model.build import check_fits_positions
 from training.utils.model.load import load_causal_lm
 from training.utils.sampling import SamplingConfig, generate_replies
 from training.utils.seeding import set_random_seed
@@ -49,6 +50,16 @@ def _to_prompt(text: str) -> str:
     return format_user_turn(text)
 
 
+def check_prompts_fit(model, tokenizer, prompts: list[str], max_new_tokens: int, path: str) -> None:
+    """Refuse before generating when the longest prompt plus --max_new_tokens exceeds the model's positions
+    (generation would fail with an IndexError half-way through)."""
+    lengths = [len(encode_chunks(tokenizer, prompt_chunks(p))[0]) for p in prompts]
+    longest = max(range(len(prompts)), key=lengths.__getitem__)
+    check_fits_positions(model.config, lengths[longest] + max_new_tokens,
+                         f"prompt {longest} ({lengths[longest]} tokens) + --max_new_tokens {max_new_tokens}", path,
+                         "shorten that prompt or lower --max_new_tokens so that both fit in {limit} tokens")
+
+
 @report_user_errors
 def main(argv=None) -> dict:
     config = parse_args(argv)
@@ -71,6 +82,7 @@ def main(argv=None) -> dict:
     for label, path in (("baseline", config.model_name_or_path_baseline),
                         ("finetune", config.model_name_or_path_finetune)):
         model, tokenizer = load_causal_lm(path, device)
+        check_prompts_fit(model, tokenizer, prompts, config.max_new_tokens, path)
         results[label] = generate_replies(model, tokenizer, prompts, sampling, config.batch_size)
         del model
     for i, prompt in enumerate(prompts[:20]):

@@ -27,6 +27,7 @@ from training.utils.data.sources import open_source
 from training.utils.errors import UserInputError, report_user_errors
 from training.utils.flags import EvalBatchFlags, ModelPathFlags, PaddingCompatFlags
 from training.utils.losses import pairwise_accuracy
+from training.utils.model.build import check_fits_positions
 from training.utils.model.reward_model import load_reward_model
 
 
@@ -88,6 +89,8 @@ def load_rows(path: str, need_pairs: bool):
 def main(argv=None) -> dict:
     config = parse_args(argv)
     model, tokenizer, info = load_reward_model(config.model.model_name_or_path)
+    check_fits_positions(model.config, config.max_seq_len, f"--max_seq_len {config.max_seq_len}",
+                         config.model.model_name_or_path, "lower --max_seq_len to at most {limit}")
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if config.prompt is not None:
         prompts, chosen = [as_prompt(config.prompt)], [format_reply(config.chosen)]

@@ -203,4 +203,84 @@ def merge_user_ds_config(built: dict, deepspeed_config: str | None) -> dict:
             out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
         return out
 
-    return merge(built, user)
+    merged = merge(built, user)
+    check_ds_config(merged, deepspeed_config)
+    return merged
+
+
+def check_ds_config(config: dict, source: str) -> None:
+    """Refuse, in one line, a config DeepSpeed would reject later (or crash on with a Python error): the entries
+    we know are type- and range-checked, then DeepSpeed's own validation (its pydantic models and sanity checks)
+    runs on a copy, as deepspeed.initialize would."""
+    problem = _entry_problem(config)
+    if problem is None:
+        problem = _deepspeed_validation_problem(config)
+    if problem is not None:
+        raise UserInputError(f"--deepspeed_config '{source}': {problem}; fix that entry (see "
+                             "https://www.deepspeed.ai/docs/config-json/)")
+
+
+# Top-level entries DeepSpeed reads as JSON objects, as integers with a minimum, as numbers with a minimum and
+# as switches. DeepSpeed's own checks of these fail with Python errors ('int' object has no attribute 'keys').
+OBJECT_ENTRIES = ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "amp", "hybrid_engine", "tensorboard",
+                  "wandb", "csv_monitor", "comet", "activation_checkpointing", "flops_profiler", "aio", "comms_logger",
+                  "autotuning", "compression_training", "data_efficiency", "checkpoint", "elasticity", "nebula",
+                  "curriculum_learning", "pipeline", "sparse_attention", "data_types", "compile", "timers")
+INT_ENTRIES = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+               "steps_per_print": 1}
+NUMBER_ENTRIES = {"gradient_clipping": 0.0}
+SWITCH_ENTRIES = ("prescale_gradients", "wall_clock_breakdown", "zero_allow_untested_optimizer", "memory_breakdown",
+                  "dump_state", "sparse_gradients")
+
+
+# DeepSpeed's pydantic model of a config block -> the block's key (its errors name fields inside the block).
+PYDANTIC_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+                   "DeepSpeedFP16Config": "fp16", "HybridEngineConfig": "hybrid_engine",
+                   "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing",
+                   "DeepSpeedFlopsProfilerConfig": "flops_profiler", "DeepSpeedCommsConfig": "comms_logger"}
+
+
+def _entry_problem(config: dict) -> str | None:
+    for key in OBJECT_ENTRIES:
+        if key in config and not isinstance(config[key], dict):
+            return f'"{key}" must be a JSON object, got {json.dumps(config[key])}'
+    numbers = {**{key: (int, low) for key, low in INT_ENTRIES.items()},
+               **{key: ((int, float), low) for key, low in NUMBER_ENTRIES.items()}}
+    for key, (kind, low) in numbers.items():
+        value = config.get(key)
+        if key not in config:
+            continue
+        wanted = "an integer" if kind is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f'"{key}" must be {wanted}, got {json.dumps(value)}'
+        if value < low:
+            return f'"{key}" must be at least {low}, got {value}'
+    for key in SWITCH_ENTRIES:
+        if key in config and not isinstance(config[key], bool):
+            return f'"{key}" must be true or false, got {json.dumps(config[key])}'
+    for key in ("optimizer", "scheduler"):
+        block = config.get(key, {})
+        if "type" in block and not isinstance(block["type"], str):
+            return f'"{key}.type" must be a string, got {json.dumps(block["type"])}'
+        if "params" in block and not isinstance(block["params"], dict):
+            return f'"{key}.params" must be a JSON object, got {json.dumps(block["params"])}'
+    return None
+
+
+def _deepspeed_validation_problem(config: dict) -> str | None:
+    """DeepSpeed's own verdict on the config (None: accepted), as one line."""
+    import copy
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(config))
+    except ValidationError as err:
+        first = err.errors()[0]
+        block = [PYDANTIC_BLOCKS[err.title]] if err.title in PYDANTIC_BLOCKS else []
+        where = ".".join(block + [str(part) for part in first["loc"]])
+        return f'"{where}": {first["msg"]} (got {json.dumps(first.get("input"), default=str)})'
+    except (AssertionError, TypeError, ValueError, AttributeError, KeyError) as err:
+        return f"DeepSpeed rejects it: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None

@@ -60,8 +60,9 @@ def is_write_failure(err: BaseException) -> bool:
 
 def write_failure(err: BaseException, path: str, what: str, keeps: str) -> OutputWriteError:
     """The one-line error for a failed write of `what` into `path`; `keeps` says what is still intact."""
-    reason = next((str(e) for e in _chain(err) if isinstance(e, OSError) and e.strerror), None) or str(err)
-    return OutputWriteError(f"could not write {what} to '{path}' ({reason.splitlines()[0][:200]}): the partial copy "
+    reason = next((e.strerror for e in _chain(err) if isinstance(e, OSError) and e.strerror),
+                  "the disk refused the write: full, over quota or over a file-size limit")
+    return OutputWriteError(f"could not write {what} to '{path}' ({reason}): the partial copy "
                             f"was removed and {keeps}; free disk space (or choose another location) and run again")
 
 

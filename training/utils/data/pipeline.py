@@ -272,9 +272,10 @@ def check_max_seq_len_keeps_labels(config: DataConfig, phase: int, counts: dict)
                              "--max_seq_len")
     if phase == PHASE_REWARD and counts.get("too_long"):
         shortest = counts["shortest_too_long_reply"]
-        raise UserInputError(f"--max_seq_len {config.max_seq_len} is too small: every one of the {counts['too_long']} "
-                             f"training pairs of {data} has a reply (with its EOS) longer than {config.max_seq_len - 1} "
-                             f"tokens (the shortest takes {shortest}); raise --max_seq_len to at least {shortest + 1}")
+        raise UserInputError(f"--max_seq_len {config.max_seq_len} is too small: every one of the "
+                             f"{counts['too_long']} training pairs of {data} has a reply (with its EOS) longer than "
+                             f"{config.max_seq_len - 1} tokens (the shortest takes {shortest}); raise --max_seq_len "
+                             f"to at least {shortest + 1}")
 
 
 def _sft_chunks(sample: Sample, train_on_prompt: bool) -> list[Chunk] | None:

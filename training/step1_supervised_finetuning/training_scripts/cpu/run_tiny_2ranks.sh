@@ -7,6 +7,9 @@ ZERO_STAGE=${2:-2}
 mkdir -p "$OUTPUT"
 export OMP_NUM_THREADS=1   # two ranks on two cores: one thread each
 
+# Ctrl-C: the launcher and the ranks get it (they save a checkpoint and exit); the shell and the deepspeed CLI
+# ignore it, so the CLI prints no traceback and the log is written to the end.
+trap "" INT
 deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" main.py \
    --data_path synthetic/arithmetic \
    --model_name_or_path tiny/opt \
@@ -19,4 +22,4 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" main.py \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --output_dir "$OUTPUT" \
-   2>&1 | tee "$OUTPUT/training.log"
+   2>&1 | tee -i -a "$OUTPUT/training.log"  # -i: survives Ctrl-C, so the checkpoint message is logged; -a: --resume appends

@@ -14,6 +14,9 @@ EXTRA_ARGS=${EXTRA_ARGS:-}  # appended last, so its flags override the ones abov
 mkdir -p "$OUTPUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
+# Ctrl-C: the launcher and the ranks get it (they save a checkpoint and exit); the shell and the deepspeed CLI
+# ignore it, so the CLI prints no traceback and the log is written to the end.
+trap "" INT
 deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --data_path "$DATA_PATH" \
    --data_split 2,4,4 \
@@ -44,4 +47,4 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
    $EXTRA_ARGS \
-   2>&1 | tee "$OUTPUT/training.log"
+   2>&1 | tee -i -a "$OUTPUT/training.log"  # -i: survives Ctrl-C, so the checkpoint message is logged; -a: --resume appends

@@ -11,6 +11,9 @@ HOSTFILE=${HOSTFILE:-hostfile}
 mkdir -p "$OUTPUT"
 
 # $DS_LAUNCHER_FLAGS stays unquoted: it holds several flags (docs/launching.md: Slurm, Kubernetes)
+# Ctrl-C: the launcher and the ranks get it (they save a checkpoint and exit); the shell and the deepspeed CLI
+# ignore it, so the CLI prints no traceback and the log is written to the end.
+trap "" INT
 deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -28,4 +31,4 @@ deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
-   2>&1 | tee "$OUTPUT/training.log"
+   2>&1 | tee -i -a "$OUTPUT/training.log"  # -i: survives Ctrl-C, so the checkpoint message is logged; -a: --resume appends

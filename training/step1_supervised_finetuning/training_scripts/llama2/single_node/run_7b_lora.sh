@@ -6,6 +6,9 @@ OUTPUT=${1:-./output_step1_run_7b_lora}
 ZERO_STAGE=${2:-3}
 mkdir -p "$OUTPUT"
 
+# Ctrl-C: the launcher and the ranks get it (they save a checkpoint and exit); the shell and the deepspeed CLI
+# ignore it, so the CLI prints no traceback and the log is written to the end.
+trap "" INT
 deepspeed main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -23,4 +26,4 @@ deepspeed main.py \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
-   2>&1 | tee "$OUTPUT/training.log"
+   2>&1 | tee -i -a "$OUTPUT/training.log"  # -i: survives Ctrl-C, so the checkpoint message is logged; -a: --resume appends

@@ -14,6 +14,9 @@ HOSTFILE=${HOSTFILE:-hostfile}
 [ -f "$HOSTFILE" ] || { echo "error: hostfile '$HOSTFILE' not found: set HOSTFILE to a file with one '<host> slots=<gpus>' line per node (docs/launching.md)" >&2; exit 2; }
 mkdir -p "$OUTPUT"
 
+# Ctrl-C: the launcher and the ranks get it (they save a checkpoint and exit); the shell and the deepspeed CLI
+# ignore it, so the CLI prints no traceback and the log is written to the end.
+trap "" INT
 deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -52,4 +55,4 @@ deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
-   2>&1 | tee "$OUTPUT/training.log"
+   2>&1 | tee -i -a "$OUTPUT/training.log"  # -i: survives Ctrl-C, so the checkpoint message is logged; -a: --resume appends
