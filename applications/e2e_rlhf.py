@@ -13,6 +13,10 @@ How a step is launched: with `--deployment-type cpu` the step's `training_script
 otherwise the per-topology script `training_scripts/<family>/<deployment>/run_<size>.sh` when one exists
 for exactly that model (e.g. facebook/opt-1.3b on single_gpu), else a `deepspeed ... main.py` command
 built from the step's own defaults with the model, ZeRO stage and output directory filled in.
+
+Exit codes: 0 done; 2 bad input (e2e's own flags, or a step that exited 2); 3 a step diverged; 1 a step
+crashed; 128 + N stopped by signal N. On Ctrl-C the running step saves a checkpoint and e2e exits 130 with one
+line naming the step; the same command plus `--step <that step and the rest> --resume` continues from there.
 """
 import argparse
 import json
@@ -77,6 +81,7 @@ class Step:
     env: dict = field(default_factory=dict)
     seconds: float = 0.0
     figures: str = ""
+    resume: bool = False  # continues from its checkpoints: its log is appended to, not started anew
 
 
 class _Parser(argparse.ArgumentParser):
@@ -230,6 +235,7 @@ def add_resume(step: Step) -> None:
     """--resume: the step continues from its own checkpoints, when it has some (the step's --resume)."""
     if not (step.model_dir / CHECKPOINTS).is_dir():
         return
+    step.resume = True
     if step.command[0] != "bash":
         step.command.append("--resume")
     elif "EXTRA_ARGS" in Path(step.command[1]).read_text():
@@ -303,7 +309,7 @@ def run_step(step: Step, log_path: Path) -> tuple[int, int | None]:
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with open(log_path, "w", encoding="utf-8") as log:
+        with open(log_path, "a" if step.resume else "w", encoding="utf-8") as log:
             process = subprocess.Popen(step.command, cwd=REPO / "training" / step.folder, env=env, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
                                        errors="replace", start_new_session=True)

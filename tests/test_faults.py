@@ -85,12 +85,13 @@ def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_is_unharme
         lines.append(line)
         if "saved checkpoint" in line:
             break
-    second = run_script(STEP1_DIR, args)
+    second, resuming = run_script(STEP1_DIR, args), run_script(STEP1_DIR, args + ["--resume"])
     lines.append(first.stdout.read())
     assert first.wait(timeout=600) == 0, "".join(lines)[-3000:]
-    assert second.returncode == 2
-    assert second.stderr.strip().splitlines()[-1].startswith(
-        f"error: --output_dir '{output}' is in use by another run (pid {first.pid} on ")
+    for refused in (second, resuming):
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1].startswith(
+            f"error: --output_dir '{output}' is in use by another run (pid {first.pid} on ")
     assert checkpoint_steps(output) == list(range(5, 101, 5))  # none deleted as a "leftover"
     assert not (output / ".lock").exists()
 

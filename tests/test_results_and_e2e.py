@@ -162,7 +162,8 @@ def test_e2e_passes_on_a_bad_input_exit_with_the_steps_whole_error_line(tmp_path
 
 
 def test_e2e_reports_a_diverged_step_with_exit_3_and_its_error_line(tmp_path):
-    result = run_e2e(tmp_path, "--step", "1", extra_args="--num_train_epochs 1 --learning_rate 1e6")
+    result = run_e2e(tmp_path, "--step", "1",
+                     extra_args="--num_train_epochs 1 --dtype fp32 --num_warmup_steps 0 --learning_rate 1e6")
     assert result.returncode == 3, result.stderr[-3000:]
     assert "step1 failed (exit 3: training diverged)" in result.stderr
     assert re.search(r"the step said: error: non-finite loss at epoch 1, optimizer step \d+: training stopped",
@@ -211,3 +212,4 @@ def test_e2e_ctrl_c_lets_the_step_save_a_checkpoint_and_exits_130(tmp_path):
     args = e2e_rlhf.parse_args(["--deployment-type", "cpu", "--output-dir", str(out), "--step", "1", "2", "--resume"])
     step1, step2 = e2e_rlhf.build_steps(args)
     assert step1.env["EXTRA_ARGS"].split()[-1] == "--resume" and "EXTRA_ARGS" not in step2.env
+    assert step1.resume and not step2.resume  # step 1's log is continued, not overwritten

@@ -40,6 +40,7 @@ from training.utils.errors import (
     write_failure,
 )
 from training.utils.loop import Position
+from training.utils.output_dir import refuse_if_in_use
 from training.utils.seeding import get_rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
@@ -66,6 +67,7 @@ class CheckpointFlags:
 
     def validate_checkpoints(self, output_dir: str) -> None:
         """Checks that need no process group: run before anything is written."""
+        refuse_if_in_use(output_dir)  # first: another run's checkpoints are not this run's to judge
         root = os.path.join(output_dir, CHECKPOINTS)
         found = list_checkpoints(root)
         if self.resume is None and found:

@@ -10,6 +10,10 @@ Exit codes of every entry point (training steps, evaluation scripts, application
              good checkpoint
     1        an internal error: a bug or a crash, with its traceback
     128 + N  stopped by signal N (SIGTERM/SIGINT after saving a checkpoint; the shell reports 143/130)
+
+applications/e2e_rlhf.py ends with its own bad input's 2, or with what its failed step's code means: 2 and 3
+pass through (with the step's own `error:` line and its log's path), a signal is 128 + N (Ctrl-C: 130, after
+the running step saved its checkpoint, with one line saying how to continue), any other failure is 1.
 """
 import contextlib
 import errno

@@ -89,10 +89,9 @@ class OutputDirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = _read_holder(fd)
                 os.close(fd)
-                raise UserInputError(f"--output_dir '{self.output_dir}' is in use by another run ({holder}): wait "
-                                     "for it to finish or stop it, or choose another --output_dir") from None
+                refuse_if_in_use(self.output_dir)  # (names the holder)
+                continue  # released in between
             if _same_file(fd, self.path):  # (else the holder released and unlinked it in between: retry)
                 self._fd = fd
             else:
@@ -114,6 +113,23 @@ class OutputDirLock:
         for directory in reversed(self._created):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)  # only if empty: a refused run leaves nothing behind
+
+
+def refuse_if_in_use(output_dir: str) -> None:
+    """Refuse at once, before anything else is checked, an --output_dir another run holds (see OutputDirLock)."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(output_dir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody holds it (or the directory is not there yet)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise UserInputError(f"--output_dir '{output_dir}' is in use by another run ({_read_holder(fd)}): wait for "
+                             "it to finish or stop it, or choose another --output_dir") from None
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> str:
