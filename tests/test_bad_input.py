@@ -55,6 +55,19 @@ class Case:
     env: dict = field(default_factory=dict)
 
 
+def checkpoint_with(program: str, trainer_state: str | None = None):
+    """A checkpoint step_00000010 in T/out: written by `program` (a configuration class name), or with the given
+    trainer_state.json text."""
+    def setup(tmp, models):
+        step = tmp / "out" / "checkpoints" / "step_00000010"
+        step.mkdir(parents=True)
+        (step / "rank_0.pt").write_bytes(b"")
+        state = {"position": {}, "metrics_history": [], "step_state": {},
+                 "run": {"world_size": 1, "flags": {}, "program": program, "engines": []}}
+        (step / "trainer_state.json").write_text(json.dumps(state) if trainer_state is None else trainer_state)
+    return setup
+
+
 def write_text(name: str, text: str):
     return lambda tmp, models: (tmp / name).write_text(text, encoding="utf-8")
 
@@ -321,6 +334,27 @@ CASES = [
     Case("e2e-output-dir-is-a-file", "e2e", {"--output-dir": "{tmp}/notes.txt"},
          "'{tmp}/notes.txt' is a file, not a directory", setup=write_text("notes.txt", "mine\n"), in_process=True),
     # issue 16: outputs, resume and checkpoints
+    Case("step1-output-dir-under-a-file", "step1", {"--output_dir": "{tmp}/notes.txt/out"},
+         "--output_dir '{tmp}/notes.txt/out' cannot be created (Not a directory)",
+         setup=write_text("notes.txt", "mine\n")),
+    Case("step2-output-dir-in-a-symlink-loop", "step2", {"--output_dir": "{tmp}/loop/out"},
+         "--output_dir '{tmp}/loop/out' cannot be created (Too many levels of symbolic links)",
+         setup=lambda tmp, models: (tmp / "loop").symlink_to(tmp / "loop")),
+    Case("dpo-output-dir-in-proc", "dpo", {"--output_dir": "/proc/rlhf-out"},
+         "--output_dir '/proc/rlhf-out' cannot be created ("),
+    Case("step1-tensorboard-path-under-a-file", "step1", {"--enable_tensorboard": True,
+                                                          "--tensorboard_path": "{tmp}/notes.txt/tb"},
+         "--tensorboard_path '{tmp}/notes.txt/tb' cannot be created (Not a directory)",
+         setup=write_text("notes.txt", "mine\n")),
+    Case("step3-data-output-path-under-a-file", "step3", {"--data_output_path": "{tmp}/notes.txt/cache"},
+         "--data_output_path '{tmp}/notes.txt/cache' cannot be created (Not a directory)",
+         setup=write_text("notes.txt", "mine\n")),
+    Case("resume-from-an-empty-trainer-state", "step1", {"--resume": True},
+         "--resume: checkpoint {out}/checkpoints/step_00000010 is damaged or incomplete (trainer_state.json: "
+         "JSONDecodeError", setup=checkpoint_with("step1", ""), in_process=True),
+    Case("dpo-resume-from-a-step-2-checkpoint", "dpo", {"--resume": True},
+         "--resume: {out}/checkpoints/step_00000010 is a checkpoint of step 2 (reward model), not of DPO: pass a "
+         "checkpoint this step wrote", setup=checkpoint_with("RewardConfig"), in_process=True),
 ]
 
 
