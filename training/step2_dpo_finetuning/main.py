@@ -124,11 +124,6 @@ def evaluate(policy, reference, loader, device, config: DPOConfig) -> dict | Non
             "logp_margin": logp_margin / pairs, "pairs": int(pairs)}
 
 
-def log_eval(metrics, step: int, stats: dict | None) -> None:
-    if stats is not None:
-        metrics.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
-
-
 def describe(stats: dict | None) -> str:
     if stats is None:
         return NO_EVAL_DATA
@@ -208,7 +203,7 @@ def main(argv=None) -> None:
     checkpoints = Checkpointer(config, {"policy": engine}, device, data=data)
     if config.resume is None:
         stats = evaluate(engine, eval_reference, eval_loader, device, config)
-        log_eval(metrics, 0, stats)
+        metrics.log_eval(0, stats)
         distributed.print_rank_0(f"before training: {describe(stats)}")
     start, _ = checkpoints.resume(metrics, loaders=[train_loader])
     checkpoints.watch_signals()
@@ -232,12 +227,12 @@ def main(argv=None) -> None:
                 "train/reward_margin": (chosen_rewards - rejected_rewards).mean().item()})
             if config.eval_interval and loop.global_step % config.eval_interval == 0:
                 stats = evaluate(engine, eval_reference, eval_loader, device, config)
-                log_eval(metrics, loop.global_step, stats)
+                metrics.log_eval(loop.global_step, stats)
                 distributed.print_rank_0(f"step {loop.global_step}: {describe(stats)}")
             checkpoints.step_boundary(loop.position, step_losses, metrics)
         summary = loop.epoch_summary()
         stats = evaluate(engine, eval_reference, eval_loader, device, config)
-        log_eval(metrics, loop.global_step, stats)
+        metrics.log_eval(loop.global_step, stats)
         distributed.print_rank_0(f"epoch {epoch + 1}/{config.num_train_epochs}: train loss {summary.mean_loss:.4f}, "
                                  f"{'' if stats is None else 'eval '}{describe(stats)}, "
                                  f"{summary.samples_per_s:.1f} pairs/s")

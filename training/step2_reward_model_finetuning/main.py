@@ -81,11 +81,6 @@ def evaluate(engine, loader, device, max_batches: int = 0) -> dict | None:
             "std": math.sqrt(max(square_sum / (2 * pairs) - mean * mean, 0.0)), "pairs": int(pairs)}
 
 
-def log_eval(metrics, step: int, stats: dict | None) -> None:
-    if stats is not None:
-        metrics.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
-
-
 def describe(stats: dict | None) -> str:
     if stats is None:
         return NO_EVAL_DATA
@@ -112,7 +107,7 @@ def main(argv=None) -> None:
     checkpoints = Checkpointer(config, {"model": engine}, device, data=data)
     if config.resume is None:
         stats = evaluate(engine, eval_loader, device, config.eval_iters)
-        log_eval(metrics, 0, stats)
+        metrics.log_eval(0, stats)
         distributed.print_rank_0(f"before training: {describe(stats)}")
     start, _ = checkpoints.resume(metrics, loaders=[train_loader])
     checkpoints.watch_signals()
@@ -133,12 +128,12 @@ def main(argv=None) -> None:
             metrics.log(loop.global_step, **{"train/loss": losses[-1], "train/lr": lr_scheduler.get_last_lr()[0]})
             if config.eval_interval and loop.global_step % config.eval_interval == 0:
                 stats = evaluate(engine, eval_loader, device, config.eval_iters)
-                log_eval(metrics, loop.global_step, stats)
+                metrics.log_eval(loop.global_step, stats)
                 distributed.print_rank_0(f"step {loop.global_step}: {describe(stats)}")
             checkpoints.step_boundary(loop.position, losses, metrics)
         summary = loop.epoch_summary()
         stats = evaluate(engine, eval_loader, device, config.eval_iters)
-        log_eval(metrics, loop.global_step, stats)
+        metrics.log_eval(loop.global_step, stats)
         distributed.print_rank_0(f"epoch {epoch + 1}/{config.num_train_epochs}: train loss {summary.mean_loss:.4f}, "
                                  f"{describe(stats)}, {summary.samples_per_s:.1f} pairs/s")
 

@@ -30,6 +30,12 @@ class MetricsLog:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
 
+    def log_eval(self, step: int, stats: dict | None) -> None:
+        """An evaluation's figures as `eval/<name>` scalars; None (no eval data) logs nothing, and the "pairs"
+        count is not a metric."""
+        if stats is not None:
+            self.log(step, **{f"eval/{k}": v for k, v in stats.items() if k != "pairs"})
+
     def write(self, directory: str, title: str) -> None:
         """Write `training_metrics.jsonl` and `training_curves.png` (one panel per scalar) into `directory`."""
         with open(os.path.join(directory, "training_metrics.jsonl"), "w", encoding="utf-8") as f:
