@@ -19,6 +19,7 @@ import contextlib
 import errno
 import functools
 import os
+import signal
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -143,6 +144,9 @@ def report_user_errors(main):
         except NonFiniteLossError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(EXIT_DIVERGED)
+        except KeyboardInterrupt:  # (a training loop turns Ctrl-C into a checkpoint itself; before it, or in a
+            say("interrupted (Ctrl-C)")  # tool that saves nothing, there is nothing to save)
+            sys.exit(128 + signal.SIGINT)
         finally:
             while _cleanups:
                 with contextlib.suppress(Exception):

@@ -88,17 +88,24 @@ class OutputDirLock:
                                      "directory you can write to") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 os.close(fd)
                 refuse_if_in_use(self.output_dir)  # (names the holder)
                 continue  # released in between
+            except OSError as err:  # a filesystem without locks (some network mounts): run, but say so
+                os.close(fd)
+                self._remove_created()
+                print(f"WARNING: --output_dir '{self.output_dir}' cannot be locked ({err.strerror}): a second run "
+                      "into it would not be refused", file=sys.stderr, flush=True)
+                return
             if _same_file(fd, self.path):  # (else the holder released and unlinked it in between: retry)
                 self._fd = fd
             else:
                 os.close(fd)
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime(
-            "%Y-%m-%d %H:%M:%S"), "program": " ".join(sys.argv[:1])}).encode())
+        with contextlib.suppress(OSError):  # who holds it, for the refusal message (optional: a full disk is told
+            os.ftruncate(self._fd, 0)         # when the run writes something that matters)
+            os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime(
+                "%Y-%m-%d %H:%M:%S"), "program": " ".join(sys.argv[:1])}).encode())
 
     def release(self) -> None:
         if self._fd is None:
@@ -125,9 +132,11 @@ def refuse_if_in_use(output_dir: str) -> None:
         return  # no lock file: nobody holds it (or the directory is not there yet)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         raise UserInputError(f"--output_dir '{output_dir}' is in use by another run ({_read_holder(fd)}): wait for "
                              "it to finish or stop it, or choose another --output_dir") from None
+    except OSError:
+        pass  # no locks on this filesystem (see OutputDirLock.acquire)
     finally:
         os.close(fd)
 
