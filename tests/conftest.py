@@ -80,6 +80,20 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def actor_dir(tmp_path_factory, tokenizer):
+    """A random tiny OPT saved the way every training step saves its actor (read-only for tests)."""
+    import torch
+
+    from training.utils.model.build import create_hf_model
+    from training.utils.model.save import save_hf_format
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_actor") / "actor"
+    save_hf_format(create_hf_model("tiny/opt", tokenizer), tokenizer, str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
 def distributed():
     """A one-rank gloo process group in this process, as the deepspeed launcher sets up for one rank.
 

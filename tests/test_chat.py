@@ -20,18 +20,6 @@ EOS_TEXT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
-def actor_dir(tmp_path_factory, tokenizer):
-    """A random tiny OPT saved the way every training step saves its actor."""
-    from training.utils.model.build import create_hf_model
-    from training.utils.model.save import save_hf_format
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("chat") / "actor"
-    save_hf_format(create_hf_model("tiny/opt", tokenizer), tokenizer, str(directory))
-    return directory
-
-
-@pytest.fixture(scope="module")
 def actor(actor_dir):
     return load_causal_lm(str(actor_dir), torch.device("cpu"))
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO, STEP1_DIR, assert_ok, clean_env, run_script, write_jsonl
 
@@ -16,17 +15,6 @@ from training.utils.errors import UserInputError
 
 CHAT = REPO / "applications" / "chat.py"
 TINY_POSITIONS = 512  # max_position_embeddings of tiny/opt (training/utils/model/configs/tiny-opt.json)
-
-
-@pytest.fixture(scope="module")
-def actor_dir(tmp_path_factory, tokenizer):
-    from training.utils.model.build import create_hf_model
-    from training.utils.model.save import save_hf_format
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("hostile") / "actor"
-    save_hf_format(create_hf_model("tiny/opt", tokenizer), tokenizer, str(directory))
-    return directory
 
 
 @pytest.fixture(scope="module")
