@@ -21,7 +21,7 @@ from training.utils.data.conversation import (
     prompt_chunks,
 )
 from training.utils.model.build import position_limit
-from training.utils.sampling import SamplingConfig
+from training.utils.sampling import SamplingConfig, decoding_attention
 
 TURN_MARKERS = (HUMAN, ASSISTANT)
 CLEAR_COMMAND = "clear"
@@ -156,10 +156,11 @@ def generate_reply(model, tokenizer, input_ids: list[int], sampling: SamplingCon
     """One reply to `input_ids` (a single conversation), cut at EOS or at the next turn marker."""
     device = next(model.parameters()).device
     prompt = torch.tensor([input_ids], dtype=torch.long, device=device)
-    output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            stopping_criteria=StoppingCriteriaList([StopAtTurnMarker(tokenizer, prompt.size(1))]),
-                            streamer=streamer, **sampling.generate_kwargs())
+    with decoding_attention(model):
+        output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                stopping_criteria=StoppingCriteriaList([StopAtTurnMarker(tokenizer, prompt.size(1))]),
+                                streamer=streamer, **sampling.generate_kwargs())
     new_ids = output[0, prompt.size(1):].tolist()
     text, at_marker = cut_at_turn_marker(tokenizer.decode(new_ids, skip_special_tokens=True))
     if tokenizer.eos_token_id in new_ids:

@@ -131,3 +131,29 @@ def test_benchmark_row_times_plain_and_rollout_on_the_same_tokens(distributed):
         assert answers[name]["tokens_per_s"] > 0 and answers[name]["tokens_per_cpu_s"] > 0
     assert answers["rollout"]["identical_to_plain"]
     assert row["torch_threads"] == 1 and isinstance(answers["rollout_overhead"], float)
+
+
+def test_bf16_decoding_on_cpu_uses_eager_attention_and_switches_back(tokenizer):
+    """decoding_attention: SDPA -> eager for a bf16 model on CPU, only while generating; fp32 is left alone."""
+    import copy
+
+    from training.utils.model.build import create_hf_model
+    from training.utils.sampling import decoding_attention
+
+    torch.manual_seed(0)
+    model = create_hf_model("tiny/opt", tokenizer).to(torch.bfloat16).eval()
+    prompt = torch.randint(4, 200, (2, 12))
+    kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 8, "do_sample": False,
+              "pad_token_id": tokenizer.pad_token_id}
+    assert model.config._attn_implementation == "sdpa"
+    with decoding_attention(model):
+        assert model.config._attn_implementation == "eager"
+        answer = model.generate(prompt, **kwargs)
+    assert model.config._attn_implementation == "sdpa"
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    assert torch.equal(answer, eager.generate(prompt, **kwargs))
+
+    fp32 = create_hf_model("tiny/opt", tokenizer)
+    with decoding_attention(fp32):
+        assert fp32.config._attn_implementation == "sdpa"

@@ -42,7 +42,7 @@ from training.utils.masks import answer_lengths, mask_from_lengths, positions_fr
 from training.utils.rlhf.config import RLHFConfig
 from training.utils.rlhf.control import RewardNormalizer, make_kl_controller
 from training.utils.rlhf.experience import Experience
-from training.utils.sampling import SamplingConfig
+from training.utils.sampling import SamplingConfig, decoding_attention
 
 
 @dataclass
@@ -89,9 +89,10 @@ class PPOTrainer:
         actor = self.engine.actor
         actor.eval()
         generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
-        output = generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=self.tokenizer.eos_token_id,
-                          pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.synced_gpus, use_cache=True,
-                          **self.sampling.generate_kwargs())
+        with decoding_attention(actor.module):
+            output = generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                              synced_gpus=self.synced_gpus, use_cache=True, **self.sampling.generate_kwargs())
         # The Hybrid Engine swaps its inference kernels back out on train(); scoring must use the
         # training forward (so PPO's ratio starts at 1) with dropout off.
         actor.train()
