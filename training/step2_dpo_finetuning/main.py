@@ -27,6 +27,7 @@ from training.utils import distributed, seeding
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, in_range, option, parse_config, positive
 from training.utils.data.collators import PairCollator
+from training.utils.data.pair_packing import share_prompts
 from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data, make_loader
 from training.utils.engine import (
     apply_lora,
@@ -36,19 +37,27 @@ from training.utils.engine import (
     initialize_train_engine,
     supervised_steps_per_epoch,
     train_ds_config,
+    training_dtype,
 )
 from training.utils.errors import UserInputError, report_user_errors
-from training.utils.flags import ModelFlags, PeriodicEvalFlags, ReferenceOffloadFlags, SupervisedConfig
+from training.utils.flags import (
+    ModelFlags,
+    PeriodicEvalFlags,
+    ReferenceOffloadFlags,
+    SharedPromptFlags,
+    SupervisedConfig,
+)
 from training.utils.loop import TrainLoop, finish_run, start_run
-from training.utils.losses import DPO_LOSS_TYPES, dpo_loss, sequence_log_probs
+from training.utils.losses import DPO_LOSS_TYPES, dpo_loss, packed_sequence_log_probs, sequence_log_probs
 from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.build import create_hf_model
 from training.utils.model.save import save_hf_format
+from training.utils.precision import TORCH_DTYPES
 from training.utils.reference_cache import IndexedCollator, IndexedDataset, ReferenceLogProbs, with_sample_index
 
 
 @configuration(tensorboard_path="step2_tensorboard")
-class DPOConfig(SupervisedConfig, ReferenceOffloadFlags, PeriodicEvalFlags):
+class DPOConfig(SupervisedConfig, SharedPromptFlags, ReferenceOffloadFlags, PeriodicEvalFlags):
     data: SequenceDataConfig = group(SequenceDataConfig)
     model: ModelFlags = group(ModelFlags, learning_rate=1e-3)
     beta: float = option(0.1, "Strength of the pull towards the reference model (DPO's beta, typically 0.1-0.5); the "
@@ -77,7 +86,12 @@ def parse_args(argv=None) -> DPOConfig:
 
 
 def reply_log_probs(engine, batch) -> torch.Tensor:
-    """[2B] summed log-probs of reply + EOS for the chosen rows then the rejected rows of a pair batch."""
+    """[2B] summed log-probs of reply + EOS for the chosen rows then the rejected rows of a pair batch (run on its
+    packed rows when it has them: --share_prompt)."""
+    if "packed_input_ids" in batch:
+        logits = engine(input_ids=batch["packed_input_ids"], attention_mask=batch["packed_attention_mask"],
+                        position_ids=batch["packed_position_ids"], use_cache=False).logits
+        return packed_sequence_log_probs(logits, batch["packed_source"], batch["input_ids"], batch["reply_mask"])
     logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_log_probs(logits, batch["input_ids"], batch["reply_mask"])
 
@@ -149,7 +163,7 @@ def build_reference(config: DPOConfig, tokenizer, ds_config: dict, device):
                         dropout=config.model.dropout, trust_remote_code=config.trust_remote_code), ref_ds_config)
 
 
-def cache_reference_log_probs(reference, data, eval_loader, pad_token_id: int, config: DPOConfig, device
+def cache_reference_log_probs(reference, data, eval_loader, collator, config: DPOConfig, device
                               ) -> tuple[ReferenceLogProbs, ReferenceLogProbs]:
     """The reference's log-probs of every train and of every eval pair. The train split is scored in
     length-grouped batches of --per_device_eval_batch_size (little padding), the eval split in the eval loader's
@@ -158,7 +172,7 @@ def cache_reference_log_probs(reference, data, eval_loader, pad_token_id: int, c
         return reply_log_probs(reference, batch)
 
     train_pass = make_loader(IndexedDataset(data.train), config.per_device_eval_batch_size,
-                             IndexedCollator(PairCollator(pad_token_id)), config.seed, shuffle=False,
+                             IndexedCollator(collator), config.seed, shuffle=False,
                              length_grouped=True)
     train = ReferenceLogProbs.compute(score, train_pass, len(data.train), device, "reference log-probs (train)")
     evaluation = ReferenceLogProbs.compute(score, eval_loader, len(data.eval), device, "reference log-probs (eval)")
@@ -179,14 +193,18 @@ def main(argv=None) -> None:
     policy = create_hf_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                              dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
     apply_lora(policy, config.model, config.only_optimize_lora)
+    if config.share_prompt:
+        share_prompts([train_loader, eval_loader], policy, tokenizer.pad_token_id,
+                      TORCH_DTYPES[training_dtype(config, device)])
+    pair_collator = train_loader.collate_fn
     steps_per_epoch = supervised_steps_per_epoch(config, len(train_loader), "pairs")
     engine, lr_scheduler = initialize_train_engine(policy, config, config.model, ds_config, device, steps_per_epoch)
     reference = build_reference(config, tokenizer, ds_config, device)
     if config.precompute_ref_log_probs:
         start_time = time.time()
         train_loader, eval_loader = with_sample_index(train_loader), with_sample_index(eval_loader)
-        train_reference, eval_reference = cache_reference_log_probs(reference, data, eval_loader,
-                                                                    tokenizer.pad_token_id, config, device)
+        train_reference, eval_reference = cache_reference_log_probs(reference, data, eval_loader, pair_collator,
+                                                                    config, device)
         reference.destroy()  # DeepSpeed's release of the engine's own state; then drop the last reference to it
         del reference
         gc.collect()

@@ -18,19 +18,27 @@ from training.utils import distributed
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, at_least, configuration, flag_values, group, option, parse_config
 from training.utils.data.collators import PairCollator
+from training.utils.data.pair_packing import reward_model_inputs, share_prompts
 from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data
-from training.utils.engine import apply_lora, initialize_train_engine, supervised_steps_per_epoch, train_ds_config
+from training.utils.engine import (
+    apply_lora,
+    initialize_train_engine,
+    supervised_steps_per_epoch,
+    train_ds_config,
+    training_dtype,
+)
 from training.utils.errors import report_user_errors
-from training.utils.flags import ModelFlags, PaddingCompatFlags, PeriodicEvalFlags, SupervisedConfig
+from training.utils.flags import ModelFlags, PaddingCompatFlags, PeriodicEvalFlags, SharedPromptFlags, SupervisedConfig
 from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import pairwise_loss, span_pairwise_loss
 from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.reward_model import create_reward_model, save_reward_model
 from training.utils.output_dir import REWARD_MODEL
+from training.utils.precision import TORCH_DTYPES
 
 
 @configuration(tensorboard_path="step2_tensorboard")
-class RewardConfig(SupervisedConfig, PeriodicEvalFlags, PaddingCompatFlags):
+class RewardConfig(SupervisedConfig, SharedPromptFlags, PeriodicEvalFlags, PaddingCompatFlags):
     SAVES = REWARD_MODEL
     data: SequenceDataConfig = group(SequenceDataConfig)
     model: ModelFlags = group(ModelFlags, learning_rate=5e-5)
@@ -66,7 +74,7 @@ def evaluate(engine, loader, device, max_batches: int = 0) -> dict | None:
             if max_batches and step >= max_batches:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).end_scores.float()
+            scores = engine(**reward_model_inputs(batch)).end_scores.float()
             chosen, rejected = scores.chunk(2)
             totals = [t + v for t, v in zip(totals, (
                 chosen.numel(), (chosen > rejected).sum().item(), chosen.sum().item(), rejected.sum().item(),
@@ -100,6 +108,9 @@ def main(argv=None) -> None:
     model = create_reward_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                                 dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
     apply_lora(model, config.model, config.only_optimize_lora, force_optimize_params=("v_head",))
+    if config.share_prompt:
+        share_prompts([train_loader, eval_loader], model.backbone, tokenizer.pad_token_id,
+                      TORCH_DTYPES[training_dtype(config, device)])
     steps_per_epoch = supervised_steps_per_epoch(config, len(train_loader), "pairs")
     engine, lr_scheduler = initialize_train_engine(model, config, config.model, ds_config, device, steps_per_epoch)
 
@@ -116,7 +127,7 @@ def main(argv=None) -> None:
     for epoch in loop.epochs(train_loader):
         for batch in loop.batches(train_loader):
             batch = {k: v.to(device) for k, v in batch.items()}
-            output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            output = engine(**reward_model_inputs(batch))
             loss = pair_loss(output, batch, config)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()

@@ -97,6 +97,16 @@ class SupervisedBatchFlags:
 
 
 @dataclass
+class SharedPromptFlags:
+    """training"""
+    share_prompt: bool = option(True, "[new] Run each preference pair as one row, [prompt | chosen | rejected], so "
+                                      "the prompt the two replies share is computed once (exact: a 4-D mask keeps "
+                                      "the replies apart and their positions continue from the prompt). Models it "
+                                      "cannot pack exactly fall back to two padded rows per pair (logged).",
+                                resume=FIXED)
+
+
+@dataclass
 class DeepSpeedFlags:
     """DeepSpeed"""
     dtype: str = option("auto", "Training precision. auto: bf16 where the hardware runs it natively (CPUs with "

@@ -247,6 +247,25 @@ def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, reply_mask
     return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
 
 
+def packed_sequence_log_probs(packed_logits: torch.Tensor, source: torch.Tensor, input_ids: torch.Tensor,
+                              reply_mask: torch.Tensor) -> torch.Tensor:
+    """sequence_log_probs of the plain [2B, L] pair batch (chosen rows, then rejected rows), read from the logits
+    of its packed rows [B, W, V] (data.pair_packing): the logits that predict plain token t of row s sit at
+    position source[s, t - 1] of packed row s mod B.
+
+        logp[s] = sum_{t=1..L-1} reply_mask[s, t] * (z[s mod B, source[s, t-1], x[s, t]]
+                                                     - logsumexp_v z[s mod B, source[s, t-1], v])
+
+    In fp32; the normalisers are computed once per packed position (one packed row at a time, as gather_log_probs).
+    """
+    rows = (torch.arange(source.size(0), device=source.device) % packed_logits.size(0)).unsqueeze(1)
+    previous, labels = source[:, :-1], input_ids[:, 1:]
+    normalisers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in packed_logits])
+    token_log_probs = packed_logits[rows, previous, labels].float() - normalisers[rows, previous]
+    scored = reply_mask[:, 1:] != 0
+    return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
              loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

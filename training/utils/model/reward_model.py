@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from training.utils.data.pair_packing import unpack_pairs
 from training.utils.errors import UserInputError
 from training.utils.masks import last_real_token_index, positions_from_mask
 from training.utils.model.build import REWARD_META_FILE, create_hf_model
@@ -86,12 +87,19 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.backbone.gradient_checkpointing_disable()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                use_cache: bool = False) -> RewardOutput:
-        extra = {"position_ids": positions_from_mask(attention_mask)} if self._takes_position_ids else {}
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, packed_source: torch.Tensor | None = None,
+                unpacked_mask: torch.Tensor | None = None) -> RewardOutput:
+        """Values and end scores of padded rows; or, given packed rows (a 4-D mask, their `position_ids`, and
+        the `packed_source` / `unpacked_mask` of data.pair_packing), those of the plain rows they hold."""
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        extra = {"position_ids": position_ids} if self._takes_position_ids else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
                                **extra).last_hidden_state
         values = self.v_head(hidden).squeeze(-1).float()
+        if packed_source is not None:
+            values, attention_mask = unpack_pairs(values, packed_source), unpacked_mask
         end = last_real_token_index(attention_mask).unsqueeze(1)
         return RewardOutput(values=values, end_scores=values.gather(1, end).squeeze(1))
 
