@@ -15,13 +15,13 @@ OMP_NUM_THREADS).
 
 Variants (`--variants`; the report divides every row's samples/s by the baseline's):
 
-    fp32-random           --dtype fp32 --no_group_by_length   the old default: the baseline (reward model:
-                                                               also --no_share_prompt)
+    fp32-random           --dtype fp32 --no_group_by_length   the old default: the baseline (reward model,
+                                                               DPO: also --no_share_prompt)
     fp32-grouped          --dtype fp32                         (optional: length grouping alone)
     auto-random           --dtype auto --no_group_by_length    (optional: the dtype alone)
-    auto-grouped          --dtype auto                         today's default (reward model: prompts shared)
+    auto-grouped          --dtype auto                         today's default (pairs: prompts shared)
     auto-grouped-packed   --dtype auto --packing               step 1 only
-    auto-grouped-unshared --dtype auto --no_share_prompt       reward model only: two padded rows per pair
+    auto-grouped-unshared --dtype auto --no_share_prompt       reward model and DPO: two padded rows per pair
 
 Each row runs in its own process (rows.run_row) through the step's own code: its parse_args (the flags
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
@@ -63,11 +63,11 @@ VARIANT_FLAGS = {
     "auto-random": ["--dtype", "auto", "--no_group_by_length"],
     "auto-grouped": ["--dtype", "auto"],
     "auto-grouped-packed": ["--dtype", "auto", "--packing"],
-    "auto-grouped-unshared": ["--dtype", "auto", "--no_share_prompt"],  # reward model only
+    "auto-grouped-unshared": ["--dtype", "auto", "--no_share_prompt"],  # reward model and DPO
 }
 DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed"),
                     "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped"),
-                    "dpo": (BASELINE, "auto-grouped"), "ppo": (BASELINE, "auto-grouped")}
+                    "dpo": (BASELINE, "auto-grouped-unshared", "auto-grouped"), "ppo": (BASELINE, "auto-grouped")}
 STEP_MODULES = {"sft": "training.step1_supervised_finetuning.main", "rm": "training.step2_reward_model_finetuning.main",
                 "dpo": "training.step2_dpo_finetuning.main", "ppo": "training.step3_rlhf_finetuning.main"}
 
@@ -157,8 +157,8 @@ def step_argv(args, step: str, variant: str, data_file: str | Path, output_dir: 
     # DPO: the frozen reference runs on every batch in every variant (not the one pass over the data before
     # training that --precompute_ref_log_probs does by default), so the rows compare dtype and batching only.
     reference = ["--no_precompute_ref_log_probs"] if step == "dpo" else []
-    # The reward model's old default ran two padded rows per pair (no --share_prompt).
-    old_pairs = ["--no_share_prompt"] if step == "rm" and variant == BASELINE else []
+    # The old default ran two padded rows per pair (no --share_prompt).
+    old_pairs = ["--no_share_prompt"] if step in ("rm", "dpo") and variant == BASELINE else []
     return common + ["--model_name_or_path", args.model, "--zero_stage", "0",
                      "--per_device_train_batch_size", str(args.batch_size),
                      "--per_device_eval_batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
@@ -204,8 +204,8 @@ def train_row(args, step: str, variant: str) -> dict:
                   trust_remote_code=config.trust_remote_code)
     if step == "sft" and config.packing:
         loader = recipe.packed_train_loader(config, data, tokenizer, model, dtype, loader)
-    if step == "rm" and config.share_prompt:
-        share_prompts([loader], model.backbone, tokenizer.pad_token_id, TORCH_DTYPES[dtype])
+    if step in ("rm", "dpo") and config.share_prompt:
+        share_prompts([loader], model.backbone if step == "rm" else model, tokenizer.pad_token_id, TORCH_DTYPES[dtype])
     params, flop_params = sum(p.numel() for p in model.parameters()), flops.matmul_params(model)
     engine, _ = initialize_train_engine(model, config, config.model, ds_config, device,
                                         math.ceil(len(loader) / config.gradient_accumulation_steps))
@@ -223,14 +223,14 @@ def train_row(args, step: str, variant: str) -> dict:
             output = engine(**reward_model_inputs(batch))
             loss = recipe.pair_loss(output, batch, config)
             samples, tokens = batch["input_ids"].size(0) // 2, int(batch["attention_mask"].sum())
-            if "packed_input_ids" in batch:  # the rows hold each prompt once: count those tokens, as computed
-                source = batch["packed_source"]
-                tokens = int((torch.maximum(*source.chunk(2)).max(dim=1).values + 1).sum())
-                computed = batch["packed_input_ids"].numel()
         else:
             losses, *_ = recipe.preference_loss(engine, reference, batch, config)
             loss = losses.mean()
             samples, tokens = losses.numel(), int(batch["attention_mask"].sum())
+        if "packed_input_ids" in batch:  # pairs in one row each, the prompt once: count those tokens, as computed
+            source = batch["packed_source"]
+            tokens = int((torch.maximum(*source.chunk(2)).max(dim=1).values + 1).sum())
+            computed = batch["packed_input_ids"].numel()
         engine.backward(loss)
         engine.step()
         if not torch.isfinite(loss):
