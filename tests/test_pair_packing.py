@@ -30,6 +30,9 @@ def test_the_packed_row_holds_the_prompt_once_and_both_replies_after_it():
     assert batch["packed_input_ids"][0].tolist()[:8] == [5, 6, 7, 8, 9, 2, 11, 2]
     assert batch["packed_position_ids"][0].tolist()[:8] == [0, 1, 2, 3, 4, 5, 3, 4]
     assert batch["packed_input_ids"].size(1) == max(len(c) + len(r) - common_prefix_length(c, r) for c, r in PAIRS)
+    # positions never pass the longer sequence of a pair (the row is longer than either)
+    assert batch["packed_position_ids"].max() == max(len(seq) for pair in PAIRS for seq in pair) - 1
+    assert batch["packed_position_ids"][2, 3:].tolist() == [0] * (batch["packed_input_ids"].size(1) - 3)
     # the plain batch is rebuilt exactly from the packed rows through `source`
     rebuilt = unpack_pairs(batch["packed_input_ids"], batch["packed_source"])
     mask = batch["attention_mask"].bool()

@@ -6,7 +6,7 @@ Here each pair is one row, and a 4-D mask keeps the replies apart:
 
     segment   0 = the shared prefix, 1 = the chosen suffix, 2 = the rejected suffix, -1 = padding
     allowed[q, k] = k <= q and (segment[k] == segment[q] or segment[k] == 0)
-    position_ids  0..P-1 over the prefix, then P.. again for each suffix
+    position_ids  0..P-1 over the prefix, then P.. again for each suffix (0 on padding)
 
 so every token sees exactly the keys, at exactly the positions, it sees in its own padded row: the values
 (reward model) are the same up to rounding, which tests/test_pair_packing.py checks. `source` maps every
@@ -67,7 +67,8 @@ class SharedPromptPairCollator:
             input_ids[row, p + c:p + c + r] = torch.tensor(rejected[p:], dtype=torch.long)
             position_ids[row, :p + c] = torch.arange(p + c)
             position_ids[row, p + c:p + c + r] = torch.arange(p, p + r)
-            position_ids[row, p + c + r:] = torch.arange(width - p - c - r)
+            # (padding keeps position 0: a packed row is longer than either sequence, so counting on could run
+            # past the model's positions)
             segment_ids[row, :p] = PREFIX
             segment_ids[row, p:p + c] = CHOSEN
             segment_ids[row, p + c:p + c + r] = REJECTED
