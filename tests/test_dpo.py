@@ -144,8 +144,7 @@ def test_cached_reference_log_probs_equal_a_reference_forward_per_batch(tmp_path
                                                 length_grouped=True))
     reference = seeded_tiny_model(tokenizer)
     settings = argparse.Namespace(per_device_eval_batch_size=32, seed=1234)
-    train_ref, eval_ref = cache_reference_log_probs(reference, data, eval_loader, tokenizer.pad_token_id, settings,
-                                                    cpu)
+    train_ref, eval_ref = cache_reference_log_probs(reference, data, eval_loader, collator, settings, cpu)
     assert train_ref.table.shape == (len(data.train), 2) and eval_ref.table.shape == (len(data.eval), 2)
     assert train_ref.table.dtype == eval_ref.table.dtype == torch.float32
     assert train_ref.nbytes == 8 * len(data.train)
