@@ -221,8 +221,8 @@ class Checkpointer:
         saved = state["run"]
         if self.data_key and saved.get("data") not in (None, self.data_key):
             raise UserInputError(f"--resume: the training data differ from those {path} was trained on (the contents "
-                                 "of a --data_path, the tokenizer or the data code changed since): resume with the "
-                                 "data the run started with, or start a new --output_dir")
+                                 "of a --data_path or the tokenizer changed since, so the training tokens differ): "
+                                 "resume with the data the run started with, or start a new --output_dir")
         if saved["world_size"] != distributed.world_size():
             raise UserInputError(f"--resume: {path} was written by {saved['world_size']} ranks, this run has "
                                  f"{distributed.world_size()}: resume with the same number of ranks (ZeRO shards and "
@@ -260,14 +260,15 @@ class Checkpointer:
             self._write(tmp, position, metrics, step_state, rank_state, weights)
         except Exception as err:  # every rank must learn of it, or the others would wait at the barrier forever
             failure = err
-        disk_failures = float(failure is not None and is_write_failure(failure))
-        failed_ranks, disk_failures = distributed.all_reduce_sum([float(failure is not None), disk_failures],
+        disk_failure = failure is not None and is_write_failure(failure)
+        failed_ranks, disk_failures = distributed.all_reduce_sum([float(failure is not None), float(disk_failure)],
                                                                  self.device)
         if failed_ranks:
             if distributed.is_rank_0():
                 shutil.rmtree(tmp, ignore_errors=True)
-            keeps = f"the last complete checkpoint is {self.latest()}" if self.latest() else "no checkpoint was saved"
-            if failure is not None and is_write_failure(failure):
+            latest = self.latest()
+            keeps = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was saved"
+            if disk_failure:
                 raise write_failure(failure, final, "a checkpoint", keeps) from failure
             if failure is not None:
                 raise failure

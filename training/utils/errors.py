@@ -54,13 +54,9 @@ _WRITE_FAILURE_TEXT = ("No space left", "File too large", "Disk quota", "Read-on
 
 def is_write_failure(err: BaseException) -> bool:
     """Whether `err` (or what it was raised from) is a failed write that is the disk's fault, not a bug."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in _WRITE_FAILURE_ERRNOS:
-            return True
-        if isinstance(err, Exception) and any(text in str(err) for text in _WRITE_FAILURE_TEXT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any((isinstance(e, OSError) and e.errno in _WRITE_FAILURE_ERRNOS)
+               or (isinstance(e, Exception) and any(text in str(e) for text in _WRITE_FAILURE_TEXT))
+               for e in _chain(err))
 
 
 def write_failure(err: BaseException, path: str, what: str, keeps: str) -> OutputWriteError:
@@ -72,6 +68,7 @@ def write_failure(err: BaseException, path: str, what: str, keeps: str) -> Outpu
 
 
 def _chain(err):
+    """`err` and the exceptions it was raised from or while handling."""
     while err is not None:
         yield err
         err = err.__cause__ or err.__context__

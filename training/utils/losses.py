@@ -123,8 +123,12 @@ def gather_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     the whole extra memory; with gradients, autograd keeps each row's fp32 upcast of bf16/fp16 logits.
     """
     label_logits = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
-    normalisers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
-    return label_logits - normalisers
+    return label_logits - log_normalisers(logits)
+
+
+def log_normalisers(logits: torch.Tensor) -> torch.Tensor:
+    """[B, L] logsumexp_v z[b, t, v] in fp32, one batch row at a time (see gather_log_probs)."""
+    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -260,8 +264,7 @@ def packed_sequence_log_probs(packed_logits: torch.Tensor, source: torch.Tensor,
     """
     rows = (torch.arange(source.size(0), device=source.device) % packed_logits.size(0)).unsqueeze(1)
     previous, labels = source[:, :-1], input_ids[:, 1:]
-    normalisers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in packed_logits])
-    token_log_probs = packed_logits[rows, previous, labels].float() - normalisers[rows, previous]
+    token_log_probs = packed_logits[rows, previous, labels].float() - log_normalisers(packed_logits)[rows, previous]
     scored = reply_mask[:, 1:] != 0
     return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
 

@@ -73,7 +73,7 @@ class OutputDirLock:
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, LOCK_FILE)
         self._fd: int | None = None
-        self._created: list[str] = []  # directories this run made, removed again if it leaves them empty
+        self._created: list[str] = []  # directories this run made (deepest first), removed if left empty
 
     def acquire(self) -> None:
         import fcntl
@@ -117,9 +117,7 @@ class OutputDirLock:
         self._remove_created()
 
     def _remove_created(self) -> None:
-        for directory in reversed(self._created):
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)  # only if empty: a refused run leaves nothing behind
+        remove_empty_dirs(self._created)  # a refused run leaves nothing behind
 
 
 def refuse_if_in_use(output_dir: str) -> None:
@@ -157,8 +155,9 @@ def _same_file(fd: int, path: str) -> bool:
 
 
 def make_dirs(path: str, flag: str) -> list[str]:
-    """`os.makedirs(path)`, returning the directories it created (outermost first); an unwritable path (read-only
-    disk, a component that is a file, a symlink loop, /proc) is one UserInputError line naming `flag`."""
+    """`os.makedirs(path)`, returning the directories it created (deepest first, as remove_empty_dirs takes them);
+    an unwritable path (read-only disk, a component that is a file, a symlink loop, /proc) is one UserInputError
+    line naming `flag`."""
     missing, head = [], os.path.abspath(path)
     while not os.path.lexists(head):
         missing.append(head)
@@ -166,14 +165,19 @@ def make_dirs(path: str, flag: str) -> list[str]:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
-        for directory in missing:
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
+        remove_empty_dirs(missing)
         raise UserInputError(f"{flag} '{path}' cannot be created ({err.strerror}): pass a directory you can "
                              "write to") from None
     if not os.path.isdir(path):
         raise UserInputError(f"{flag} '{path}' is a file, not a directory: pass a directory path")
-    return list(reversed(missing))
+    return missing
+
+
+def remove_empty_dirs(directories: list[str]) -> None:
+    """rmdir each directory (deepest first) that is still empty; others stay."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -188,9 +192,7 @@ def check_writable(path: str, flag: str) -> None:
         raise UserInputError(f"{flag} '{path}' is not writable ({err.strerror}): pass a directory you can write "
                              "to") from None
     finally:
-        for directory in reversed(created):
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
+        remove_empty_dirs(created)
 
 
 def hold_output_dir(config) -> None:

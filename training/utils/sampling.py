@@ -62,15 +62,15 @@ def generate_replies(model, tokenizer, prompts: list[str], sampling: SamplingCon
     collator = PromptCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     replies = []
-    for start in range(0, len(prompts), batch_size):
-        items = [{"prompt_ids": encode_chunks(tokenizer, prompt_chunks(p))[0]}
-                 for p in prompts[start:start + batch_size]]
-        batch = collator(items)
-        with decoding_attention(model):
+    with decoding_attention(model):
+        for start in range(0, len(prompts), batch_size):
+            items = [{"prompt_ids": encode_chunks(tokenizer, prompt_chunks(p))[0]}
+                     for p in prompts[start:start + batch_size]]
+            batch = collator(items)
             output = model.generate(input_ids=batch["input_ids"].to(device),
                                     attention_mask=batch["attention_mask"].to(device),
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                     **sampling.generate_kwargs())
-        new_tokens = output[:, batch["input_ids"].size(1):]
-        replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            new_tokens = output[:, batch["input_ids"].size(1):]
+            replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return replies

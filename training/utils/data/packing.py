@@ -122,12 +122,17 @@ class PackedSFTDataset(Dataset):
         return packing_efficiency(self.rows, self.lengths, self.max_seq_len)
 
 
-def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      shared_segment: int | None = None) -> torch.Tensor:
     """[B, 1, L, L] additive mask from [B, L] segment ids: query q sees key k iff k <= q and both are in
-    the same segment (padding, id -1, is one more segment, so no query row is fully masked)."""
+    the same segment (padding, id -1, is one more segment, so no query row is fully masked), or k is in
+    `shared_segment`, which every later segment sees (a prompt shared by two replies: data.pair_packing)."""
     length = segment_ids.size(-1)
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if shared_segment is not None:
+        same |= segment_ids[:, None, :] == shared_segment
+    allowed = same & causal
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from training.utils.data.collators import PairCollator
+from training.utils.data.packing import block_causal_mask, supports_packing
 
 PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
@@ -29,17 +30,6 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def shared_prefix_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, L, L] additive mask: 0 where a query may attend to a key (see the module docstring), dtype-min
-    elsewhere."""
-    segment_q, segment_k = segment_ids[:, :, None], segment_ids[:, None, :]
-    length = segment_ids.size(1)
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = ((segment_q == segment_k) | (segment_k == PREFIX)) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 @dataclass
@@ -76,7 +66,7 @@ class SharedPromptPairCollator:
             source[pairs + row, :p] = torch.arange(p)
             source[pairs + row, p:p + r] = torch.arange(p + c, p + c + r)
         batch.update(packed_input_ids=input_ids, packed_position_ids=position_ids, packed_source=source,
-                     packed_attention_mask=shared_prefix_mask(segment_ids, self.mask_dtype))
+                     packed_attention_mask=block_causal_mask(segment_ids, self.mask_dtype, shared_segment=PREFIX))
         return batch
 
 
@@ -99,7 +89,6 @@ def share_prompts(loaders, model, pad_token_id: int, mask_dtype: torch.dtype) ->
     """Switch pair loaders to SharedPromptPairCollator when `model` (a RewardModel's body, or a causal LM) packs
     exactly (packing.supports_packing); False (loaders unchanged) otherwise."""
     from training.utils import distributed
-    from training.utils.data.packing import supports_packing
 
     if not supports_packing(model):
         distributed.print_rank_0(f"--share_prompt: {model.config.model_type} ({model.config._attn_implementation} "
