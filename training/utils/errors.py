@@ -120,6 +120,20 @@ def on_exit(cleanup) -> None:
     _cleanups.append(cleanup)
 
 
+def _process_group_running() -> bool:
+    dist = sys.modules.get("torch.distributed")  # (never imported here: a plain tool needs no torch)
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _release_process_group() -> None:
+    """Tear down the process group an entry point started and left behind by ending early (an error on every
+    rank): locally, with no barrier, since the other ranks may be gone already. Left to interpreter exit,
+    gloo's destructor can race the peers' exits and abort ("terminate called without an active exception",
+    SIGABRT) instead of the exit code the error asked for."""
+    with contextlib.suppress(Exception):
+        sys.modules["torch.distributed"].destroy_process_group()
+
+
 def report_user_errors(main):
     """Wrap an entry point's `main()`:
 
@@ -131,7 +145,7 @@ def report_user_errors(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        streams = sys.stdout, sys.stderr
+        streams, group_before = (sys.stdout, sys.stderr), _process_group_running()
         sys.stdout, sys.stderr = _PipeSafeStream(sys.stdout), _PipeSafeStream(sys.stderr)
         try:
             return main(*args, **kwargs)
@@ -148,6 +162,8 @@ def report_user_errors(main):
             while _cleanups:
                 with contextlib.suppress(Exception):
                     _cleanups.pop()()
+            if not group_before and _process_group_running():  # (a caller's own group is not ours to end)
+                _release_process_group()
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
             sys.stdout, sys.stderr = streams
