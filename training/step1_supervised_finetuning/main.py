@@ -12,6 +12,7 @@ import torch
 from training.utils import distributed
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, option, parse_config
+from training.utils.data.chat_format import PROMPT_FORMAT_FILE
 from training.utils.data.collators import SFTCollator
 from training.utils.data.packing import make_packed_loader, supports_packing
 from training.utils.data.pipeline import PHASE_SFT, SFTDataConfig, load_supervised_data
@@ -107,7 +108,8 @@ def main(argv=None) -> None:
     device = start_run(config)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step1_model")
 
-    tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_SFT, SFTCollator, "samples")
+    tokenizer, prompt_format, data, train_loader, eval_loader = load_supervised_data(config, PHASE_SFT,
+                                                                                     SFTCollator, "samples")
 
     model = create_hf_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                             dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
@@ -148,7 +150,8 @@ def main(argv=None) -> None:
             f"{summary.tokens_per_s:.0f} tokens/s")
 
     save_hf_format(engine.module, tokenizer, config.output_dir, metrics=metrics, metrics_title="step 1: SFT",
-                   extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
+                   extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats,
+                               PROMPT_FORMAT_FILE: prompt_format.record()})
     finish_run(checkpoints, metrics, f"saved the SFT model to {config.output_dir}")
 
 

@@ -26,6 +26,7 @@ import torch
 from training.utils import distributed, seeding
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, in_range, option, parse_config, positive
+from training.utils.data.chat_format import PROMPT_FORMAT_FILE
 from training.utils.data.collators import PairCollator
 from training.utils.data.pair_packing import share_prompts
 from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data, make_loader
@@ -185,7 +186,8 @@ def main(argv=None) -> None:
     device = start_run(config)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step2_dpo_model")
 
-    tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD, PairCollator, "pairs")
+    tokenizer, prompt_format, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD,
+                                                                                     PairCollator, "pairs")
 
     # Policy and reference are built right after the same seeding, so a random-initialised tiny config
     # gives both the same starting weights (a checkpoint does anyway). LoRA starts as a zero update.
@@ -256,7 +258,8 @@ def main(argv=None) -> None:
                                  f"{summary.samples_per_s:.1f} pairs/s")
 
     save_hf_format(engine.module, tokenizer, config.output_dir, metrics=metrics, metrics_title="step 2: DPO",
-                   extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
+                   extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats,
+                               PROMPT_FORMAT_FILE: prompt_format.record()})
     finish_run(checkpoints, metrics, f"saved the DPO policy to {config.output_dir}")
 
 

@@ -17,6 +17,7 @@ import torch
 from training.utils import distributed
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, at_least, configuration, flag_values, group, option, parse_config
+from training.utils.data.chat_format import PROMPT_FORMAT_FILE
 from training.utils.data.collators import PairCollator
 from training.utils.data.pair_packing import reward_model_inputs, share_prompts
 from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data
@@ -103,7 +104,8 @@ def main(argv=None) -> None:
     device = start_run(config)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device, "step2_model")
 
-    tokenizer, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD, PairCollator, "pairs")
+    tokenizer, prompt_format, data, train_loader, eval_loader = load_supervised_data(config, PHASE_REWARD,
+                                                                                     PairCollator, "pairs")
 
     model = create_reward_model(config.model.model_name_or_path, tokenizer, ds_config=ds_config,
                                 dropout=config.model.dropout, trust_remote_code=config.trust_remote_code)
@@ -156,7 +158,8 @@ def main(argv=None) -> None:
                              + ("; reward_model.json records no reward statistics" if final is None else ""))
     save_reward_model(engine.module, tokenizer, config.output_dir, reward_stats=final or {}, metrics=metrics,
                       metrics_title="step 2: reward model",
-                      extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats})
+                      extra_json={"training_args.json": flag_values(config), "data_stats.json": data.stats,
+                               PROMPT_FORMAT_FILE: prompt_format.record()})
     finish_run(checkpoints, metrics, f"saved the reward model to {config.output_dir}")
 
 

@@ -19,8 +19,8 @@ import time
 from training.utils import distributed
 from training.utils.checkpoint import Checkpointer
 from training.utils.config import flag_values, parse_config
+from training.utils.data.chat_format import PROMPT_FORMAT_FILE, resolve_prompt_format
 from training.utils.data.collators import PromptCollator
-from training.utils.data.conversation import tokenizer_adds_bos
 from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
 from training.utils.data.unsupervised import build_unsupervised_dataset, make_unsupervised_loader
 from training.utils.errors import report_user_errors
@@ -60,9 +60,10 @@ def main(argv=None) -> None:
 
     tokenizer = load_tokenizer(config.actor.model_name_or_path, config.add_eot_token, config.eot_token,
                                config.trust_remote_code)
+    prompt_format = resolve_prompt_format(tokenizer, config, config.model_paths())
     check_input_models(config)
-    data = build_phase_data(config.data, tokenizer, PHASE_RLHF)
-    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    data = build_phase_data(config.data, prompt_format, PHASE_RLHF)
+    bos = prompt_format.bos_id
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos)
     eval_prompts = CappedPrompts(data.eval, config.max_prompt_seq_len, config.prompt_overflow, bos, config.eval_prompts)
     collator = PromptCollator(tokenizer.pad_token_id)
@@ -73,7 +74,8 @@ def main(argv=None) -> None:
                                shuffle=False) if len(eval_prompts) else None)
     data.stats["prompt_limit"] = {"train": prompts.counts, "eval": eval_prompts.counts}
     distributed.print_rank_0(f"data: {len(prompts)} train / {len(eval_prompts)} eval prompts (cache {data.cache_dir}; "
-                         f"over --max_prompt_seq_len {config.max_prompt_seq_len}: {prompts.counts})")
+                             f"over --max_prompt_seq_len {config.max_prompt_seq_len}: {prompts.counts}; format: "
+                             f"{prompt_format.describe()})")
     unsup_batches = None
     if config.unsupervised_dataset_name:
         blocks = build_unsupervised_dataset(config.unsupervised_dataset_name, config.unsupervised_dataset_config_name,
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
 
     actor_steps, critic_steps = optimizer_steps_per_epoch(config, len(prompt_loader))
     rlhf_engine = build_rlhf_engine(config, tokenizer, device, actor_steps, critic_steps)
-    trainer = PPOTrainer(rlhf_engine, config)
+    trainer = PPOTrainer(rlhf_engine, config, prompt_format.stop_token_ids)
     buffer = ExperienceBuffer(config.generation_batches, not config.ppo.no_whiten_advantages, tokenizer.pad_token_id,
                               config.seed)
 
@@ -145,7 +147,8 @@ def main(argv=None) -> None:
     if not config.eval_interval or step % config.eval_interval:
         evaluate(trainer, eval_loader, metrics, step, config.seed)
 
-    extra = {"training_args.json": flag_values(config), "data_stats.json": data.stats}
+    extra = {"training_args.json": flag_values(config), "data_stats.json": data.stats,
+             PROMPT_FORMAT_FILE: prompt_format.record()}
     rlhf_engine.actor.train()  # the Hybrid Engine's inference kernels out, LoRA unfused
     with saving_set(config.output_dir, RLHF_SUBDIRS) as staging:  # actor/, critic/, actor_ema/ replaced as one set
         save_hf_format(rlhf_engine.actor.module, tokenizer, os.path.join(staging, "actor"), extra_json=extra,

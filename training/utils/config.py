@@ -7,9 +7,9 @@ A program's configuration is a dataclass whose fields are options or groups:
         lora_dim: int = option(0, "LoRA rank; 0 disables LoRA.", check=at_least(0), resume=FIXED)
 
 - `option(default, help, ...)` is one flag: its name is the field's name, its type the annotation
-  (`int`, `float`, `str`, `bool` for a switch, with `--no_NAME` when it defaults to on, `X | None`,
-  `list[str]` for several values), plus its
-  range check and whether `--resume` may change it. Floats must be finite unless `finite=False`.
+  (`int`, `float`, `str`, `bool` for a switch, with `--no_NAME` when it defaults to on or to None (unset),
+  `X | None`, `list[str]` for several values), plus its range check and whether `--resume` may change it.
+  Floats must be finite unless `finite=False`.
 - `group(Flags, prefix="actor_", **defaults)` nests another configuration, its flags prefixed (step 3's
   `--actor_learning_rate` and `--critic_learning_rate` are one `learning_rate` option of `ModelFlags`),
   with defaults of its own.
@@ -158,7 +158,7 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
         kwargs = {"dest": name, "help": text, "default": default}
         if leaf is bool:
             target.add_argument(f"--{name}", action="store_true", **kwargs)
-            if default:  # a switch that is on by default also gets its off form
+            if default or default is None:  # on by default, or unset (None: decided later): an off form too
                 target.add_argument(f"--no_{name}", action="store_false", dest=name, help=f"Turn --{name} off.")
             continue
         kwargs["type"] = _finite_float if leaf is float and meta["finite"] else leaf

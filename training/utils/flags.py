@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from training.utils.checkpoint import CheckpointFlags
 from training.utils.config import FIXED, at_least, in_range, option, positive
+from training.utils.data.chat_format import PromptFormatFlags, chosen_format
 from training.utils.errors import UserInputError
 from training.utils.output_dir import LANGUAGE_MODEL, check_output_dir
 
@@ -46,7 +47,7 @@ class ModelFlags(ModelPathFlags):
 
 
 @dataclass
-class TokenizerFlags:
+class TokenizerFlags(PromptFormatFlags):
     """model"""
     add_eot_token: bool = option(False, "Add --eot_token as a special token and use it as the end-of-turn (EOS) "
                                         "token (step 3: give it exactly as steps 1 and 2 did).", resume=FIXED)
@@ -167,6 +168,7 @@ class SupervisedConfig(TrainingFlags, SupervisedBatchFlags, TokenizerFlags, Deep
     def validate(self) -> None:
         if self.only_optimize_lora and self.model.lora_dim <= 0:
             raise UserInputError("--only_optimize_lora needs --lora_dim > 0 (otherwise nothing would train)")
+        chosen_format(self, {"--model_name_or_path": self.model.model_name_or_path})
         self.data.validate(self.output_dir)
         self.validate_checkpoints(self.output_dir)
         check_output_dir(self.output_dir, self.SAVES, {

@@ -188,6 +188,18 @@ def gae_advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, acti
     return advantages, (advantages + values) * mask
 
 
+def clipped_policy_loss_tokens(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                               clip_low: float, clip_high: float) -> torch.Tensor:
+    """[B, T] PPO-clip loss per token, with an asymmetric clip range (DAPO's clip-higher: clip_high > clip_low
+    leaves low-probability tokens more room to grow). Not masked: aggregate with aggregate_token_loss.
+
+        ratio_t = exp(log pi(a_t) - log pi_old(a_t))
+        loss_t  = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))
+    """
+    ratio = torch.exp(log_probs - old_log_probs)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+
+
 def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                 action_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate objective, as a loss averaged over all actions of the batch.
@@ -200,13 +212,13 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
                                                                        the clip removes
         approx_kl     = masked_mean((ratio_t - 1) - log ratio_t)       the k3 estimator of KL(old || new)
     """
-    log_ratio = log_probs - old_log_probs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), action_mask)
+    loss_tokens = clipped_policy_loss_tokens(log_probs, old_log_probs, advantages, cliprange, cliprange)
+    loss = masked_mean(loss_tokens, action_mask)
     with torch.no_grad():
-        stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), action_mask),
+        log_ratio = log_probs - old_log_probs
+        ratio = torch.exp(log_ratio)
+        # max(u, c) > u exactly when c > u: the clipped term won
+        stats = {"clip_fraction": masked_mean((loss_tokens > -advantages * ratio).float(), action_mask),
                  "approx_kl": masked_mean((ratio - 1.0) - log_ratio, action_mask)}
     return loss, stats
 
@@ -294,3 +306,161 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     else:
         losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     return losses, beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Critic-free advantage estimators: GRPO (Shao et al. 2024, DeepSeekMath), Dr. GRPO (Liu et al. 2025), RLOO
+# (Ahmadian et al. 2024), REINFORCE++ (Hu 2025), ReMax (Li et al. 2023); DAPO's clip-higher and dynamic
+# sampling (Yu et al. 2025). A batch holds G = group_size samples of each prompt, each prompt's G rows
+# consecutive: rows [k*G, (k+1)*G) are group k. Scores r[b] are one scalar per sequence (rule or reward model).
+
+# Names as veRL's algorithm.adv_estimator (one spelling: lower case, "_"). The same estimators elsewhere:
+#   ours                          OpenRLHF --advantage_estimator   veRL
+#   gae (PPO with a critic)       gae                              gae
+#   grpo                          group_norm                       grpo
+#   dr_grpo                       dr_grpo                          grpo with norm_adv_by_std_in_grpo=False
+#   rloo                          rloo                             rloo
+#   reinforce_plus_plus           reinforce                        reinforce_plus_plus
+#   reinforce_plus_plus_baseline  reinforce_baseline               reinforce_plus_plus_baseline
+#   remax                         (none)                           remax
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
+                        "remax")
+GROUP_BASELINE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")  # need group_size >= 2
+KL_ESTIMATORS = ("k1", "k2", "k3")
+# veRL's loss_agg_mode values, "-" written "_"
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """scores [B] as [B / G, G], one prompt per row; ValueError unless B is a positive multiple of G."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be one number per sequence ([B]), got shape {tuple(scores.shape)}")
+    if group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"batch of {scores.numel()} scores is not whole groups of group_size={group_size}: "
+                         "each prompt needs exactly group_size consecutive samples")
+    return scores.view(-1, group_size)
+
+
+@torch.no_grad()
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6,
+                     baseline_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] one advantage per sequence from its score r and the scores of its group g (G samples of one prompt).
+
+        grpo                          A = (r - mean_g) / (std_g + eps)       std_g: sample std (Bessel, / (G - 1)),
+                                                                             as DeepSeekMath's implementations
+        dr_grpo                       A = r - mean_g
+        rloo                          A = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_g)
+        reinforce_plus_plus           A = (r - mean_B) / (std_B + eps)      over the whole batch, no groups;
+                                                                             std_B: population std (/ B), as
+                                                                             masked_whiten
+        reinforce_plus_plus_baseline  A = whiten_B(r - mean_g)               the same batch whitening
+        remax                         A = r - baseline_scores                the greedy reply's reward
+
+    With a group baseline (GROUP_BASELINE_ESTIMATORS, group_size >= 2) a group whose scores are all equal gets
+    A = 0: it carries no signal (see equal_reward_groups). reinforce_plus_plus and remax ignore the groups (B
+    must still be a multiple of group_size). For REINFORCE++ with a per-token KL penalty in the reward use
+    discounted_token_returns, then masked_whiten. Integer scores are taken as fp32.
+    """
+    if not scores.is_floating_point():
+        scores = scores.float()
+    if estimator == "gae":
+        raise ValueError("estimator 'gae' needs a critic's values: use gae_advantages_and_returns")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ADVANTAGE_ESTIMATORS[1:]}, got {estimator!r}")
+    groups = _groups(scores, group_size)
+    if estimator in GROUP_BASELINE_ESTIMATORS and group_size < 2:
+        raise ValueError(f"estimator {estimator!r} compares samples of the same prompt: group_size must be at "
+                         f"least 2, got {group_size}")
+    centred = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
+    if estimator == "grpo":
+        return centred / (groups.std(dim=1, unbiased=True).repeat_interleave(group_size) + eps)
+    if estimator == "dr_grpo":
+        return centred
+    if estimator == "rloo":
+        return centred * (group_size / (group_size - 1))
+    if estimator == "reinforce_plus_plus":
+        return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
+    if estimator == "reinforce_plus_plus_baseline":
+        return (centred - centred.mean()) / (centred.std(unbiased=False) + eps)
+    if baseline_scores is None or baseline_scores.shape != scores.shape:
+        raise ValueError("estimator 'remax' needs baseline_scores: the greedy reply's score, one per sequence "
+                         f"(shape {tuple(scores.shape)}), got "
+                         f"{None if baseline_scores is None else tuple(baseline_scores.shape)}")
+    return scores - baseline_scores.to(scores.dtype)
+
+
+def token_advantages(seq_adv: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] each sequence's advantage on every one of its actions:  A[b, t] = seq_adv[b] * m[b, t]."""
+    return seq_adv.unsqueeze(1) * action_mask.to(seq_adv.dtype)
+
+
+@torch.no_grad()
+def discounted_token_returns(rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[B, T] return-to-go of each action, stopping exactly at each row's end (GAE with V = 0 and lam = 1).
+
+        G_t = r_t + gamma * m_{t+1} * G_{t+1}          (G_T = 0, m_T = 0);   G = 0 where m = 0
+
+    REINFORCE++: rewards are kl_penalty_rewards' (a KL penalty per token, the score on the last action), and
+    the advantages are masked_whiten(G, action_mask) over the whole batch.
+    """
+    mask = action_mask.to(rewards.dtype)
+    next_mask = F.pad(mask[:, 1:], (0, 1))
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = rewards[:, t] + gamma * next_mask[:, t] * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman, "Approximating KL
+    divergence", 2020). With log r = log pi(a_t) - log pi_ref(a_t):
+
+        k1 = log r                        unbiased, high variance, can be negative
+        k2 = 0.5 * (log r)^2              biased, low variance, >= 0
+        k3 = exp(-log r) - 1 + log r      unbiased, low variance, >= 0 (GRPO's KL term)
+
+    Not masked, not clamped: the caller masks (and aggregates) it. Differentiable in log_probs.
+    """
+    log_ratio = log_probs - ref_log_probs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(-log_ratio) - 1.0 + log_ratio
+    raise ValueError(f"kind must be one of {KL_ESTIMATORS}, got {kind!r}")
+
+
+def aggregate_token_loss(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: str,
+                         constant: float | None = None) -> torch.Tensor:
+    """A scalar loss from per-token losses [B, T] over mask [B, T] (veRL's loss_agg_mode, "-" written "_").
+
+        token_mean               sum_{b,t} l * m / sum_{b,t} m              every token weighs the same
+                                                                            (DAPO; PPO's policy_loss)
+        seq_mean_token_mean      mean over rows with m != 0 of (sum_t l * m / sum_t m)
+                                                                            every sequence weighs the same (GRPO)
+        seq_mean_token_sum_norm  sum_{b,t} l * m / (B * constant)           Dr. GRPO: constant = the maximum
+                                                                            generation length, fixed for the run
+
+    An empty mask gives 0; a row with no token is left out of seq_mean_token_mean's mean.
+    """
+    mask = mask.to(loss_tokens.dtype)
+    if mode == "token_mean":
+        return masked_mean(loss_tokens, mask)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(masked_mean(loss_tokens, mask, dim=1), (mask.sum(dim=1) > 0).to(mask.dtype))
+    if mode == "seq_mean_token_sum_norm":
+        if constant is None or constant <= 0:
+            raise ValueError("mode 'seq_mean_token_sum_norm' needs constant > 0 (the maximum generation length), "
+                             f"got {constant}")
+        return (loss_tokens * mask).sum() / (loss_tokens.size(0) * constant)
+    raise ValueError(f"mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
+
+
+def equal_reward_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] bool: True on every row of a group whose G scores are all equal (max_g == min_g). Such a group's
+    group-baseline advantages are all 0, so it carries no gradient; DAPO's dynamic sampling drops it."""
+    groups = _groups(scores, group_size)
+    return (groups.amax(dim=1) == groups.amin(dim=1)).repeat_interleave(group_size)

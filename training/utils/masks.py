@@ -29,18 +29,28 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def answer_lengths(answer_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B] answer lengths, [B] bool ended with EOS) of generated answers [B, A].
+def answer_lengths(answer_ids: torch.Tensor, stop_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] answer lengths, [B] bool ended with a stop token) of generated answers [B, A]; `stop_ids` is the
+    EOS id, or every id that ends a reply (a chat template's end of turn and the tokenizer's EOS).
 
-        length[b] = 1 + first t with answer_ids[b, t] = EOS,   or A when row b has no EOS
+        length[b] = 1 + first t with answer_ids[b, t] in stop_ids,   or A when row b has none
 
-    Only the first EOS counts: what follows it is padding, whatever its id.
+    Only the first stop token counts: what follows it is padding, whatever its id.
     """
-    is_eos = answer_ids == eos_token_id
+    stops = torch.as_tensor(stop_ids if isinstance(stop_ids, list) else [stop_ids], device=answer_ids.device)
+    is_eos = torch.isin(answer_ids, stops)
     ended = is_eos.any(dim=1)
     first_eos = is_eos.int().argmax(dim=1)
     width = torch.full_like(first_eos, answer_ids.size(1))
     return torch.where(ended, first_eos + 1, width), ended
+
+
+def close_answers(answer_ids: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, end_id: int) -> torch.Tensor:
+    """Answers whose stop token is `end_id` (the end of turn the reward model was trained on), whichever
+    stop token ended them; rows that did not end are unchanged."""
+    last = (lengths - 1).clamp(min=0).unsqueeze(1)
+    closed = answer_ids.scatter(1, last, torch.full_like(last, end_id))
+    return torch.where(ended.unsqueeze(1), closed, answer_ids)
 
 
 def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -17,12 +17,10 @@ DEFAULT_EOS = "<|endoftext|>"
 
 def resolve_tokenizer_source(model_name_or_path: str) -> str:
     """Where the tokenizer files are: the shipped tokenizer for tiny configs, else the model itself."""
-    from training.utils.model.configs import TINY_PREFIX
+    from training.utils.model.configs import TINY_PREFIX, tiny_tokenizer_dir
 
     if model_name_or_path.startswith(TINY_PREFIX):
-        from training.utils.assets import TOKENIZER_DIR
-
-        return str(TOKENIZER_DIR)
+        return str(tiny_tokenizer_dir(model_name_or_path))
     if os.path.isdir(model_name_or_path):
         if not any(os.path.exists(os.path.join(model_name_or_path, f)) for f in TOKENIZER_FILES):
             raise UserInputError(

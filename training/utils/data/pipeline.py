@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from training.utils import distributed
 from training.utils.atomic_dir import atomic_directory
 from training.utils.config import FIXED, at_least, in_range, option
-from training.utils.data.conversation import Chunk, encode_conversations, messages_to_chunks, prompt_chunks
+from training.utils.data.chat_format import ConversationError, PromptFormat, resolve_prompt_format
+from training.utils.data.conversation import Chunk
 from training.utils.data.samplers import DEFAULT_GROUP_BATCHES, LengthGroupedSampler, ResumableSampler, sample_lengths
 from training.utils.data.sources import Sample, Source, open_source
 from training.utils.errors import UserInputError
@@ -155,8 +156,10 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(config: DataConfig, phase: int, sources: list[Source], sft_only: list[Source], tokenizer) -> str:
-    """Everything that changes the tokens: data identity, split, phase, seed, tokenizer, limits, code."""
+def cache_key(config: DataConfig, phase: int, sources: list[Source], sft_only: list[Source],
+              prompt_format: PromptFormat) -> str:
+    """Everything that changes the tokens: data identity, split, phase, seed, tokenizer, format, limits, code."""
+    tokenizer = prompt_format.tokenizer
     payload = {
         "phase": phase,
         "sources": [(s.name, s.fingerprint) for s in sources],
@@ -167,18 +170,20 @@ def cache_key(config: DataConfig, phase: int, sources: list[Source], sft_only: l
         "train_on_prompt": config.train_on_prompt if phase == PHASE_SFT else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "eos": tokenizer.eos_token_id,
+        "prompt_format": prompt_format.fingerprint(),
         "code": code_version(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def build_phase_data(config: DataConfig, tokenizer, phase: int) -> PhaseData:
-    """Open, split, tokenise and cache the data of one phase; every rank gets the same PhaseData."""
+def build_phase_data(config: DataConfig, prompt_format: PromptFormat, phase: int) -> PhaseData:
+    """Open, split, tokenise and cache the data of one phase in `prompt_format`; every rank gets the same
+    PhaseData."""
     sources = [open_source(name) for name in config.data_path]
     sft_only = [open_source(name) for name in config.sft_only_data_path] if phase == PHASE_SFT else []
-    key = cache_key(config, phase, sources, sft_only, tokenizer)
+    key = cache_key(config, phase, sources, sft_only, prompt_format)
     cache_dir = os.path.join(os.path.abspath(config.data_output_path), f"phase{phase}_{key}")
-    build_cache_once(cache_dir, lambda: _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir))
+    build_cache_once(cache_dir, lambda: _build_cache(config, prompt_format, phase, sources, sft_only, cache_dir))
     return load_phase_data(cache_dir)
 
 
@@ -239,11 +244,15 @@ def _select_rows(config: DataConfig, phase: int, sources: list[Source], sft_only
     return train, evaluation, indices, per_source
 
 
-def _build_cache(config, tokenizer, phase, sources, sft_only, cache_dir) -> None:
+def _build_cache(config, prompt_format, phase, sources, sft_only, cache_dir) -> None:
     train_rows, eval_rows, indices, per_source = _select_rows(config, phase, sources, sft_only)
     tokenise = {PHASE_SFT: tokenise_sft, PHASE_REWARD: tokenise_pairs, PHASE_RLHF: tokenise_prompts}[phase]
-    train, train_counts = tokenise(train_rows, tokenizer, config)
-    evaluation, eval_counts = tokenise(eval_rows, tokenizer, config)
+    try:
+        train, train_counts = tokenise(train_rows, prompt_format, config)
+        evaluation, eval_counts = tokenise(eval_rows, prompt_format, config)
+    except ConversationError as err:
+        raise UserInputError(f"--data_path {' '.join(config.data_path)}: {err}; fix the data, or drop "
+                             "--apply_chat_template (the HH text renders any turn order)") from None
     if len(train) == 0:
         check_max_seq_len_keeps_labels(config, phase, train_counts)
         raise UserInputError(f"no usable phase-{phase} training rows in {', '.join(config.data_path)} "
@@ -278,33 +287,21 @@ def check_max_seq_len_keeps_labels(config: DataConfig, phase: int, counts: dict)
                              f"to at least {shortest + 1}")
 
 
-def _sft_chunks(sample: Sample, train_on_prompt: bool) -> list[Chunk] | None:
-    if sample.messages:
-        chunks = messages_to_chunks(list(sample.messages))
-    else:
-        target = sample.demonstration if sample.demonstration is not None else sample.chosen
-        if not target:
-            return None
-        chunks = prompt_chunks(sample.prompt) + [Chunk(target, ends_turn=True, trained=True)]
-    if train_on_prompt:
-        chunks = [Chunk(c.text, c.ends_turn, True) for c in chunks]
-    return chunks
-
-
-def tokenise_sft(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
+def tokenise_sft(rows: list[Sample], prompt_format: PromptFormat, config: DataConfig) -> tuple["RaggedDataset", dict]:
     """input_ids + label mask. Too-long rows lose the start of the prompt first; a reply that alone
     exceeds the limit keeps its beginning (its EOS is then cut and counted)."""
     counts = {"no_reply": 0, "prompt_truncated": 0, "reply_truncated": 0, "no_label": 0}
     conversations = []
     for sample in rows:
-        chunks = _sft_chunks(sample, config.train_on_prompt)
+        chunks = prompt_format.sft(sample)
         if chunks is None:
             counts["no_reply"] += 1
         else:
-            conversations.append(chunks)
+            conversations.append([Chunk(c.text, c.ends_turn, True) for c in chunks] if config.train_on_prompt
+                                 else chunks)
     ids_list, mask_list = [], []
     limit = config.max_seq_len
-    for ids, trained in encode_conversations(tokenizer, conversations):
+    for ids, trained in prompt_format.encode(conversations):
         if not any(trained[1:]):  # a conversation without an assistant reply
             counts["no_reply"] += 1
             continue
@@ -337,7 +334,8 @@ def _last_run_start(trained: list[bool]) -> int:
     return start
 
 
-def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
+def tokenise_pairs(rows: list[Sample], prompt_format: PromptFormat, config: DataConfig
+                   ) -> tuple["RaggedDataset", dict]:
     """chosen_ids / rejected_ids, each ending with EOS (the position the reward model scores), and
     chosen_reply_mask / rejected_reply_mask, 1 on the reply's tokens and its EOS (the tokens DPO scores).
     Prompts are cut from the left to fit; pairs whose reply alone does not fit are dropped."""
@@ -349,10 +347,10 @@ def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["
         elif sample.chosen.strip() == sample.rejected.strip():
             counts["identical_pair"] += 1
         else:
-            context = prompt_chunks(sample.prompt)
-            conversations.append(context + [Chunk(sample.chosen, ends_turn=True, trained=True)])
-            conversations.append(context + [Chunk(sample.rejected, ends_turn=True, trained=True)])
-    encoded = encode_conversations(tokenizer, conversations)
+            context = prompt_format.prompt_of(sample)
+            conversations.append(context + [prompt_format.reply(sample.chosen)])
+            conversations.append(context + [prompt_format.reply(sample.rejected)])
+    encoded = prompt_format.encode(conversations)
     chosen, rejected, chosen_reply, rejected_reply, limit = [], [], [], [], config.max_seq_len
     for (c_ids, c_mask), (r_ids, r_mask) in zip(encoded[0::2], encoded[1::2]):
         reply = max(sum(c_mask), sum(r_mask))
@@ -370,9 +368,10 @@ def tokenise_pairs(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["
                           "rejected_reply_mask": rejected_reply}), counts
 
 
-def tokenise_prompts(rows: list[Sample], tokenizer, config: DataConfig) -> tuple["RaggedDataset", dict]:
+def tokenise_prompts(rows: list[Sample], prompt_format: PromptFormat, config: DataConfig
+                     ) -> tuple["RaggedDataset", dict]:
     """Prompt ids in full: step 3 applies its own --max_prompt_seq_len policy (truncate or drop)."""
-    encoded = encode_conversations(tokenizer, [prompt_chunks(s.prompt) for s in rows])
+    encoded = prompt_format.encode([prompt_format.prompt_of(s) for s in rows])
     prompts = [ids for ids, _ in encoded]
     return RaggedDataset({"prompt_ids": prompts}), {}
 
@@ -421,27 +420,29 @@ class RaggedDataset:
 
 
 def load_supervised_data(config, phase: int, make_collator, unit: str):
-    """The tokenizer, the phase's data and its shuffled train / ordered eval loaders for steps 1, 2 and DPO
-    (`config` is their SupervisedConfig; `make_collator(pad_token_id)`), with one log line in `unit`s."""
+    """The tokenizer, the prompt format, the phase's data and its shuffled train / ordered eval loaders for steps
+    1, 2 and DPO (`config` is their SupervisedConfig; `make_collator(pad_token_id)`), with one log line in `unit`s."""
     # (imported here: the model layer sits below the data layer)
     from training.utils.model.build import check_model_input
     from training.utils.output_dir import REWARD_MODEL
 
-    tokenizer = load_tokenizer(config.model.model_name_or_path, config.add_eot_token, config.eot_token,
-                               config.trust_remote_code)
+    model_path = config.model.model_name_or_path
+    tokenizer = load_tokenizer(model_path, config.add_eot_token, config.eot_token, config.trust_remote_code)
+    prompt_format = resolve_prompt_format(tokenizer, config, {"--model_name_or_path": model_path})
     # Refused before any data is tokenised: steps 1 and DPO train a language model from --model_name_or_path.
-    check_model_input(config.model.model_name_or_path, language_model=config.SAVES != REWARD_MODEL,
+    check_model_input(model_path, language_model=config.SAVES != REWARD_MODEL,
                       length=config.data.max_seq_len, what=f"--max_seq_len {config.data.max_seq_len}",
                       fix="lower --max_seq_len to at most {limit}", trust_remote_code=config.trust_remote_code)
-    data = build_phase_data(config.data, tokenizer, phase)
+    data = build_phase_data(config.data, prompt_format, phase)
     collator, grouped = make_collator(tokenizer.pad_token_id), config.data.group_by_length
     train_loader = make_loader(data.train, config.per_device_train_batch_size, collator, config.seed, shuffle=True,
                                length_grouped=grouped)
     eval_loader = make_loader(data.eval, config.per_device_eval_batch_size, collator, config.seed, shuffle=False,
                               length_grouped=grouped)
     distributed.print_rank_0(f"data: {len(data.train)} train / {len(data.eval)} eval {unit} (cache {data.cache_dir}; "
-                             f"train {data.stats['train']}; {'length-grouped' if grouped else 'random'} batches)")
-    return tokenizer, data, train_loader, eval_loader
+                             f"train {data.stats['train']}; {'length-grouped' if grouped else 'random'} batches; "
+                             f"format: {prompt_format.describe()})")
+    return tokenizer, prompt_format, data, train_loader, eval_loader
 
 
 def make_loader(dataset, batch_size: int, collator, seed: int, shuffle: bool, length_grouped: bool = False,

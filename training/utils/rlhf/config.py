@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from training.utils.checkpoint import CheckpointFlags
 from training.utils.config import FIXED, at_least, configuration, group, in_range, option, positive
+from training.utils.data.chat_format import chosen_format
 from training.utils.data.pipeline import DataConfig
 from training.utils.errors import UserInputError
 from training.utils.flags import (
@@ -131,6 +132,11 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
     enable_test_mode: bool = option(False, "Stop after --test_stop_step steps.")
     test_stop_step: int = option(0, "See --enable_test_mode.", check=at_least(0))
 
+    def model_paths(self) -> dict[str, str]:
+        """The models whose saved prompt format the run must share (chat_format.chosen_format)."""
+        return {"--actor_model_name_or_path": self.actor.model_name_or_path,
+                "--critic_model_name_or_path": self.critic.model_name_or_path}
+
     def validate(self) -> None:
         """Flag combinations rejected before any model is built."""
         if self.only_optimize_lora and self.actor.lora_dim <= 0 and self.critic.lora_dim <= 0:
@@ -148,6 +154,7 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
         if self.enable_mixed_precision_lora and self.actor.lora_dim <= 0:
             raise UserInputError("--enable_mixed_precision_lora needs --actor_lora_dim > 0 (it quantizes the frozen "
                                  "base weights under LoRA)")
+        chosen_format(self, self.model_paths())
         self.data.validate(self.output_dir)
         self.validate_checkpoints(self.output_dir)
         check_output_dir(self.output_dir, RLHF_MODELS, {

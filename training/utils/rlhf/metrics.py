@@ -8,7 +8,6 @@ import torch
 
 from training.utils import distributed
 from training.utils.data.synthetic import check_answer
-from training.utils.masks import answer_lengths, mask_from_lengths
 
 # Per step, in the order the log line prints them.
 STEP_LINE = (("reward", "reward/mean", "{:+.3f}"), ("+-", "reward/std", "{:.3f}"), ("kl", "kl/to_reference", "{:.3f}"),
@@ -93,9 +92,7 @@ def _evaluate_batch(trainer, batch, totals: list[float]) -> None:
     tokenizer, device = trainer.tokenizer, trainer.device
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     answer_ids = trainer.generate(prompt_ids, prompt_mask)
-    lengths, ended = answer_lengths(answer_ids, tokenizer.eos_token_id)
-    action_mask = mask_from_lengths(lengths, answer_ids.size(1))
-    answer_ids = answer_ids.masked_fill(action_mask == 0, tokenizer.pad_token_id)
+    answer_ids, lengths, ended, action_mask = trainer.close_answers(answer_ids)
     scores = trainer.reward_scores(torch.cat([prompt_ids, answer_ids], dim=1),
                                    torch.cat([prompt_mask, action_mask], dim=1)).double()
     checked, correct = _check_answers(tokenizer, prompt_ids, prompt_mask, answer_ids, lengths, ended)

@@ -38,7 +38,7 @@ from training.utils.losses import (
     policy_loss,
     value_loss,
 )
-from training.utils.masks import answer_lengths, mask_from_lengths, positions_from_mask
+from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
 from training.utils.rlhf.config import RLHFConfig
 from training.utils.rlhf.control import RewardNormalizer, make_kl_controller
 from training.utils.rlhf.experience import Experience
@@ -57,9 +57,12 @@ class Rollout:
 
 
 class PPOTrainer:
-    def __init__(self, rlhf_engine, config: RLHFConfig):
+    def __init__(self, rlhf_engine, config: RLHFConfig, stop_token_ids: list[int] | None = None):
+        """`stop_token_ids`: the ids that end an answer, the first being the one the reward model scores
+        (the prompt format's; default: the tokenizer's EOS)."""
         self.engine, self.config = rlhf_engine, config
         self.tokenizer = rlhf_engine.tokenizer
+        self.stop_token_ids = stop_token_ids or [self.tokenizer.eos_token_id]
         self.device = rlhf_engine.actor.device
         self.kl_ctl = make_kl_controller(config.ppo.kl_ctl, config.ppo.target_kl, config.ppo.kl_horizon)
         self.reward_normalizer = RewardNormalizer.from_reward_model_meta(rlhf_engine.reward_meta,
@@ -91,13 +94,20 @@ class PPOTrainer:
         generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
         with decoding_attention(actor.module):
             output = generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                              eos_token_id=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                               synced_gpus=self.synced_gpus, use_cache=True, **self.sampling.generate_kwargs())
         # The Hybrid Engine swaps its inference kernels back out on train(); scoring must use the
         # training forward (so PPO's ratio starts at 1) with dropout off.
         actor.train()
         actor.module.eval()
         return output[:, prompt_ids.size(1):]
+
+    def close_answers(self, answer_ids: torch.Tensor):
+        """(answers ending with the scored end token and padded after it, lengths, ended, action mask)."""
+        lengths, ended = answer_lengths(answer_ids, self.stop_token_ids)
+        action_mask = mask_from_lengths(lengths, answer_ids.size(1))
+        answer_ids = close_answers(answer_ids, lengths, ended, self.stop_token_ids[0])
+        return answer_ids.masked_fill(action_mask == 0, self.tokenizer.pad_token_id), lengths, ended, action_mask
 
     @torch.no_grad()
     def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> tuple[Experience, Rollout]:
@@ -108,9 +118,7 @@ class PPOTrainer:
         answer_ids = self.generate(prompt_ids, prompt_mask)
         generated = time.perf_counter()
 
-        lengths, ended = answer_lengths(answer_ids, self.tokenizer.eos_token_id)
-        action_mask = mask_from_lengths(lengths, answer_ids.size(1))
-        answer_ids = answer_ids.masked_fill(action_mask == 0, self.tokenizer.pad_token_id)
+        answer_ids, lengths, ended, action_mask = self.close_answers(answer_ids)
         sequences = torch.cat([prompt_ids, answer_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         prompt_width = prompt_ids.size(1)

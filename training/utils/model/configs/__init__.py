@@ -7,8 +7,12 @@ its stem without a leading `tiny-`:
     tiny/opt        tiny-opt.json        tiny/llama      tiny-llama.json
     tiny/opt-20m    opt-20m.json         tiny/llama-20m  llama-20m.json
 
-All use the shipped tokenizer (`training.utils.assets.TOKENIZER_DIR`): vocab 4096, EOS/BOS id 0,
-pad id 1. Sizes and parameter counts are in README.md beside this file.
+    tiny/qwen2      tiny-qwen2.json      tiny/llama3     tiny-llama3.json
+
+A file's optional "tokenizer" key names its tokenizer directory under `training/utils/assets/` (default
+`tokenizer`, the shipped BPE tokenizer: vocab 4096, EOS/BOS id 0, pad id 1); the Qwen2- and Llama-3-style
+shapes use that tokenizer extended with their family's special tokens and chat template
+(`assets/chat_tokenizers.py`). Sizes and parameter counts are in README.md beside this file.
 """
 import json
 from pathlib import Path
@@ -30,12 +34,24 @@ def list_tiny_configs() -> list[str]:
     return sorted(_config_files())
 
 
+def _config_dict(name: str) -> dict:
+    files = _config_files()
+    if name not in files:
+        raise UserInputError(f"unknown tiny model '{name}': use one of {', '.join(sorted(files))}")
+    return json.loads(files[name].read_text(encoding="utf-8"))
+
+
 def load_tiny_config(name: str):
     """The `transformers.PretrainedConfig` of a shipped shape; build the model with `from_config`."""
     from transformers import AutoConfig
 
-    files = _config_files()
-    if name not in files:
-        raise UserInputError(f"unknown tiny model '{name}': use one of {', '.join(sorted(files))}")
-    config_dict = json.loads(files[name].read_text(encoding="utf-8"))
+    config_dict = _config_dict(name)
+    config_dict.pop("tokenizer", None)
     return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+
+
+def tiny_tokenizer_dir(name: str) -> Path:
+    """The shipped tokenizer directory of a tiny shape."""
+    from training.utils.assets import ASSETS_DIR
+
+    return ASSETS_DIR / _config_dict(name).get("tokenizer", "tokenizer")
