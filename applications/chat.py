@@ -4,7 +4,8 @@
     printf 'What is 2 + 3?\\nAnd 4 + 4?\\nquit\\n' | python applications/chat.py --path DIR --greedy
 
 Type a message and press Enter; "clear" empties the history, "quit" (or end of input) exits. The model
-sees the whole conversation in the training prompt format; the oldest turns are dropped when it gets
+sees the whole conversation in the prompt format it was trained with (its prompt_format.json: HH text or its
+chat template; --apply_chat_template for a model saved without one); the oldest turns are dropped when it gets
 longer than --max_history_tokens. Replies stream to stdout as "Assistant: <reply>" lines; the "Human: "
 prompt is shown only when stdin is a terminal, and notices go to stderr, so piped output stays parseable.
 """
@@ -13,6 +14,7 @@ import sys
 
 from inference.chat import ChatSession, Conversation, context_length
 from training.utils.config import at_least, configuration, group, option, parse_config
+from training.utils.data.chat_format import PromptFormatFlags, chosen_format, resolve_prompt_format
 from training.utils.errors import UserInputError, report_user_errors
 from training.utils.flags import ReplyLengthFlags, SamplingFlags, SeedFlags
 from training.utils.model.load import default_device, load_causal_lm
@@ -23,7 +25,7 @@ FALLBACK_CONTEXT = 1024  # for configs that do not state their maximum length
 
 
 @configuration()
-class ChatConfig(ReplyLengthFlags, SeedFlags):
+class ChatConfig(ReplyLengthFlags, SeedFlags, PromptFormatFlags):
     path: str = option(help="A model directory saved by step 1, DPO or step 3 (or any HF causal LM directory), loaded "
                             "offline; tiny/opt | tiny/llama give a random-initialised baseline.", required=True)
     sampling: SamplingFlags = group(SamplingFlags, temperature=0.7, top_p=0.9)
@@ -32,6 +34,10 @@ class ChatConfig(ReplyLengthFlags, SeedFlags):
                                                   "turns are dropped beyond it. Default: the model's context length "
                                                   "minus --max_new_tokens.", check=at_least(1))
     show_prompt: bool = option(False, "[new] Print each model input (decoded, special tokens shown) to stderr.")
+
+
+    def validate(self) -> None:
+        chosen_format(self, {"--path": self.path})
 
 
 def parse_args(argv=None) -> ChatConfig:
@@ -64,14 +70,16 @@ def main(argv=None) -> None:
     device = default_device()
     with contextlib.redirect_stdout(sys.stderr):  # library logs while loading must not mix with the replies
         model, tokenizer = load_causal_lm(config.path, device)
+    prompt_format = resolve_prompt_format(tokenizer, config, {"--path": config.path})
     sampling = SamplingConfig.from_flags(config.max_new_tokens, config.sampling,
                                          do_sample=False if config.greedy else None)
-    session = ChatSession(model, tokenizer, Conversation(tokenizer, history_limit(config, model)), sampling,
+    session = ChatSession(model, tokenizer, Conversation(prompt_format, history_limit(config, model)), sampling,
                           out=sys.stdout, log=sys.stderr, show_prompt=config.show_prompt)
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD instead of ending the chat
         sys.stdin.reconfigure(encoding="utf-8", errors="replace")
     interactive = sys.stdin.isatty()
-    print(f"[chat] {config.path} on {device}; 'clear' empties the history, 'quit' exits", file=sys.stderr, flush=True)
+    print(f"[chat] {config.path} on {device}, format: {prompt_format.describe()}; 'clear' empties the history, "
+          "'quit' exits", file=sys.stderr, flush=True)
     try:
         session.run(sys.stdin.readline, prompt_user=interactive)
     except KeyboardInterrupt:

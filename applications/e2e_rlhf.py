@@ -119,6 +119,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--check-prompts", type=int, default=200,
                         help="[new] Held-out synthetic prompts on which the step-1 and final actors are checked "
                              "(0: no check).")
+    parser.add_argument("--apply-chat-template", action="store_true",
+                        help="[new] Format every conversation with the actor's chat template (tiny/qwen2, tiny/llama3 "
+                             "or any model whose tokenizer has one) instead of the HH text: passed to steps 1 and 2, "
+                             "which save it with their models; step 3 and the final check read it from there.")
     parser.add_argument("--resume", action="store_true",
                         help="[new] Continue an interrupted pipeline: every step whose output directory holds "
                              "checkpoints continues from them (the step's own --resume); the others run as usual.")
@@ -225,24 +229,25 @@ def build_steps(args) -> list[Step]:
                 raise UserInputError(f"--step 3 needs the step-{number} output '{model_dir}', which does not "
                                      f"exist: add {number} to --step, or pass the --output-dir of the run that made it")
         steps.append(ppo_step(args, sft_dir, rm_dir, out / "step3-models" / short_name(actor), data, actor))
-    if args.resume:
-        for step in steps:
-            add_resume(step)
+    for step in steps:
+        if args.apply_chat_template and step.key != "step3":  # step 3 reads the format its two models saved
+            add_flag(step, "--apply_chat_template", "--apply-chat-template")
+        if args.resume and (step.model_dir / CHECKPOINTS).is_dir():
+            # --resume: the step continues from its own checkpoints, when it has some (the step's --resume)
+            step.resume = True
+            add_flag(step, "--resume", "--resume")
     return steps
 
 
-def add_resume(step: Step) -> None:
-    """--resume: the step continues from its own checkpoints, when it has some (the step's --resume)."""
-    if not (step.model_dir / CHECKPOINTS).is_dir():
-        return
-    step.resume = True
+def add_flag(step: Step, flag: str, why: str) -> None:
+    """Give a step's main.py one more flag: on its command line, or through a script's EXTRA_ARGS."""
     if step.command[0] != "bash":
-        step.command.append("--resume")
+        step.command.append(flag)
     elif "EXTRA_ARGS" in Path(step.command[1]).read_text():
-        step.env["EXTRA_ARGS"] = f"{step.env.get('EXTRA_ARGS', '')} --resume".strip()
+        step.env["EXTRA_ARGS"] = f"{step.env.get('EXTRA_ARGS', '')} {flag}".strip()
     else:
-        raise UserInputError(f"--resume: {step.command[1]} takes no extra flags, so e2e cannot resume {step.key} "
-                             f"from {step.model_dir / CHECKPOINTS}: run that script's command by hand with --resume")
+        raise UserInputError(f"{why}: {step.command[1]} takes no extra flags, so e2e cannot pass {flag} to "
+                             f"{step.key}: run that script's command by hand with {flag}")
 
 
 def single_model_step(args, key, folder, model, model_dir, zero, data) -> Step:
@@ -442,6 +447,7 @@ def checker_accuracy(actor_dir: Path, data: str, prompts: int, sampling) -> floa
     """Share of held-out synthetic prompts the actor answers right, by the task's checker."""
     import torch
 
+    from training.utils.data.chat_format import PromptFormatFlags, resolve_prompt_format
     from training.utils.data.synthetic import check_answer, generate_rows, parse_synthetic_name
     from training.utils.model.load import load_causal_lm
     from training.utils.sampling import generate_replies
@@ -450,8 +456,9 @@ def checker_accuracy(actor_dir: Path, data: str, prompts: int, sampling) -> floa
     if not rows:  # no held-out prompts to check on
         return None
     model, tokenizer = load_causal_lm(str(actor_dir), torch.device("cpu"))
+    prompt_format = resolve_prompt_format(tokenizer, PromptFormatFlags(), {"actor": str(actor_dir)})  # as it was saved
     torch.manual_seed(0)  # the same sampling noise for every actor checked
-    replies = generate_replies(model, tokenizer, [r["prompt"] for r in rows], sampling)
+    replies = generate_replies(model, prompt_format, [r["prompt"] for r in rows], sampling)
     return sum(check_answer(r["prompt"], reply) for r, reply in zip(rows, replies)) / len(rows)
 
 

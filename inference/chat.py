@@ -1,9 +1,10 @@
 """Multi-turn chat with a trained actor: history in the training prompt format, streaming, stopping.
 
-The model input of every turn is built exactly as the training steps build a prompt with history:
-the HH text "\\n\\nHuman: q1\\n\\nAssistant: a1\\n\\nHuman: q2\\n\\nAssistant:" split by `prompt_chunks`
-and tokenised by `encode_chunks`, so each earlier reply is closed by the EOS id, as step 1 trains it
-and step 3 generates it. A reply ends at EOS or where the model starts the next turn ("\\n\\nHuman:").
+The model input of every turn is built exactly as the training steps build a prompt with history, by the
+model's prompt format (training/utils/data/chat_format.py): the HH text "\\n\\nHuman: q1\\n\\nAssistant: a1
+\\n\\nHuman: q2\\n\\nAssistant:" with each earlier reply closed by the EOS id, or the model's chat template
+with its end-of-turn token. A reply ends at a stop token (EOS, the template's end of turn) or, in the HH
+format, where the model starts the next turn ("\\n\\nHuman:").
 """
 import json
 from dataclasses import dataclass
@@ -12,14 +13,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from training.utils.data.conversation import (
-    ASSISTANT,
-    HUMAN,
-    encode_chunks,
-    format_reply,
-    format_user_turn,
-    prompt_chunks,
-)
+from training.utils.data.chat_format import HH, PromptFormat
+from training.utils.data.conversation import ASSISTANT, HUMAN
 from training.utils.model.build import position_limit
 from training.utils.sampling import SamplingConfig, decoding_attention
 
@@ -48,8 +43,8 @@ class Conversation:
     fits; a single message longer than the limit keeps its last tokens, as training truncates prompts.
     """
 
-    def __init__(self, tokenizer, max_input_tokens: int):
-        self.tokenizer = tokenizer
+    def __init__(self, prompt_format: PromptFormat, max_input_tokens: int):
+        self.prompt_format = prompt_format
         self.max_input_tokens = max_input_tokens
         self.turns: list[Turn] = []
 
@@ -66,10 +61,14 @@ class Conversation:
             raise ValueError("no user message is waiting for a reply")
         self.turns[-1].reply = text
 
-    def prompt_text(self) -> str:
-        """The HH-format prompt: every turn so far, ending with "\\n\\nAssistant:" for the next reply."""
-        return "".join(format_user_turn(t.user) + (format_reply(t.reply) if t.reply is not None else "")
-                       for t in self.turns)
+    def messages(self) -> list[dict]:
+        """Every turn so far as [{role, content}], ending with the user message the next reply answers."""
+        messages = []
+        for turn in self.turns:
+            messages.append({"role": "user", "content": turn.user})
+            if turn.reply is not None:
+                messages.append({"role": "assistant", "content": turn.reply})
+        return messages
 
     def model_input(self) -> ModelInput:
         dropped = 0
@@ -83,20 +82,26 @@ class Conversation:
         return ModelInput(ids, dropped)
 
     def _encode(self) -> list[int]:
-        return encode_chunks(self.tokenizer, prompt_chunks(self.prompt_text()))[0]
+        return self.prompt_format.encode_prompt(self.messages())
 
 
-def cut_at_turn_marker(text: str) -> tuple[str, bool]:
+def turn_markers(prompt_format: PromptFormat) -> tuple[str, ...]:
+    """The texts that start another turn in a format's plain text: HH's markers; none for a chat template
+    (its turns start with special tokens, which generation stops at)."""
+    return TURN_MARKERS if prompt_format.name == HH else ()
+
+
+def cut_at_turn_marker(text: str, markers: tuple[str, ...] = TURN_MARKERS) -> tuple[str, bool]:
     """`text` up to the first turn marker, and whether there was one."""
-    positions = [p for p in (text.find(m) for m in TURN_MARKERS) if p != -1]
+    positions = [p for p in (text.find(m) for m in markers) if p != -1]
     return (text[:min(positions)], True) if positions else (text, False)
 
 
-def unsettled_suffix_length(text: str) -> int:
+def unsettled_suffix_length(text: str, markers: tuple[str, ...] = TURN_MARKERS) -> int:
     """How many trailing characters may still change or turn out to start a turn marker: an incomplete
     multi-byte character (decoded as U+FFFD) or a proper prefix of a marker ("\\n", "\\n\\nHum", ...)."""
     settled = text.rstrip("\ufffd")
-    marker_prefix = max((size for marker in TURN_MARKERS for size in range(1, min(len(marker), len(settled) + 1))
+    marker_prefix = max((size for marker in markers for size in range(1, min(len(marker), len(settled) + 1))
                          if settled.endswith(marker[:size])), default=0)
     return len(text) - len(settled) + marker_prefix
 
@@ -104,22 +109,24 @@ def unsettled_suffix_length(text: str) -> int:
 class StopAtTurnMarker(StoppingCriteria):
     """Stop once the generated text (after `prompt_length` tokens) contains a turn marker."""
 
-    def __init__(self, tokenizer, prompt_length: int):
+    def __init__(self, tokenizer, prompt_length: int, markers: tuple[str, ...] = TURN_MARKERS):
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
+        self.markers = markers
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([cut_at_turn_marker(t)[1] for t in texts], device=input_ids.device)
+        return torch.tensor([cut_at_turn_marker(t, self.markers)[1] for t in texts], device=input_ids.device)
 
 
 class ReplyStreamer(BaseStreamer):
     """Writes the reply while it is generated: decoded text increments, never the prompt, never a turn
     marker. Text that could still become a marker is held back until the next token settles it."""
 
-    def __init__(self, tokenizer, write):
+    def __init__(self, tokenizer, write, markers: tuple[str, ...] = TURN_MARKERS):
         self.tokenizer = tokenizer
         self.write = write
+        self.markers = markers
         self.ids: list[int] = []
         self.written = 0
         self.prompt_skipped = False
@@ -135,10 +142,10 @@ class ReplyStreamer(BaseStreamer):
         self._write_settled(final=True)
 
     def _write_settled(self, final: bool) -> None:
-        text, stopped = cut_at_turn_marker(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        text, stopped = cut_at_turn_marker(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.markers)
         text = text.lstrip()
         if not (final or stopped):
-            text = text[:len(text) - unsettled_suffix_length(text)]
+            text = text[:len(text) - unsettled_suffix_length(text, self.markers)]
         if len(text) > self.written:
             self.write(text[self.written:])
             self.written = len(text)
@@ -152,18 +159,21 @@ class Reply:
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, input_ids: list[int], sampling: SamplingConfig, streamer=None) -> Reply:
-    """One reply to `input_ids` (a single conversation), cut at EOS or at the next turn marker."""
+def generate_reply(model, tokenizer, input_ids: list[int], sampling: SamplingConfig, streamer=None,
+                   stop_token_ids: list[int] | None = None, markers: tuple[str, ...] = TURN_MARKERS) -> Reply:
+    """One reply to `input_ids` (a single conversation), cut at a stop token (default: EOS) or at the next
+    turn marker."""
+    stop_token_ids = stop_token_ids or [tokenizer.eos_token_id]
     device = next(model.parameters()).device
     prompt = torch.tensor([input_ids], dtype=torch.long, device=device)
+    stop_at_marker = StoppingCriteriaList([StopAtTurnMarker(tokenizer, prompt.size(1), markers)] if markers else [])
     with decoding_attention(model):
         output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                stopping_criteria=StoppingCriteriaList([StopAtTurnMarker(tokenizer, prompt.size(1))]),
-                                streamer=streamer, **sampling.generate_kwargs())
+                                eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+                                stopping_criteria=stop_at_marker, streamer=streamer, **sampling.generate_kwargs())
     new_ids = output[0, prompt.size(1):].tolist()
-    text, at_marker = cut_at_turn_marker(tokenizer.decode(new_ids, skip_special_tokens=True))
-    if tokenizer.eos_token_id in new_ids:
+    text, at_marker = cut_at_turn_marker(tokenizer.decode(new_ids, skip_special_tokens=True), markers)
+    if any(i in new_ids for i in stop_token_ids):
         reason = "eos"
     elif at_marker:
         reason = "turn marker"
@@ -224,8 +234,11 @@ class ChatSession:
             self._notice(f"model input ({len(model_input.ids)} tokens): {json.dumps(text, ensure_ascii=False)}")
         self.out.write("Assistant: ")
         self.out.flush()
+        prompt_format = self.conversation.prompt_format
+        markers = turn_markers(prompt_format)
         reply = generate_reply(self.model, self.tokenizer, model_input.ids, self.sampling,
-                               ReplyStreamer(self.tokenizer, self._write_out))
+                               ReplyStreamer(self.tokenizer, self._write_out, markers), prompt_format.stop_token_ids,
+                               markers)
         self.out.write("\n")
         self.out.flush()
         if reply.stop_reason == "max_new_tokens":

@@ -10,7 +10,8 @@ import torch
 from conftest import REPO, clean_env
 
 from inference.chat import Conversation, ReplyStreamer, generate_reply
-from training.utils.data.conversation import format_reply, format_user_turn
+from training.utils.data.chat_format import PromptFormat
+from training.utils.data.conversation import encode_chunks, format_reply, format_user_turn, prompt_chunks
 from training.utils.errors import UserInputError
 from training.utils.model.load import load_causal_lm
 from training.utils.sampling import SamplingConfig
@@ -43,7 +44,7 @@ def test_conversation_tokens_are_step1_training_tokens(tokenizer):
     from training.utils.data.pipeline import DataConfig, tokenise_sft
     from training.utils.data.sources import Sample
 
-    conversation = Conversation(tokenizer, max_input_tokens=512)
+    conversation = Conversation(PromptFormat(tokenizer), max_input_tokens=512)
     conversation.add_user_message("What is 2 + 3?")
     conversation.add_reply("5")
     conversation.add_user_message("  And 4 + 4? ")
@@ -54,7 +55,7 @@ def test_conversation_tokens_are_step1_training_tokens(tokenizer):
     messages = ({"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
                 {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"})
     rows = [Sample(prompt=hh_prompt, demonstration=" 8"), Sample(prompt="", messages=messages)]
-    trained, _ = tokenise_sft(rows, tokenizer, DataConfig(data_path=("unused",)))
+    trained, _ = tokenise_sft(rows, PromptFormat(tokenizer), DataConfig(data_path=("unused",)))
     reply_ids = tokenizer(" 8", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     for row in (trained[0], trained[1]):
         assert model_input.ids + reply_ids == row["input_ids"]
@@ -67,18 +68,18 @@ def test_conversation_tokens_are_step1_training_tokens(tokenizer):
 
 def test_history_drops_the_oldest_turns_to_fit(tokenizer):
     def encoded(turns, question):  # the model input of an untrimmed conversation
-        full = Conversation(tokenizer, 10_000)
+        full = Conversation(PromptFormat(tokenizer), 10_000)
         for q, a in turns:
             full.add_user_message(q)
             full.add_reply(a)
         full.add_user_message(question)
-        assert full.prompt_text() == "".join(format_user_turn(q) + format_reply(a) for q, a in turns) + \
-            format_user_turn(question)
+        hh_text = "".join(format_user_turn(q) + format_reply(a) for q, a in turns) + format_user_turn(question)
+        assert full.model_input().ids == encode_chunks(tokenizer, prompt_chunks(hh_text))[0]
         return full.model_input().ids
 
     turns = [("What is 1 + 1?", "2"), ("What is 2 + 2?", "4"), ("What is 3 + 3?", "6")]
     last_two = len(encoded(turns[1:], "What is 4 + 4?"))
-    conversation = Conversation(tokenizer, max_input_tokens=last_two)
+    conversation = Conversation(PromptFormat(tokenizer), max_input_tokens=last_two)
     for question, answer in turns:
         conversation.add_user_message(question)
         conversation.add_reply(answer)
@@ -90,7 +91,7 @@ def test_history_drops_the_oldest_turns_to_fit(tokenizer):
 
     # a single message longer than the limit keeps its end, as step 1 truncates long prompts
     long_message = " ".join(["word"] * 40)
-    short = Conversation(tokenizer, max_input_tokens=12)
+    short = Conversation(PromptFormat(tokenizer), max_input_tokens=12)
     short.add_user_message(long_message)
     model_input = short.model_input()
     assert model_input.truncated and model_input.ids == encoded([], long_message)[-12:]

@@ -8,6 +8,7 @@ import torch
 from conftest import write_jsonl
 
 from training.utils.data import pipeline
+from training.utils.data.chat_format import PromptFormat
 from training.utils.data.collators import IGNORE_INDEX, PairCollator, PromptCollator, SFTCollator
 from training.utils.data.conversation import encode_chunks, prompt_chunks
 from training.utils.data.pipeline import (
@@ -74,9 +75,9 @@ def test_bad_data_split_is_rejected(bad):
 def test_phases_of_a_real_build_do_not_overlap(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(200))
     cfg = config(tmp_path, [str(data)])
-    sft = build_phase_data(cfg, tokenizer, PHASE_SFT)
-    rm = build_phase_data(cfg, tokenizer, PHASE_REWARD)
-    ppo = build_phase_data(cfg, tokenizer, PHASE_RLHF)
+    sft = build_phase_data(cfg, PromptFormat(tokenizer), PHASE_SFT)
+    rm = build_phase_data(cfg, PromptFormat(tokenizer), PHASE_REWARD)
+    ppo = build_phase_data(cfg, PromptFormat(tokenizer), PHASE_RLHF)
     p1, p2 = prompts_of(sft, tokenizer), prompts_of(rm, tokenizer, "chosen_ids")
     p3 = prompts_of(ppo, tokenizer, "prompt_ids")
     assert p1 and p2 and p3
@@ -85,7 +86,7 @@ def test_phases_of_a_real_build_do_not_overlap(tmp_path, tokenizer):
     assert (len(sft.train), len(rm.train), len(ppo.train)) == (36, 72, 72)
     assert (len(sft.eval), len(rm.eval), len(ppo.eval)) == (4, 8, 8)
     # --seed of training does not move the split: the same data_seed gives the same train set
-    again = build_phase_data(config(tmp_path / "other", [str(data)]), tokenizer, PHASE_SFT)
+    again = build_phase_data(config(tmp_path / "other", [str(data)]), PromptFormat(tokenizer), PHASE_SFT)
     assert prompts_of(again, tokenizer) == p1
 
 
@@ -94,24 +95,24 @@ def test_sft_only_data_is_used_whole_in_phase_1_only(tmp_path, tokenizer):
     sft_rows = [{"prompt": f"\n\nHuman: extra {i}\n\nAssistant:", "response": f" ok {i}"} for i in range(30)]
     sft_only = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     cfg = config(tmp_path, [str(pairs)], sft_only_data_path=(str(sft_only),))
-    sft = build_phase_data(cfg, tokenizer, PHASE_SFT)
+    sft = build_phase_data(cfg, PromptFormat(tokenizer), PHASE_SFT)
     assert len(sft.train) == 18 + 30  # 2/10 of the 90 train rows, plus every sft-only row
     assert sum(t.startswith("\n\nHuman: extra") for t in prompts_of(sft, tokenizer)) == 30
-    rm = build_phase_data(cfg, tokenizer, PHASE_REWARD)
+    rm = build_phase_data(cfg, PromptFormat(tokenizer), PHASE_REWARD)
     assert not any(t.startswith("\n\nHuman: extra") for t in prompts_of(rm, tokenizer, "chosen_ids"))
 
 
 def test_empty_phase_is_one_clear_error(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(50))
     with pytest.raises(UserInputError, match="--data_split 0,5,5 leaves no training rows for phase 1"):
-        build_phase_data(config(tmp_path, [str(data)], data_split="0,5,5"), tokenizer, PHASE_SFT)
+        build_phase_data(config(tmp_path, [str(data)], data_split="0,5,5"), PromptFormat(tokenizer), PHASE_SFT)
     assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
 
 
 def test_blending_two_sources(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", pair_rows(50, "alpha"))
     b = write_jsonl(tmp_path / "b.jsonl", pair_rows(50, "beta"))
-    sft = build_phase_data(config(tmp_path, [str(a), str(b)], data_split="10,0,0"), tokenizer, PHASE_SFT)
+    sft = build_phase_data(config(tmp_path, [str(a), str(b)], data_split="10,0,0"), PromptFormat(tokenizer), PHASE_SFT)
     texts = prompts_of(sft, tokenizer)
     assert len(sft.train) == 90
     assert sum("alpha" in t for t in texts) == 45 and sum("beta" in t for t in texts) == 45
@@ -122,13 +123,13 @@ def test_blending_two_sources(tmp_path, tokenizer):
 def test_cache_is_reused_when_nothing_changed(tmp_path, tokenizer, monkeypatch):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(60))
     cfg = config(tmp_path, [str(data)])
-    first = build_phase_data(cfg, tokenizer, PHASE_SFT)
+    first = build_phase_data(cfg, PromptFormat(tokenizer), PHASE_SFT)
 
     def fail(*args, **kwargs):
         raise AssertionError("the cache was rebuilt although nothing changed")
 
     monkeypatch.setattr(pipeline, "_build_cache", fail)
-    second = build_phase_data(cfg, tokenizer, PHASE_SFT)
+    second = build_phase_data(cfg, PromptFormat(tokenizer), PHASE_SFT)
     assert second.cache_dir == first.cache_dir
     assert [second.train[i] for i in range(len(second.train))] == [first.train[i] for i in range(len(first.train))]
 
@@ -136,18 +137,19 @@ def test_cache_is_reused_when_nothing_changed(tmp_path, tokenizer, monkeypatch):
 def test_cache_key_changes_with_everything_that_changes_tokens(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(60))
     base = config(tmp_path, [str(data)])
-    dirs = {build_phase_data(base, tokenizer, PHASE_SFT).cache_dir}
-    dirs.add(build_phase_data(config(tmp_path, [str(data)], max_seq_len=32), tokenizer, PHASE_SFT).cache_dir)
-    dirs.add(build_phase_data(config(tmp_path, [str(data)], data_seed=5), tokenizer, PHASE_SFT).cache_dir)
-    dirs.add(build_phase_data(config(tmp_path, [str(data)], data_split="3,3,4"), tokenizer, PHASE_SFT).cache_dir)
-    dirs.add(build_phase_data(base, tokenizer, PHASE_REWARD).cache_dir)
+    hh = PromptFormat(tokenizer)
+    dirs = {build_phase_data(base, hh, PHASE_SFT).cache_dir}
+    dirs.add(build_phase_data(config(tmp_path, [str(data)], max_seq_len=32), hh, PHASE_SFT).cache_dir)
+    dirs.add(build_phase_data(config(tmp_path, [str(data)], data_seed=5), hh, PHASE_SFT).cache_dir)
+    dirs.add(build_phase_data(config(tmp_path, [str(data)], data_split="3,3,4"), hh, PHASE_SFT).cache_dir)
+    dirs.add(build_phase_data(base, PromptFormat(tokenizer), PHASE_REWARD).cache_dir)
     eot_tokenizer = load_tokenizer("tiny/opt", add_eot_token=True, eot_token="<|end_of_turn|>")
-    dirs.add(build_phase_data(base, eot_tokenizer, PHASE_SFT).cache_dir)
+    dirs.add(build_phase_data(base, PromptFormat(eot_tokenizer), PHASE_SFT).cache_dir)
     llama_style = load_tokenizer("tiny/opt")
     llama_style.add_tokens(["arithmetic"])  # a different vocabulary
-    dirs.add(build_phase_data(base, llama_style, PHASE_SFT).cache_dir)
+    dirs.add(build_phase_data(base, PromptFormat(llama_style), PHASE_SFT).cache_dir)
     write_jsonl(data, pair_rows(61))  # the data changed
-    dirs.add(build_phase_data(base, tokenizer, PHASE_SFT).cache_dir)
+    dirs.add(build_phase_data(base, PromptFormat(tokenizer), PHASE_SFT).cache_dir)
     assert len(dirs) == 8
 
 
@@ -155,7 +157,7 @@ def test_eot_token_is_the_trained_end_token(tmp_path):
     tok = load_tokenizer("tiny/opt", add_eot_token=True, eot_token="<|end_of_turn|>")
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|end_of_turn|>"
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(20))
-    sft = build_phase_data(config(tmp_path, [str(data)], data_split="1,0,0"), tok, PHASE_SFT)
+    sft = build_phase_data(config(tmp_path, [str(data)], data_split="1,0,0"), PromptFormat(tok), PHASE_SFT)
     item = sft.train[0]
     assert item["input_ids"][-1] == tok.eos_token_id and item["loss_mask"][-1] == 1
 
@@ -165,7 +167,7 @@ def test_eot_token_is_the_trained_end_token(tmp_path):
 def test_sft_labels_cover_reply_and_eos_only(tokenizer):
     rows = [Sample(prompt="\n\nHuman: What is 2 + 2?\n\nAssistant:", chosen=" 4"),
             Sample(prompt="\n\nHuman: Say a long thing\n\nAssistant:", chosen=" one two three four")]
-    dataset, _ = pipeline.tokenise_sft(rows, tokenizer, DataConfig(data_path=()))
+    dataset, _ = pipeline.tokenise_sft(rows, PromptFormat(tokenizer), DataConfig(data_path=()))
     batch = SFTCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     prompt_len = len(encode_chunks(tokenizer, prompt_chunks(rows[0].prompt))[0])
     reply = tokenizer(" 4", add_special_tokens=False)["input_ids"]
@@ -190,7 +192,7 @@ def test_multi_turn_trains_assistant_turns_only(tokenizer):
                 {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
                 {"role": "assistant", "content": "goodbye"})
     sample = Sample(prompt="unused", chosen=" goodbye", messages=messages)
-    dataset, _ = pipeline.tokenise_sft([sample], tokenizer, DataConfig(data_path=()))
+    dataset, _ = pipeline.tokenise_sft([sample], PromptFormat(tokenizer), DataConfig(data_path=()))
     item = dataset[0]
     trained = [t for t, m in zip(item["input_ids"], item["loss_mask"]) if m]
     eos = tokenizer.eos_token_id
@@ -208,14 +210,14 @@ def test_history_in_prompt_gets_eos_after_each_earlier_reply(tokenizer):
 
 def test_train_on_prompt_puts_prompt_in_the_loss(tokenizer):
     rows = [Sample(prompt="\n\nHuman: x\n\nAssistant:", chosen=" y")]
-    dataset, _ = pipeline.tokenise_sft(rows, tokenizer, DataConfig(data_path=(), train_on_prompt=True))
+    dataset, _ = pipeline.tokenise_sft(rows, PromptFormat(tokenizer), DataConfig(data_path=(), train_on_prompt=True))
     assert all(dataset[0]["loss_mask"])
 
 
 def test_truncation_keeps_reply_and_eos(tokenizer):
     long_prompt = "\n\nHuman: " + " ".join(["word"] * 100) + "\n\nAssistant:"
     rows = [Sample(prompt=long_prompt, chosen=" short")]
-    dataset, counts = pipeline.tokenise_sft(rows, tokenizer, DataConfig(data_path=(), max_seq_len=16))
+    dataset, counts = pipeline.tokenise_sft(rows, PromptFormat(tokenizer), DataConfig(data_path=(), max_seq_len=16))
     item = dataset[0]
     assert len(item["input_ids"]) == 16 and counts["prompt_truncated"] == 1
     assert item["input_ids"][-1] == tokenizer.eos_token_id and item["loss_mask"][-1] == 1
@@ -226,7 +228,7 @@ def test_pairs_end_with_eos_and_identical_pairs_are_counted(tokenizer):
     rows = [Sample(prompt="\n\nHuman: a\n\nAssistant:", chosen=" good", rejected=" bad"),
             Sample(prompt="\n\nHuman: b\n\nAssistant:", chosen=" same", rejected=" same"),
             Sample(prompt="\n\nHuman: c\n\nAssistant:", chosen=" only")]
-    dataset, counts = pipeline.tokenise_pairs(rows, tokenizer, DataConfig(data_path=()))
+    dataset, counts = pipeline.tokenise_pairs(rows, PromptFormat(tokenizer), DataConfig(data_path=()))
     assert len(dataset) == 1 and counts["identical_pair"] == 1 and counts["no_pair"] == 1
     batch = PairCollator(tokenizer.pad_token_id)([dataset[0]])
     assert batch["input_ids"].shape[0] == 2
@@ -250,7 +252,7 @@ def test_ragged_dataset_round_trip(tmp_path):
 
 def test_synthetic_source_through_the_pipeline(tmp_path, tokenizer):
     name = "synthetic/arithmetic:size=500,eval_size=50"
-    sft = build_phase_data(config(tmp_path, [name]), tokenizer, PHASE_SFT)
+    sft = build_phase_data(config(tmp_path, [name]), PromptFormat(tokenizer), PHASE_SFT)
     assert len(sft.train) == 100 and len(sft.eval) == 10
     text = tokenizer.decode(sft.train[0]["input_ids"])
     assert text.startswith("\n\nHuman: What is ") and text.endswith("<|endoftext|>")

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, assert_ok, read_metrics, run_script, write_jsonl
 
+from training.utils.data.chat_format import PromptFormat
 from training.utils.data.collators import PairCollator
 from training.utils.data.pipeline import PHASE_REWARD, DataConfig, build_phase_data, make_loader, tokenise_pairs
 from training.utils.data.sources import Sample
@@ -50,7 +51,7 @@ def seeded_tiny_model(tokenizer, seed: int = 1234):
 def eval_loader(tmp_path, tokenizer, data=COPY, batch_size=32):
     """The eval split main.py used (the cache it built is found again by its key)."""
     config = DataConfig(data_path=(data,), data_split="1,8,1", data_output_path=str(tmp_path / "cache"), max_seq_len=96)
-    data = build_phase_data(config, tokenizer, PHASE_REWARD)
+    data = build_phase_data(config, PromptFormat(tokenizer), PHASE_REWARD)
     return make_loader(data.eval, batch_size, PairCollator(tokenizer.pad_token_id), seed=1234, shuffle=False)
 
 
@@ -61,7 +62,7 @@ def test_reply_log_prob_sums_reply_and_eos_only_with_right_padding(tokenizer):
     rows = [Sample(prompt="\n\nHuman: Repeat: 1 2 3 4\n\nAssistant:", chosen=" 1 2 3 4", rejected=" 1 2 4"),
             Sample(prompt="\n\nHuman: a much longer question, so the rows differ in length\n\nAssistant:",
                    chosen=" yes", rejected=" no, and then it goes on and on")]
-    dataset, _ = tokenise_pairs(rows, tokenizer, DataConfig(data_path=()))
+    dataset, _ = tokenise_pairs(rows, PromptFormat(tokenizer), DataConfig(data_path=()))
     batch = PairCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     ids, mask, reply = batch["input_ids"], batch["attention_mask"], batch["reply_mask"]
     assert ids.shape == reply.shape and (mask == 0).any()  # right padding present
@@ -91,8 +92,8 @@ def test_reply_log_prob_sums_reply_and_eos_only_with_right_padding(tokenizer):
 
 def test_truncated_prompt_keeps_the_reply_mask_aligned(tokenizer):
     long_prompt = "\n\nHuman: " + " ".join(["word"] * 60) + "\n\nAssistant:"
-    dataset, counts = tokenise_pairs([Sample(prompt=long_prompt, chosen=" short", rejected=" other")], tokenizer,
-                                     DataConfig(data_path=(), max_seq_len=16))
+    dataset, counts = tokenise_pairs([Sample(prompt=long_prompt, chosen=" short", rejected=" other")],
+                                     PromptFormat(tokenizer), DataConfig(data_path=(), max_seq_len=16))
     item = dataset[0]
     assert counts["prompt_truncated"] == 1 and len(item["chosen_ids"]) == len(item["chosen_reply_mask"]) == 16
     reply_ids = tokenizer(" short", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -106,7 +107,7 @@ def test_policy_equal_to_reference_gives_log_2_and_zero_rewards(tokenizer):
 
     rows = [Sample(prompt=f"\n\nHuman: Repeat: {i} 2 7\n\nAssistant:", chosen=f" {i} 2 7", rejected=f" {i} 7")
             for i in range(4)] + [Sample(prompt="\n\nHuman: hello there\n\nAssistant:", chosen=" hi", rejected=" go")]
-    dataset, _ = tokenise_pairs(rows, tokenizer, DataConfig(data_path=()))
+    dataset, _ = tokenise_pairs(rows, PromptFormat(tokenizer), DataConfig(data_path=()))
     batch = PairCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     policy, reference = seeded_tiny_model(tokenizer), seeded_tiny_model(tokenizer)
     with torch.no_grad():
@@ -136,7 +137,7 @@ def test_cached_reference_log_probs_equal_a_reference_forward_per_batch(tmp_path
 
     config = DataConfig(data_path=(SMALL,), data_split="1,8,1", data_output_path=str(tmp_path / "cache"),
                         max_seq_len=96)
-    data = build_phase_data(config, tokenizer, PHASE_REWARD)
+    data = build_phase_data(config, PromptFormat(tokenizer), PHASE_REWARD)
     collator, cpu = PairCollator(tokenizer.pad_token_id), torch.device("cpu")
     plain_train = make_loader(data.train, 16, collator, seed=1234, shuffle=True, length_grouped=True)
     train_loader = with_sample_index(plain_train)

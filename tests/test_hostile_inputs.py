@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, STEP1_DIR, assert_ok, clean_env, run_script, write_jsonl
 
+from training.utils.data.chat_format import PromptFormat
 from training.utils.errors import UserInputError
 
 CHAT = REPO / "applications" / "chat.py"
@@ -42,7 +43,8 @@ def test_chat_history_beyond_the_positions_keeps_the_latest_turns(tokenizer, cap
     assert capsys.readouterr().err.count("keeping the most recent turns that fit in 504 tokens") == 1
 
     out, log = io.StringIO(), io.StringIO()
-    session = ChatSession(model, tokenizer, Conversation(tokenizer, limit), SamplingConfig(max_new_tokens=8), out, log)
+    session = ChatSession(model, tokenizer, Conversation(PromptFormat(tokenizer), limit),
+                          SamplingConfig(max_new_tokens=8), out, log)
     message = "word " * 200  # 200+ tokens: three turns exceed the positions (an IndexError before the fix)
     for _ in range(4):
         reply = session.answer(message)
@@ -108,7 +110,7 @@ def test_pairs_cut_by_a_small_max_seq_len_say_how_long_the_replies_are(tokenizer
 
     rows = [Sample(prompt="\n\nHuman: q\n\nAssistant:", chosen=" a b c", rejected=" d e f g h")]
     config = DataConfig(data_path=["rows.jsonl"], max_seq_len=4)
-    dataset, counts = tokenise_pairs(rows, tokenizer, config)
+    dataset, counts = tokenise_pairs(rows, PromptFormat(tokenizer), config)
     reply = len(tokenizer(" d e f g h", add_special_tokens=False)["input_ids"]) + 1  # + EOS
     assert len(dataset) == 0 and counts["too_long"] == 1 and counts["shortest_too_long_reply"] == reply
     with pytest.raises(UserInputError, match=f"raise --max_seq_len to at least {reply + 1}"):
@@ -121,7 +123,7 @@ def test_every_sft_sample_keeps_a_label_at_the_smallest_max_seq_len(tokenizer):
     from training.utils.data.sources import Sample
 
     rows = [Sample(prompt="\n\nHuman: a long question here\n\nAssistant:", chosen=" a long reply here")] * 3
-    dataset, counts = tokenise_sft(rows, tokenizer, SFTDataConfig(data_path=["x"], max_seq_len=2))
+    dataset, counts = tokenise_sft(rows, PromptFormat(tokenizer), SFTDataConfig(data_path=["x"], max_seq_len=2))
     assert len(dataset) == 3 and counts["no_label"] == 0
     assert all(sum(dataset[i]["loss_mask"][1:]) >= 1 for i in range(3))
 

@@ -60,10 +60,12 @@ def test_rw_eval_reloads_the_trained_model_with_identical_scores(trained_reward_
     assert scores["accuracy"] >= 0.9
     # the same scores in this process, from the same directory
     from training.step2_reward_model_finetuning.rw_eval import score
+    from training.utils.data.chat_format import PromptFormat
 
     model, tokenizer, _ = load_reward_model(str(output))
     model.eval()
-    again = score(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], 512, 8)
+    hh = PromptFormat(tokenizer)
+    again = score(model, hh, [hh.prompt(r["prompt"]) for r in rows], [r["chosen"] for r in rows], 512, 8)
     assert torch.allclose(torch.tensor(again), torch.tensor(scores["chosen_scores"]), atol=1e-5)
     single = run_script(STEP2_DIR, ["rw_eval.py", "--model_name_or_path", str(output), "--prompt",
                                     rows[0]["prompt"], "--chosen", rows[0]["chosen"],

@@ -1,11 +1,13 @@
 """The built-in synthetic task, the shipped tokenizer and the tiny model configs (CPU, offline, seconds)."""
 import dataclasses
+import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training.utils.assets import TOKENIZER_DIR
+from training.utils.assets import ASSETS_DIR, TOKENIZER_DIR
+from training.utils.assets.chat_tokenizers import write_chat_tokenizers
 from training.utils.assets.train_tokenizer import synthetic_texts, train
 from training.utils.data.conversation import format_user_turn
 from training.utils.data.synthetic import (
@@ -19,6 +21,7 @@ from training.utils.data.synthetic import (
 )
 from training.utils.errors import UserInputError
 from training.utils.model.configs import list_tiny_configs, load_tiny_config
+from training.utils.tokenizer import load_tokenizer
 
 SMALL = ArithmeticSpec(size=2000, eval_size=300)
 
@@ -213,8 +216,9 @@ def test_tokenizer_training_is_deterministic():
 
 
 def test_tiny_config_names():
-    assert list_tiny_configs() == ["tiny/llama", "tiny/llama-20m", "tiny/opt", "tiny/opt-20m"]
-    with pytest.raises(UserInputError, match="tiny/llama, tiny/llama-20m, tiny/opt, tiny/opt-20m"):
+    names = ["tiny/llama", "tiny/llama-20m", "tiny/llama3", "tiny/opt", "tiny/opt-20m", "tiny/qwen2"]
+    assert list_tiny_configs() == names
+    with pytest.raises(UserInputError, match=", ".join(names)):
         load_tiny_config("tiny/gpt5")
 
 
@@ -230,3 +234,31 @@ def test_tiny_config_builds_and_runs_forward(name, tokenizer):
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
     assert logits.shape == (2, 9, config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name, architecture, chat_tokens", [
+    ("tiny/qwen2", "Qwen2ForCausalLM", ["<|im_start|>", "<|im_end|>"]),
+    ("tiny/llama3", "LlamaForCausalLM", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                         "<|eot_id|>"])])
+def test_chat_family_tiny_models_use_the_shipped_tokenizer_extended(name, architecture, chat_tokens, tokenizer):
+    """The Qwen2- and Llama-3-style shapes: the shipped BPE vocabulary unchanged (same ids for plain text), their
+    family's special tokens appended after it, a chat template, and a config that covers every id."""
+    chat_tokenizer = load_tokenizer(name)
+    assert chat_tokenizer("What is 12 + 5?", add_special_tokens=False)["input_ids"] == \
+        tokenizer("What is 12 + 5?", add_special_tokens=False)["input_ids"]
+    assert chat_tokenizer.convert_tokens_to_ids(chat_tokens) == list(range(4096, 4096 + len(chat_tokens)))
+    assert isinstance(chat_tokenizer.chat_template, str) and chat_tokens[-1] in chat_tokenizer.chat_template
+    config = load_tiny_config(name)
+    assert config.architectures == [architecture] and config.vocab_size >= len(chat_tokenizer)
+    assert config.bos_token_id == chat_tokenizer.bos_token_id  # Llama 3's tokenizer adds <|begin_of_text|>
+    assert not hasattr(config, "tokenizer")  # the config file's tokenizer key is not a model setting
+
+
+def test_shipped_chat_tokenizers_are_rebuilt_byte_for_byte(tmp_path):
+    """assets/chat_tokenizers.py reproduces the shipped tokenizer-chatml/ and tokenizer-llama3/ exactly."""
+    for path in write_chat_tokenizers(str(tmp_path)):
+        name = os.path.basename(path)
+        shipped = ASSETS_DIR / name
+        assert sorted(os.listdir(path)) == sorted(os.listdir(shipped))
+        for file in os.listdir(path):
+            assert (tmp_path / name / file).read_bytes() == (shipped / file).read_bytes(), f"{name}/{file}"

@@ -6,7 +6,8 @@
 import torch
 
 from training.utils.config import at_least, configuration, group, option, parse_config
-from training.utils.data.conversation import encode_chunks, format_user_turn, prompt_chunks
+from training.utils.data.chat_format import PromptFormatFlags, chosen_format, resolve_prompt_format
+from training.utils.data.conversation import format_user_turn
 from training.utils.errors import UserInputError, report_user_errors
 from training.utils.flags import EvalBatchFlags, ReplyLengthFlags, SamplingFlags, SeedFlags
 from training.utils.model.build import check_fits_positions
@@ -24,7 +25,7 @@ DEFAULT_PROMPTS = {
 
 
 @configuration(max_new_tokens=64)
-class PromptEvalConfig(ReplyLengthFlags, SeedFlags, EvalBatchFlags):
+class PromptEvalConfig(ReplyLengthFlags, SeedFlags, EvalBatchFlags, PromptFormatFlags):
     model_name_or_path_baseline: str = option(help="The model before fine-tuning (a directory or tiny name).",
                                               required=True)
     model_name_or_path_finetune: str = option(help="The fine-tuned model directory.", required=True)
@@ -38,6 +39,16 @@ class PromptEvalConfig(ReplyLengthFlags, SeedFlags, EvalBatchFlags):
     num_beams: int = option(1, "Beam search width (greedy decoding only).", check=at_least(1))
     sampling: SamplingFlags = group(SamplingFlags)
 
+    def validate(self) -> None:
+        chosen_format(self, self.model_paths())
+
+    def model_paths(self, first: str | None = None) -> dict[str, str]:
+        """Both models by flag (`first` of them first): they are asked in one format, the one either was
+        trained with (chat_format.chosen_format)."""
+        paths = {"--model_name_or_path_baseline": self.model_name_or_path_baseline,
+                 "--model_name_or_path_finetune": self.model_name_or_path_finetune}
+        return dict(sorted(paths.items(), key=lambda item: item[1] != first))
+
 
 def parse_args(argv=None) -> PromptEvalConfig:
     return parse_config(PromptEvalConfig, argv, "Baseline vs fine-tuned generations, side by side.")
@@ -50,10 +61,10 @@ def _to_prompt(text: str) -> str:
     return format_user_turn(text)
 
 
-def check_prompts_fit(model, tokenizer, prompts: list[str], max_new_tokens: int, path: str) -> None:
+def check_prompts_fit(model, prompt_format, prompts: list[str], max_new_tokens: int, path: str) -> None:
     """Refuse before generating when the longest prompt plus --max_new_tokens exceeds the model's positions
     (generation would fail with an IndexError half-way through)."""
-    lengths = [len(encode_chunks(tokenizer, prompt_chunks(p))[0]) for p in prompts]
+    lengths = [len(prompt_format.encode_prompt(p)) for p in prompts]
     longest = max(range(len(prompts)), key=lengths.__getitem__)
     check_fits_positions(model.config, lengths[longest] + max_new_tokens,
                          f"prompt {longest} ({lengths[longest]} tokens) + --max_new_tokens {max_new_tokens}", path,
@@ -82,8 +93,9 @@ def main(argv=None) -> dict:
     for label, path in (("baseline", config.model_name_or_path_baseline),
                         ("finetune", config.model_name_or_path_finetune)):
         model, tokenizer = load_causal_lm(path, device)
-        check_prompts_fit(model, tokenizer, prompts, config.max_new_tokens, path)
-        results[label] = generate_replies(model, tokenizer, prompts, sampling, config.batch_size)
+        prompt_format = resolve_prompt_format(tokenizer, config, config.model_paths(first=path))
+        check_prompts_fit(model, prompt_format, prompts, config.max_new_tokens, path)
+        results[label] = generate_replies(model, prompt_format, prompts, sampling, config.batch_size)
         del model
     for i, prompt in enumerate(prompts[:20]):
         print(f"==== prompt {i}: {prompt.strip()!r}")

@@ -4,8 +4,9 @@
     python rw_eval.py --model_name_or_path out/reward --pairs prefs.jsonl        # accuracy + per-pair scores
     python rw_eval.py --model_name_or_path out/reward --samples replies.jsonl    # {"prompt", "response"} rows
 
-Prompts without the "Human: ... Assistant:" markers are wrapped in them; every reply gets the EOS id,
-exactly as in training, so the score is read where the model learnt to put it.
+Prompts without the "Human: ... Assistant:" markers are one user turn; prompt and reply are rendered in the
+format the reward model was trained with (its prompt_format.json), every reply closed by the end-of-turn
+token exactly as in training, so the score is read where the model learnt to put it.
 """
 import json
 import sys
@@ -13,15 +14,9 @@ import sys
 import torch
 
 from training.utils.config import at_least, configuration, group, option, parse_config
+from training.utils.data.chat_format import PromptFormat, PromptFormatFlags, chosen_format, resolve_prompt_format
 from training.utils.data.collators import pad_batch
-from training.utils.data.conversation import (
-    ASSISTANT,
-    Chunk,
-    encode_conversations,
-    format_reply,
-    format_user_turn,
-    prompt_chunks,
-)
+from training.utils.data.conversation import ASSISTANT, Chunk, format_user_turn
 from training.utils.data.pipeline import SeqLenFlags
 from training.utils.data.sources import open_source
 from training.utils.errors import UserInputError, report_user_errors
@@ -32,7 +27,7 @@ from training.utils.model.reward_model import load_reward_model
 
 
 @configuration()
-class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags):
+class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags, PromptFormatFlags):
     model: ModelPathFlags = group(ModelPathFlags, help={"model_name_or_path": "A step-2 output directory."})
     prompt: str | None = option(None, "One prompt (plain text or HH format).")
     chosen: str | None = option(None, "A reply to --prompt (with --rejected: a pair).")
@@ -48,6 +43,7 @@ class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags):
                                  "--samples FILE")
         if self.prompt is not None and self.chosen is None:
             raise UserInputError("--prompt needs --chosen (and optionally --rejected)")
+        chosen_format(self, {"--model_name_or_path": self.model.model_name_or_path})
 
 
 def parse_args(argv=None) -> RewardEvalConfig:
@@ -59,10 +55,13 @@ def as_prompt(text: str) -> str:
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list[str], replies: list[str], max_seq_len: int, batch_size: int) -> list[float]:
-    """Reward of each (prompt, reply): the value at the EOS that ends the reply (left-truncated prompts)."""
-    conversations = [prompt_chunks(p) + [Chunk(r, ends_turn=True)] for p, r in zip(prompts, replies)]
-    encoded = [ids[-max_seq_len:] for ids, _ in encode_conversations(tokenizer, conversations)]
+def score(model, prompt_format: PromptFormat, prompts: list[list[Chunk]], replies: list[str], max_seq_len: int,
+          batch_size: int) -> list[float]:
+    """Reward of each (rendered prompt, reply): the value at the end-of-turn token that closes the reply
+    (prompts cut from the left to fit)."""
+    tokenizer = prompt_format.tokenizer
+    conversations = [prompt + [prompt_format.reply(r)] for prompt, r in zip(prompts, replies)]
+    encoded = [ids[-max_seq_len:] for ids, _ in prompt_format.encode(conversations)]
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(encoded), batch_size):
@@ -89,18 +88,21 @@ def load_rows(path: str, need_pairs: bool):
 def main(argv=None) -> dict:
     config = parse_args(argv)
     model, tokenizer, info = load_reward_model(config.model.model_name_or_path)
+    prompt_format = resolve_prompt_format(tokenizer, config, {"--model_name_or_path": config.model.model_name_or_path})
     check_fits_positions(model.config, config.max_seq_len, f"--max_seq_len {config.max_seq_len}",
                          config.model.model_name_or_path, "lower --max_seq_len to at most {limit}")
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if config.prompt is not None:
-        prompts, chosen = [as_prompt(config.prompt)], [format_reply(config.chosen)]
-        rejected = [format_reply(config.rejected)] if config.rejected is not None else None
+        prompts, chosen = [as_prompt(config.prompt)], [config.chosen]
+        rejected = [config.rejected] if config.rejected is not None else None
+        rendered = [prompt_format.prompt(prompts[0])]
     else:
         rows = load_rows(config.pairs or config.samples, need_pairs=config.pairs is not None)
         prompts, chosen = [r.prompt for r in rows], [r.chosen for r in rows]
         rejected = [r.rejected for r in rows] if config.pairs else None
-    chosen_scores = score(model, tokenizer, prompts, chosen, config.max_seq_len, config.batch_size)
-    rejected_scores = (score(model, tokenizer, prompts, rejected, config.max_seq_len, config.batch_size)
+        rendered = [prompt_format.prompt_of(r) for r in rows]
+    chosen_scores = score(model, prompt_format, rendered, chosen, config.max_seq_len, config.batch_size)
+    rejected_scores = (score(model, prompt_format, rendered, rejected, config.max_seq_len, config.batch_size)
                        if rejected else None)
     for i in range(min(config.show, len(prompts))):
         line = f"[{i}] prompt {prompts[i].strip()[:80]!r}\n    chosen   {chosen_scores[i]:+.4f}  {chosen[i][:80]!r}"

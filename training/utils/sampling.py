@@ -1,11 +1,10 @@
-"""Decoding controls, and batched generation of replies in the project's prompt format (stops at EOS)."""
+"""Decoding controls, and batched generation of replies in a model's prompt format (stops at its stop tokens)."""
 import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from training.utils.data.collators import PromptCollator
-from training.utils.data.conversation import encode_chunks, prompt_chunks
 
 
 @dataclass
@@ -56,20 +55,21 @@ def decoding_attention(model):
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[str], sampling: SamplingConfig,
+def generate_replies(model, prompt_format, prompts: list[str], sampling: SamplingConfig,
                      batch_size: int = 16) -> list[str]:
-    """The reply text for each HH-format prompt (without the EOS), in order."""
+    """The reply text for each prompt (HH text, or messages), in order, rendered in `prompt_format`
+    (chat_format.PromptFormat) and stopped at its stop tokens (not part of the text)."""
+    tokenizer = prompt_format.tokenizer
     collator = PromptCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     replies = []
     with decoding_attention(model):
         for start in range(0, len(prompts), batch_size):
-            items = [{"prompt_ids": encode_chunks(tokenizer, prompt_chunks(p))[0]}
-                     for p in prompts[start:start + batch_size]]
+            items = [{"prompt_ids": prompt_format.encode_prompt(p)} for p in prompts[start:start + batch_size]]
             batch = collator(items)
             output = model.generate(input_ids=batch["input_ids"].to(device),
                                     attention_mask=batch["attention_mask"].to(device),
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=prompt_format.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
                                     **sampling.generate_kwargs())
             new_tokens = output[:, batch["input_ids"].size(1):]
             replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -8,7 +8,6 @@ prompt (ChatML, as Qwen2's), an end-of-turn token (`<|im_end|>`, `<|eot_id|>`) d
 tokenizer itself adds (Llama 3). The build is deterministic: tests/test_chat_format.py rebuilds both and
 compares them byte for byte with the shipped files.
 """
-import argparse
 import os
 
 from training.utils.assets import ASSETS_DIR, TOKENIZER_DIR
@@ -52,9 +51,7 @@ def write_chat_tokenizers(output_dir: str = str(ASSETS_DIR)) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default=str(ASSETS_DIR), help="Where the tokenizer directories go.")
-    for path in write_chat_tokenizers(parser.parse_args().output_dir):
+    for path in write_chat_tokenizers():
         print(path)
 
 
