@@ -57,6 +57,17 @@ def parse_args(argv=None):
                         help="Skip step 2 when <output-dir>/<set>/reward holds the reward model of an earlier run "
                              "(to rerun PPO with other settings).")
     parser.add_argument("--answer-len", type=int, default=32)
+    parser.add_argument("--apply-chat-template", action="store_true",
+                        help="Steps 2 and 3 format every conversation with the model's chat template "
+                             "(--apply_chat_template) instead of the HH text.")
+    parser.add_argument("--rm-lora-dim", type=int, default=0,
+                        help="Train the reward model's LoRA factors (rank N) and value head only (0: full).")
+    parser.add_argument("--rm-lora-lr", type=float, default=5e-4, help="Learning rate of the LoRA factors.")
+    parser.add_argument("--dtype", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="Training precision of both steps (fp32: the first runs' setting).")
+    parser.add_argument("--run-name", default=None,
+                        help="The results key and table row of this run (default: the set name); runs under other "
+                             "names keep their rows, so one table compares formats and settings.")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="Steps 2 and 3 recompute activations in the backward pass: less memory, more time "
                              "(the zh run at max_seq_len 256 needed it on a 24 GB machine).")
@@ -169,9 +180,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run_set(args, name: str) -> dict:
-    out = Path(args.output_dir).resolve() / name
+    out = Path(args.output_dir).resolve() / (args.run_name or name)
     counts = prepare(args, name, out)
-    common = ["--dtype", "fp32", "--deepspeed", "--data_output_path", str(out / "cache")]
+    common = ["--dtype", args.dtype, "--deepspeed", "--data_output_path", str(out / "cache")]
+    common += ["--apply_chat_template"] if args.apply_chat_template else []
+    lora = (["--lora_dim", str(args.rm_lora_dim), "--lora_module_name", "layers.", "--only_optimize_lora",
+             "--lora_learning_rate", str(args.rm_lora_lr)] if args.rm_lora_dim else [])
     checkpointing = args.gradient_checkpointing
     rm_dir, ppo_dir = out / "reward", out / "ppo_model"
     rm_time_file = out / "reward_seconds.txt"  # step 2's wall time, kept for runs that reuse its model
@@ -185,10 +199,10 @@ def run_set(args, name: str) -> dict:
             "--per_device_eval_batch_size", "16", "--learning_rate", str(args.rm_lr), "--num_train_epochs",
             str(args.rm_epochs), "--num_warmup_steps", "10", "--eval_interval", str(args.rm_eval_interval),
             "--eval_iters", "0", "--dropout", "0.0",
-            "--output_dir", str(rm_dir), *common] + (["--gradient_checkpointing"] if checkpointing else []),
+            "--output_dir", str(rm_dir), *common, *lora] + (["--gradient_checkpointing"] if checkpointing else []),
             out / "step2.log")
         rm_time_file.write_text(f"{rm_seconds:.0f}\n")
-    ppo_seconds = run_step("step3_rlhf_finetuning", [
+    ppo_seconds = args.ppo_steps and run_step("step3_rlhf_finetuning", [
         "--actor_model_name_or_path", args.model, "--critic_model_name_or_path", str(rm_dir),
         "--data_path", str(out / "ppo"), "--data_split", "0,0,1",
         "--per_device_generation_batch_size", str(args.ppo_batch), "--per_device_training_batch_size",
@@ -203,16 +217,19 @@ def run_set(args, name: str) -> dict:
         out / "step3.log")
     rm_metrics = read_metrics(rm_dir / "training_metrics.jsonl")
     rm_eval = [row["eval/accuracy"] for row in rm_metrics if "eval/accuracy" in row]
-    ppo = read_metrics(ppo_dir / "actor" / "training_metrics.jsonl")
+    ppo = read_metrics(ppo_dir / "actor" / "training_metrics.jsonl") if args.ppo_steps else []
     # The reward model's settings come from its own directory: a reused model was trained by an earlier run,
     # whose flags may differ from this one's.
     rm_args = json.loads((rm_dir / "training_args.json").read_text())
     rm_data = json.loads((rm_dir / "data_stats.json").read_text())
+    rm_format = json.loads((rm_dir / "prompt_format.json").read_text())["prompt_format"] if (
+        rm_dir / "prompt_format.json").is_file() else "hh"
     return {**counts, "rm_train_pairs": rm_data["train"]["rows"], "test_pairs": rm_data["eval"]["rows"],
-            "rm_lr": rm_args["learning_rate"], "rm_epochs": rm_args["num_train_epochs"],
+            "rm_lr": rm_args["learning_rate"], "rm_epochs": rm_args["num_train_epochs"], "rm_format": rm_format,
+            "rm_dtype": rm_args.get("dtype", "fp32"), "rm_lora_dim": rm_args.get("lora_dim", 0),
             "rm_accuracy_before": rm_eval[0],
             "rm_accuracy": json.loads((rm_dir / "reward_model.json").read_text())["reward_stats"]["accuracy"],
-            "rm_seconds": rm_seconds and round(rm_seconds), "rm_reused": reuse, "ppo_seconds": round(ppo_seconds),
+            "rm_seconds": rm_seconds and round(rm_seconds), "rm_reused": reuse, "ppo_seconds": round(ppo_seconds or 0),
             "rm_metrics": rm_metrics, "ppo_metrics": ppo}
 
 
@@ -252,10 +269,10 @@ def plot(name: str, result: dict, path: Path) -> None:
 
 def markdown(results: dict) -> str:
     """One table row per set, each with the settings it ran with."""
-    lines = ["| set | max_seq_len | source pairs | RM train pairs x epochs (lr) | held-out pairs (of all that fit) | "
-             "RM held-out accuracy before -> after | "
+    lines = ["| run | format | RM training | max_seq_len | source pairs | RM train pairs x epochs (lr) | "
+             "held-out pairs (of all that fit) | RM held-out accuracy before -> after | "
              "PPO steps x prompts, answer tokens | held-out reward start -> end | KL at the end | RM time | PPO time |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
     for name, r in results.items():
         run = r["args"]
         evals = [row["eval/reward_mean"] for row in r["ppo_metrics"] if "eval/reward_mean" in row]
@@ -263,17 +280,21 @@ def markdown(results: dict) -> str:
         rm_time = f"{r['rm_seconds']} s" if r["rm_seconds"] else "?"
         if r.get("rm_reused"):
             rm_time += " (earlier run)"
-        lines.append(f"| {name} | {run['max_seq_len']} | {r['source_pairs']} | "
-                     f"{r['rm_train_pairs']} x {r['rm_epochs']} ({r['rm_lr']:g}) | "
+        training = r.get("rm_dtype", "fp32") + (f", LoRA {r['rm_lora_dim']}" if r.get("rm_lora_dim") else ", full")
+        ppo = (f"{run['ppo_steps']} x {run['ppo_batch']}, {run['answer_len']} | {evals[0]:+.3f} -> {evals[-1]:+.3f} | "
+               f"{kl[-1]:.3f}" if evals else "- | - | -")
+        lines.append(f"| {name} | {r.get('rm_format', 'hh')} | {training} | {run['max_seq_len']} | "
+                     f"{r['source_pairs']} | {r['rm_train_pairs']} x {r['rm_epochs']} ({r['rm_lr']:g}) | "
                      f"{r['test_pairs']} ({r['fitting_test_pairs']} of {r['all_test_pairs']}) | "
-                     f"{r['rm_accuracy_before']:.3f} -> {r['rm_accuracy']:.3f} | {run['ppo_steps']} x "
-                     f"{run['ppo_batch']}, {run['answer_len']} | {evals[0]:+.3f} -> {evals[-1]:+.3f} | "
-                     f"{kl[-1]:.3f} | {rm_time} | {r['ppo_seconds']} s |")
+                     f"{r['rm_accuracy_before']:.3f} -> {r['rm_accuracy']:.3f} | {ppo} | {rm_time} | "
+                     f"{r['ppo_seconds'] or '-'} s |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.run_name and len(args.sets) != 1:
+        sys.exit("error: --run-name names one run: give one set with --sets")
     if not Path(args.data_dir).is_dir():
         sys.exit(f"error: --data-dir {args.data_dir} does not exist (the shared data folder, see its README)")
     docs = Path(args.docs_dir)
@@ -281,10 +302,10 @@ def main(argv=None) -> None:
     results_file = docs / "results.json"
     for name in args.sets:
         result = {"args": vars(args), **run_set(args, name)}
-        plot(name, result, docs / f"reward_{name}.png")
+        plot(name, result, docs / f"reward_{args.run_name or name}.png")
         # Read just before writing: runs of other sets (one at a time or side by side) keep their results.
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-        results[name] = result
+        results[args.run_name or name] = result
         results_file.write_text(json.dumps(results, indent=1) + "\n")
         (docs / "results.md").write_text(markdown(results))
     print(json.dumps({name: {k: v for k, v in r.items() if not k.endswith("_metrics")} for name, r in results.items()},

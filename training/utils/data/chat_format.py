@@ -73,14 +73,20 @@ class ConversationError(ValueError):
 def hh_to_messages(text: str) -> list[dict]:
     """HH text -> [{role, content}]: "Human:" turns are user, "Assistant:" turns assistant, text before the
     first marker a system message ("System: " removed). The open "\\n\\nAssistant:" a prompt ends with (the
-    turn the reply fills) is dropped. Contents are stripped, as the HH renderers strip them."""
+    turn the reply fills) is dropped. Contents are stripped, as the HH renderers strip them. Two turns of one
+    speaker in a row (4 of the 2303 prompts of Anthropic HH-harmless's test split) are one turn, joined by a
+    blank line: in HH text that is the same speaker going on, and a chat template needs alternating roles."""
     parts = _TURN_MARKER.split(text)
     messages = []
     head = parts[0].strip()
     if head:
         messages.append({"role": "system", "content": head.removeprefix("System:").strip()})
     for marker, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if marker == HUMAN else "assistant", "content": content.strip()})
+        role = "user" if marker == HUMAN else "assistant"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = "\n\n".join(filter(None, (messages[-1]["content"], content.strip())))
+        else:
+            messages.append({"role": role, "content": content.strip()})
     if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()
     return messages
@@ -156,8 +162,8 @@ class ChatTemplateFormat(PromptFormat):
     def __init__(self, tokenizer, template: str, origin: str, extra_stop_tokens: tuple[str, ...] = ()):
         self.tokenizer, self.template, self.origin = tokenizer, template, origin
         original_eos = tokenizer.eos_token
-        self.end_of_turn, end_token = self._find_end_of_turn()
         self._check_generation_prompt()
+        self.end_of_turn, end_token = self._find_end_of_turn()
         if end_token != tokenizer.eos_token:
             tokenizer.add_special_tokens({"eos_token": end_token})
         if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
