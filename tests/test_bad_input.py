@@ -355,12 +355,46 @@ CASES = [
     Case("dpo-resume-from-a-step-2-checkpoint", "dpo", {"--resume": True},
          "--resume: {out}/checkpoints/step_00000010 is a checkpoint of step 2 (reward model), not of DPO: pass a "
          "checkpoint this step wrote", setup=checkpoint_with("RewardConfig"), in_process=True),
+    # issue 20: prompt formats
+    Case("step1-chat-template-without-a-template", "step1", {"--apply_chat_template": True},
+         "--apply_chat_template: the tokenizer of 'tiny/opt' has no chat template: give one with --chat_template FILE"),
+    Case("step2-chat-template-file-does-not-render", "step2", {"--chat_template": "{tmp}/chat.jinja"},
+         "the chat template of --chat_template '{tmp}/chat.jinja' fails: TemplateSyntaxError",
+         setup=write_text("chat.jinja", "{% for m in messages %}{{ m.content }")),
+    Case("dpo-chat-template-without-a-generation-prompt", "dpo",
+         {"--model_name_or_path": "tiny/qwen2", "--chat_template": "{tmp}/chat.jinja"},
+         "has no generation prompt (rendering with add_generation_prompt changes nothing)",
+         setup=write_text("chat.jinja", "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")),
+    Case("step1-chat-template-file-missing", "step1", {"--model_name_or_path": "tiny/qwen2",
+                                                        "--chat_template": "{tmp}/none.jinja"},
+         "--chat_template '{tmp}/none.jinja' cannot be read (FileNotFoundError)"),
+    Case("step3-format-flag-contradicts-the-saved-format", "step3",
+         {"--actor_model_name_or_path": "{template_actor}", "--critic_model_name_or_path": "{template_reward}",
+          "--no_apply_chat_template": True},
+         "--no_apply_chat_template contradicts the prompt format 'chat_template' that --actor_model_name_or_path "
+         "'{template_actor}' was trained with: drop the flag", in_process=True),
+    Case("step3-models-of-two-formats", "step3", {"--actor_model_name_or_path": "{template_actor}"},
+         "the models were trained with different prompt formats: --actor_model_name_or_path '{template_actor}' "
+         "(chat_template), --critic_model_name_or_path '{reward}' (hh)", in_process=True),
+    Case("chat-format-flag-contradicts-the-saved-format", "chat", {"--path": "{template_actor}",
+                                                                   "--no_apply_chat_template": True},
+         "--no_apply_chat_template contradicts the prompt format 'chat_template' that --path", in_process=True),
+    Case("step1-chat-template-with-add-eot-token", "step1", {"--model_name_or_path": "tiny/qwen2",
+                                                              "--apply_chat_template": True, "--add_eot_token": True},
+         "--add_eot_token with the chat template format: the template decides the end-of-turn token", in_process=True),
+    Case("step1-messages-whose-roles-do-not-alternate", "step1",
+         {"--model_name_or_path": "tiny/qwen2", "--apply_chat_template": True, "--data_path": ROWS},
+         "--data_path {tmp}/rows.jsonl: a conversation's roles do not alternate (system?, user, assistant, user, ..., "
+         "assistant): got user, user, assistant", setup=lambda tmp, models: write_jsonl(tmp / "rows.jsonl", [
+             {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "user", "content": "again"},
+                           {"role": "assistant", "content": f"a{i}"}]} for i in range(20)])),
 ]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
     """An actor, a reward model and a reward model with another tokenizer (an extra end-of-turn token)."""
+    from training.utils.data.chat_format import PROMPT_FORMAT_FILE, ChatTemplateFormat
     from training.utils.model.build import create_hf_model
     from training.utils.model.reward_model import create_reward_model, save_reward_model
     from training.utils.model.save import save_hf_format
@@ -368,11 +402,20 @@ def models(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("models")
     tokenizer, eot_tokenizer = load_tokenizer("tiny/opt"), load_tokenizer("tiny/opt", True, "<|eot|>")
-    save_hf_format(create_hf_model("tiny/opt", tokenizer), tokenizer, str(root / "actor"))
-    save_reward_model(create_reward_model("tiny/opt", tokenizer), tokenizer, str(root / "reward"), reward_stats={})
+    hh = {PROMPT_FORMAT_FILE: {"prompt_format": "hh"}}  # as every step saves a model it trained in the HH format
+    save_hf_format(create_hf_model("tiny/opt", tokenizer), tokenizer, str(root / "actor"), extra_json=hh)
+    save_reward_model(create_reward_model("tiny/opt", tokenizer), tokenizer, str(root / "reward"), reward_stats={},
+                      extra_json=hh)
     save_reward_model(create_reward_model("tiny/opt", eot_tokenizer), eot_tokenizer, str(root / "reward_eot"),
                       reward_stats={})
-    return {"models": str(root), **{name: str(root / name) for name in ("actor", "reward", "reward_eot")}}
+    chatml = ChatTemplateFormat(load_tokenizer("tiny/qwen2"), load_tokenizer("tiny/qwen2").chat_template, "tiny/qwen2")
+    saved_format = {PROMPT_FORMAT_FILE: chatml.record()}  # as steps 1 and 2 save it with --apply_chat_template
+    save_hf_format(create_hf_model("tiny/qwen2", chatml.tokenizer), chatml.tokenizer, str(root / "template_actor"),
+                   extra_json=saved_format)
+    save_reward_model(create_reward_model("tiny/qwen2", chatml.tokenizer), chatml.tokenizer,
+                      str(root / "template_reward"), reward_stats={}, extra_json=saved_format)
+    names = ("actor", "reward", "reward_eot", "template_actor", "template_reward")
+    return {"models": str(root), **{name: str(root / name) for name in names}}
 
 
 def argv_for(case: Case, paths: dict) -> list[str]:
