@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_ok, clean_env, run_script
+from conftest import REPO, assert_ok, clean_env, run_script, write_jsonl
+
+from training.utils.data.synthetic import generate_rows, parse_synthetic_name
 
 STEP_DIRS = {name: REPO / "training" / folder for name, folder in (
     ("step1", "step1_supervised_finetuning"), ("step2", "step2_reward_model_finetuning"),
@@ -59,9 +61,6 @@ def test_chat_reads_the_saved_format_and_answers_in_it(template_runs):
 
 
 def test_rw_eval_and_prompt_eval_read_the_saved_format(template_runs, tmp_path):
-    from conftest import write_jsonl
-    from training.utils.data.synthetic import generate_rows, parse_synthetic_name
-
     rows = generate_rows(parse_synthetic_name(DATA), "eval")[:32]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     result = run_script(STEP_DIRS["step2"], ["rw_eval.py", "--model_name_or_path", str(template_runs["reward"]),
