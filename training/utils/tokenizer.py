@@ -2,7 +2,8 @@
 
 Conventions (every step, and chat, relies on them):
 - End of an assistant turn = `tokenizer.eos_token_id`, appended as an id (see data/conversation.py).
-  `--add_eot_token` makes `--eot_token` a special token and *the* EOS, so the convention is unchanged.
+  `--add_eot_token` makes `--eot_token` a special token and *the* EOS, so the convention is unchanged; so does
+  a chat template's end-of-turn token (data/chat_format.py).
 - Pad is a real token distinct from EOS whenever we can add one. Masks never compare ids with pad:
   they come from lengths / attention masks, so even a pad == EOS tokenizer is handled correctly.
 """

@@ -1,4 +1,5 @@
-"""The one prompt format and end-of-turn convention shared by SFT, reward model, PPO and chat.
+"""DeepSpeed-Chat's HH prompt format and the end-of-turn convention shared by SFT, reward model, PPO and chat
+(the default format; chat_format.py adds the model's chat template and chooses between the two).
 
 Text format (Anthropic HH / Dahoas rm-static):
     "\\n\\nHuman: q1\\n\\nAssistant: a1\\n\\nHuman: q2\\n\\nAssistant:" + " a2"
