@@ -60,6 +60,7 @@ def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
     from training.step3_rlhf_finetuning.main import parse_args as parse_step3_args
     from training.utils import distributed, seeding
     from training.utils.data.collators import PromptCollator
+    from training.utils.data.chat_format import PromptFormat
     from training.utils.data.pipeline import PHASE_RLHF, DataConfig, build_phase_data
     from training.utils.model.reward_model import create_reward_model, save_reward_model
     from training.utils.rlhf.engine import build_rlhf_engine
@@ -81,7 +82,7 @@ def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
          "--max_answer_seq_len", str(answer_len), "--actor_dropout", "0.0", "--critic_dropout", "0.0",
          "--num_warmup_steps", "0"] + (["--enable_hybrid_engine"] if args.hybrid_engine else []))
     data = build_phase_data(DataConfig(data_path=[args.data_path], data_output_path=args.data_output_path),
-                            tokenizer, PHASE_RLHF)
+                            PromptFormat(tokenizer), PHASE_RLHF)
     loader = torch.utils.data.DataLoader(CappedPrompts(data.train, 64, "truncate"), batch_size=batch_size,
                                          shuffle=True, collate_fn=PromptCollator(tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(0))

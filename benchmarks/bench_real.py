@@ -195,7 +195,7 @@ def train_row(args, step: str, variant: str) -> dict:
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device)
     dtype = training_dtype(config, device)
     pairs = step != "sft"
-    tokenizer, data, loader, _ = load_supervised_data(config, PHASE_REWARD if pairs else PHASE_SFT,
+    tokenizer, _, data, loader, _ = load_supervised_data(config, PHASE_REWARD if pairs else PHASE_SFT,
                                                       PairCollator if pairs else SFTCollator,
                                                       "pairs" if pairs else "samples")
     build = create_reward_model if step == "rm" else create_hf_model
@@ -267,7 +267,7 @@ def ppo_row(args, variant: str) -> dict:
 
     from training.utils import distributed, seeding
     from training.utils.data.collators import PromptCollator
-    from training.utils.data.conversation import tokenizer_adds_bos
+    from training.utils.data.chat_format import resolve_prompt_format
     from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
     from training.utils.engine import training_dtype
     from training.utils.model.reward_model import create_reward_model, save_reward_model
@@ -292,8 +292,9 @@ def ppo_row(args, variant: str) -> dict:
     # From here on as step 3's main.py: tokenizer, capped prompts, the prompt loader, engine, trainer, buffer.
     tokenizer = load_tokenizer(config.actor.model_name_or_path, config.add_eot_token, config.eot_token,
                                config.trust_remote_code)
-    data = build_phase_data(config.data, tokenizer, PHASE_RLHF)
-    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    prompt_format = resolve_prompt_format(tokenizer, config, config.model_paths())
+    data = build_phase_data(config.data, prompt_format, PHASE_RLHF)
+    bos = prompt_format.bos_id
     batch_size = config.per_device_generation_batch_size
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos,
                             args.ppo_steps * batch_size)
@@ -301,7 +302,7 @@ def ppo_row(args, variant: str) -> dict:
                          length_grouped=config.data.group_by_length)
     actor_steps, critic_steps = recipe.optimizer_steps_per_epoch(config, len(loader))
     engine = build_rlhf_engine(config, tokenizer, device, actor_steps, critic_steps)
-    trainer = PPOTrainer(engine, config)
+    trainer = PPOTrainer(engine, config, prompt_format.stop_token_ids)
     buffer = ExperienceBuffer(config.generation_batches, not config.ppo.no_whiten_advantages, tokenizer.pad_token_id,
                               config.seed)
     n_actor, n_ref, n_critic, n_reward = (flops.matmul_params(e.module)

@@ -38,6 +38,7 @@ def run_row(args, model_name: str, padding: str) -> dict:
 
     from training.utils import distributed, seeding
     from training.utils.data.collators import PairCollator, SFTCollator
+    from training.utils.data.chat_format import PromptFormat
     from training.utils.data.pipeline import PHASE_REWARD, PHASE_SFT, DataConfig, build_phase_data
     from training.utils.ds_config import get_train_ds_config
     from training.utils.losses import causal_lm_loss, dpo_loss, pairwise_loss, sequence_log_probs
@@ -51,7 +52,7 @@ def run_row(args, model_name: str, padding: str) -> dict:
     pairs = args.step in ("rm", "dpo")
     data = build_phase_data(DataConfig(data_path=(args.data_path,), data_split="0,1,0" if pairs else "1,0,0",
                                        data_output_path=args.data_output_path, max_seq_len=args.max_seq_len),
-                            tokenizer, PHASE_REWARD if pairs else PHASE_SFT)
+                            PromptFormat(tokenizer), PHASE_REWARD if pairs else PHASE_SFT)
     if pairs:
         collator = PairCollator(tokenizer.pad_token_id)
     else:
