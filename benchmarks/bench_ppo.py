@@ -59,8 +59,8 @@ def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
 
     from training.step3_rlhf_finetuning.main import parse_args as parse_step3_args
     from training.utils import distributed, seeding
-    from training.utils.data.collators import PromptCollator
     from training.utils.data.chat_format import PromptFormat
+    from training.utils.data.collators import PromptCollator
     from training.utils.data.pipeline import PHASE_RLHF, DataConfig, build_phase_data
     from training.utils.model.reward_model import create_reward_model, save_reward_model
     from training.utils.rlhf.engine import build_rlhf_engine

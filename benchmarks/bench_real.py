@@ -266,8 +266,8 @@ def ppo_row(args, variant: str) -> dict:
     import torch
 
     from training.utils import distributed, seeding
-    from training.utils.data.collators import PromptCollator
     from training.utils.data.chat_format import resolve_prompt_format
+    from training.utils.data.collators import PromptCollator
     from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
     from training.utils.engine import training_dtype
     from training.utils.model.reward_model import create_reward_model, save_reward_model

@@ -37,8 +37,8 @@ def run_row(args, model_name: str, padding: str) -> dict:
     import torch
 
     from training.utils import distributed, seeding
-    from training.utils.data.collators import PairCollator, SFTCollator
     from training.utils.data.chat_format import PromptFormat
+    from training.utils.data.collators import PairCollator, SFTCollator
     from training.utils.data.pipeline import PHASE_REWARD, PHASE_SFT, DataConfig, build_phase_data
     from training.utils.ds_config import get_train_ds_config
     from training.utils.losses import causal_lm_loss, dpo_loss, pairwise_loss, sequence_log_probs
