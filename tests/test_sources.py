@@ -194,6 +194,21 @@ def test_directory_matched_by_last_component_and_single_dataset(tmp_path):
         source.rows("eval")
 
 
+def test_directory_whose_path_contains_a_known_name(tmp_path):
+    """DeepSpeed-Chat's substring match: an offline copy in .../stanfordnlp/SHP-local is SHP; the longest known
+    name in the path wins; a path without one still gets the generic schemas and their clear error."""
+    path = tmp_path / "stanfordnlp" / "SHP-local"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([shp("a", "b", "c", 1)]),
+                          "validation": datasets.Dataset.from_list([shp("v", "b", "c", 1)])}).save_to_disk(str(path))
+    assert open_source(str(path)).rows("eval") == [Sample(turn("v"), " b", " c")]
+    nested = save_known(tmp_path, "x", HH_ROWS, "test",
+                        directory="Dahoas/rm-static/zwh9029/rm-static-m2m100-zh-jianti-copy")
+    assert open_source(str(nested)).fields.endswith("(the layout of zwh9029/rm-static-m2m100-zh-jianti)")
+    unknown = save_known(tmp_path, "x", [{"text": "x"}], None, directory="corpora/mystery")
+    with pytest.raises(UserInputError, match="or a directory named after a known dataset"):
+        open_source(str(unknown)).rows("train")
+
+
 def test_known_directory_with_wrong_fields(tmp_path):
     path = save_known(tmp_path, "Dahoas/rm-static", [{"text": "x"}], None)
     with pytest.raises(UserInputError, match=r"rm-static.*\[text\].*prompt, chosen, rejected"):

@@ -10,7 +10,8 @@ dataset live here and nowhere else. Resolution of a name, first match wins:
    - a `.json` (list of objects, or JSON lines), `.jsonl` or `.parquet` file: generic rows, no eval split;
    - a `datasets.save_to_disk` directory (DatasetDict or single Dataset). Its adapter is chosen from
      the path as given: when its last two components equal a known name ("data/Dahoas/rm-static"),
-     or, failing that, its last component equals the part after the "/" of a known name
+     or the path contains a known name, as DeepSpeed-Chat matches ("data/stanfordnlp/SHP-local"; the
+     longest such name wins), or, failing that, its last component equals the part after the "/" of a known name
      ("data/rm-static", "mkqa-Chinese"); case is ignored. Other directories use the generic schemas;
    - a directory with `train.{json,jsonl,parquet}` and optionally `eval|validation|dev|test.{...}`.
 4. A known hub name (`KNOWN_DATASETS`): `datasets.load_dataset` on first use of the rows.
@@ -389,10 +390,16 @@ def _parse_json(path: Path, text: str, first_line: int):
 
 def _adapter_for_path(path: Path) -> tuple[str | None, _Adapter | None]:
     """The known dataset a directory stands for, by its path as given (see the module docstring)."""
-    parts = [part.lower() for part in Path(os.path.abspath(path)).parts]
+    absolute = Path(os.path.abspath(path))
+    parts = [part.lower() for part in absolute.parts]
     for known, adapter in _ADAPTERS.items():
         if parts[-2:] == known.lower().split("/"):
             return known, adapter
+    # DeepSpeed-Chat matches by substring, so ".../stanfordnlp/SHP-local" is SHP there; the longest name wins.
+    inside = [known for known in _ADAPTERS if known.lower() in absolute.as_posix().lower()]
+    if inside:
+        known = max(inside, key=len)
+        return known, _ADAPTERS[known]
     for known, adapter in _ADAPTERS.items():
         if parts[-1] == known.lower().split("/")[-1]:
             return known, adapter
