@@ -203,7 +203,7 @@ def test_directory_whose_path_contains_a_known_name(tmp_path):
     assert open_source(str(path)).rows("eval") == [Sample(turn("v"), " b", " c")]
     nested = save_known(tmp_path, "x", HH_ROWS, "test",
                         directory="Dahoas/rm-static/zwh9029/rm-static-m2m100-zh-jianti-copy")
-    assert open_source(str(nested)).fields.endswith("(the layout of zwh9029/rm-static-m2m100-zh-jianti)")
+    assert ":zwh9029/rm-static-m2m100-zh-jianti;" in open_source(str(nested)).fingerprint  # path:known;splits
     unknown = save_known(tmp_path, "x", [{"text": "x"}], None, directory="corpora/mystery")
     with pytest.raises(UserInputError, match="or a directory named after a known dataset"):
         open_source(str(unknown)).rows("train")
