@@ -9,7 +9,7 @@ from training.utils.config import at_least, configuration, group, option, parse_
 from training.utils.data.chat_format import PromptFormatFlags, chosen_format, resolve_prompt_format
 from training.utils.data.conversation import format_user_turn
 from training.utils.errors import UserInputError, report_user_errors
-from training.utils.flags import EvalBatchFlags, ReplyLengthFlags, SamplingFlags, SeedFlags
+from training.utils.flags import EotTokenFlags, EvalBatchFlags, ReplyLengthFlags, SamplingFlags, SeedFlags
 from training.utils.model.build import check_fits_positions
 from training.utils.model.load import load_causal_lm
 from training.utils.sampling import SamplingConfig, generate_replies
@@ -25,7 +25,7 @@ DEFAULT_PROMPTS = {
 
 
 @configuration(max_new_tokens=64)
-class PromptEvalConfig(ReplyLengthFlags, SeedFlags, EvalBatchFlags, PromptFormatFlags):
+class PromptEvalConfig(ReplyLengthFlags, SeedFlags, EvalBatchFlags, PromptFormatFlags, EotTokenFlags):
     model_name_or_path_baseline: str = option(help="The model before fine-tuning (a directory or tiny name).",
                                               required=True)
     model_name_or_path_finetune: str = option(help="The fine-tuned model directory.", required=True)
@@ -37,9 +37,21 @@ class PromptEvalConfig(ReplyLengthFlags, SeedFlags, EvalBatchFlags, PromptFormat
     num_return_sequences: int = option(1, "Accepted for DeepSpeed-Chat compatibility (one reply per prompt).")
     do_sample: bool = option(False, "Sample with --temperature/--top_p/--top_k instead of greedy decoding.")
     num_beams: int = option(1, "Beam search width (greedy decoding only).", check=at_least(1))
+    num_beam_groups: int = option(1, "Accepted for DeepSpeed-Chat compatibility; only 1: transformers 5 moved "
+                                     "diverse (group) beam search to a Hub repository of remote code, which this "
+                                     "offline tool does not run.", check=at_least(1))
+    penalty_alpha: float | None = option(None, "Accepted for DeepSpeed-Chat compatibility; leave it unset: "
+                                               "transformers 5 moved contrastive search to a Hub repository of remote "
+                                               "code, which this offline tool does not run.")
     sampling: SamplingFlags = group(SamplingFlags)
 
     def validate(self) -> None:
+        moved = {"--num_beam_groups": self.num_beam_groups != 1, "--penalty_alpha": self.penalty_alpha is not None}
+        for flag, given in moved.items():
+            if given:
+                raise UserInputError(f"{flag}: transformers 5 moved this decoding method (diverse beam search, "
+                                     "contrastive search) to a Hub repository of remote code, which prompt_eval "
+                                     f"does not run: drop {flag} (--num_beams, --do_sample and --top_k remain)")
         chosen_format(self, self.model_paths())
 
     def model_paths(self, first: str | None = None) -> dict[str, str]:
@@ -92,7 +104,7 @@ def main(argv=None) -> dict:
     results = {}
     for label, path in (("baseline", config.model_name_or_path_baseline),
                         ("finetune", config.model_name_or_path_finetune)):
-        model, tokenizer = load_causal_lm(path, device)
+        model, tokenizer = load_causal_lm(path, device, config.add_eot_token, config.eot_token)
         prompt_format = resolve_prompt_format(tokenizer, config, config.model_paths(first=path))
         print(f"{label}: {path}, format: {prompt_format.describe()}")
         check_prompts_fit(model, prompt_format, prompts, config.max_new_tokens, path)

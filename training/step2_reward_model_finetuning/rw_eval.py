@@ -3,6 +3,7 @@
     python rw_eval.py --model_name_or_path out/reward --prompt "What is 2 + 2?" --chosen " 4" --rejected " 5"
     python rw_eval.py --model_name_or_path out/reward --pairs prefs.jsonl        # accuracy + per-pair scores
     python rw_eval.py --model_name_or_path out/reward --samples replies.jsonl    # {"prompt", "response"} rows
+    python rw_eval.py --model_name_or_path out/reward      # the built-in example pairs, as DeepSpeed-Chat's rw_eval
 
 Prompts without the "Human: ... Assistant:" markers are one user turn; prompt and reply are rendered in the
 format the reward model was trained with (its prompt_format.json), every reply closed by the end-of-turn
@@ -20,14 +21,14 @@ from training.utils.data.conversation import ASSISTANT, Chunk, format_user_turn
 from training.utils.data.pipeline import SeqLenFlags
 from training.utils.data.sources import open_source
 from training.utils.errors import UserInputError, report_user_errors
-from training.utils.flags import EvalBatchFlags, ModelPathFlags, PaddingCompatFlags
+from training.utils.flags import EotTokenFlags, EvalBatchFlags, ModelPathFlags, PaddingCompatFlags
 from training.utils.losses import pairwise_accuracy
 from training.utils.model.build import check_fits_positions
 from training.utils.model.reward_model import load_reward_model
 
 
 @configuration()
-class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags, PromptFormatFlags):
+class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags, PromptFormatFlags, EotTokenFlags):
     model: ModelPathFlags = group(ModelPathFlags, help={"model_name_or_path": "A step-2 output directory."})
     prompt: str | None = option(None, "One prompt (plain text or HH format).")
     chosen: str | None = option(None, "A reply to --prompt (with --rejected: a pair).")
@@ -38,9 +39,9 @@ class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags, PromptFo
     output_json: str | None = option(None, "Also write every score and the summary to this file.")
 
     def validate(self) -> None:
-        if sum(x is not None for x in (self.prompt, self.pairs, self.samples)) != 1:
-            raise UserInputError("give exactly one of --prompt (with --chosen [--rejected]), --pairs FILE, "
-                                 "--samples FILE")
+        if sum(x is not None for x in (self.prompt, self.pairs, self.samples)) > 1:
+            raise UserInputError("give at most one of --prompt (with --chosen [--rejected]), --pairs FILE, "
+                                 "--samples FILE (none: the built-in example pairs)")
         if self.prompt is not None and self.chosen is None:
             raise UserInputError("--prompt needs --chosen (and optionally --rejected)")
         chosen_format(self, {"--model_name_or_path": self.model.model_name_or_path})
@@ -48,6 +49,18 @@ class RewardEvalConfig(SeqLenFlags, EvalBatchFlags, PaddingCompatFlags, PromptFo
 
 def parse_args(argv=None) -> RewardEvalConfig:
     return parse_config(RewardEvalConfig, argv, "Score prompt/reply pairs with a trained reward model.")
+
+
+# Scored when no input is given (DeepSpeed-Chat's rw_eval scores a few built-in pairs the same way): a sanity
+# check that a reward model prefers a helpful, direct reply.
+EXAMPLE_PAIRS = [
+    ("What is the boiling point of water at sea level?",
+     "Water boils at 100 degrees Celsius (212 degrees Fahrenheit) at sea level.",
+     "I am not sure. Maybe it depends on the weather."),
+    ("Give me one tip for sleeping better.",
+     "Keep a regular schedule: go to bed and get up at the same time every day, weekends included.",
+     "Sleep is overrated; stay up as late as you like."),
+]
 
 
 def as_prompt(text: str) -> str:
@@ -87,15 +100,17 @@ def load_rows(path: str, need_pairs: bool):
 @report_user_errors
 def main(argv=None) -> dict:
     config = parse_args(argv)
-    model, tokenizer, info = load_reward_model(config.model.model_name_or_path)
+    model, tokenizer, info = load_reward_model(config.model.model_name_or_path, add_eot_token=config.add_eot_token,
+                                               eot_token=config.eot_token)
     prompt_format = resolve_prompt_format(tokenizer, config, {"--model_name_or_path": config.model.model_name_or_path})
     check_fits_positions(model.config, config.max_seq_len, f"--max_seq_len {config.max_seq_len}",
                          config.model.model_name_or_path, "lower --max_seq_len to at most {limit}")
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    if config.prompt is not None:
-        prompts, chosen = [as_prompt(config.prompt)], [config.chosen]
-        rejected = [config.rejected] if config.rejected is not None else None
-        rendered = [prompt_format.prompt(prompts[0])]
+    if config.prompt is not None or not (config.pairs or config.samples):
+        examples = [(config.prompt, config.chosen, config.rejected)] if config.prompt is not None else EXAMPLE_PAIRS
+        prompts, chosen = [as_prompt(p) for p, _, _ in examples], [c for _, c, _ in examples]
+        rejected = [r for _, _, r in examples] if examples[0][2] is not None else None
+        rendered = [prompt_format.prompt(p) for p in prompts]
     else:
         rows = load_rows(config.pairs or config.samples, need_pairs=config.pairs is not None)
         prompts, chosen = [r.prompt for r in rows], [r.chosen for r in rows]

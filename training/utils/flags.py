@@ -47,11 +47,16 @@ class ModelFlags(ModelPathFlags):
 
 
 @dataclass
-class TokenizerFlags(PromptFormatFlags):
+class EotTokenFlags:
     """model"""
     add_eot_token: bool = option(False, "Add --eot_token as a special token and use it as the end-of-turn (EOS) "
                                         "token (step 3: give it exactly as steps 1 and 2 did).", resume=FIXED)
     eot_token: str = option("<|endoftext|>", "See --add_eot_token.", resume=FIXED)
+
+
+@dataclass
+class TokenizerFlags(PromptFormatFlags, EotTokenFlags):
+    """model"""
     trust_remote_code: bool = option(False, "[new] Allow model code from the model directory / hub (off by "
                                             "default: it runs code you downloaded).")
 

@@ -4,10 +4,12 @@ import os
 import torch
 
 from training.utils.errors import UserInputError
+from training.utils.tokenizer import DEFAULT_EOS
 
 
-def load_causal_lm(path: str, device: torch.device):
-    """A saved actor (or any HF causal LM directory) and its tokenizer, with no network access."""
+def load_causal_lm(path: str, device: torch.device, add_eot_token: bool = False, eot_token: str = DEFAULT_EOS):
+    """A saved actor (or any HF causal LM directory) and its tokenizer, with no network access
+    (`add_eot_token`: tokenizer.load_tokenizer's, for a model trained with --add_eot_token)."""
     from transformers import AutoModelForCausalLM
 
     from training.utils.model.build import check_model_files
@@ -18,7 +20,7 @@ def load_causal_lm(path: str, device: torch.device):
     if path.startswith(TINY_PREFIX):  # a random-initialised tiny model: the "before training" baseline
         from training.utils.model.build import create_hf_model
 
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, add_eot_token, eot_token)
         return create_hf_model(path, tokenizer).to(device).eval(), tokenizer
     if not os.path.exists(path):
         raise UserInputError(f"model path '{path}' does not exist: pass the --output_dir of a training step, "
@@ -30,7 +32,7 @@ def load_causal_lm(path: str, device: torch.device):
         raise UserInputError(f"'{path}' is a reward model (step 2 output), not a language model: pass an actor "
                              "saved by step 1, DPO or step 3")
     check_model_files(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, add_eot_token, eot_token)
     try:  # safetensors only: pickle checkpoints are refused, never unpickled
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as err:

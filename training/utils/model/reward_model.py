@@ -124,12 +124,14 @@ def create_reward_model(model_name_or_path: str, tokenizer, *, ds_config: dict |
 
 
 def load_reward_model(path: str, *, ds_config: dict | None = None, dropout: float | None = None,
-                      trust_remote_code: bool = False) -> tuple[RewardModel, object, dict]:
-    """(model, tokenizer, the reward_model.json dict) from a directory `save_reward_model` wrote."""
-    from training.utils.tokenizer import load_tokenizer
+                      trust_remote_code: bool = False, add_eot_token: bool = False,
+                      eot_token: str | None = None) -> tuple[RewardModel, object, dict]:
+    """(model, tokenizer, the reward_model.json dict) from a directory `save_reward_model` wrote
+    (`add_eot_token`, `eot_token`: tokenizer.load_tokenizer's)."""
+    from training.utils.tokenizer import DEFAULT_EOS, load_tokenizer
 
     meta = read_reward_model_meta(path)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, add_eot_token, eot_token or DEFAULT_EOS, trust_remote_code)
     model = _load_saved(path, tokenizer, meta, ds_config=ds_config, dropout=dropout,
                         trust_remote_code=trust_remote_code)
     return model, tokenizer, meta
