@@ -49,3 +49,70 @@ def test_decoding_methods_transformers_5_moved_to_remote_code_are_refused_clearl
     # DeepSpeed-Chat's defaults parse as before
     prompt_eval.parse_args(["--model_name_or_path_baseline", "tiny/opt", "--model_name_or_path_finetune", "tiny/opt",
                             "--num_beam_groups", "1"])
+
+
+# ---------------------------------------------------------------- DeepSpeed-Chat's saved models
+def save_like_deepspeed_chat(module: torch.nn.Module, config, directory, prefix: str = "") -> None:
+    """What DeepSpeed-Chat's save_hf_format writes: config.json and a torch.save'd state dict (pickle)."""
+    directory.mkdir(parents=True)
+    config.to_json_file(str(directory / "config.json"))
+    torch.save({prefix + key: value for key, value in module.state_dict().items()}, directory / "pytorch_model.bin")
+
+
+def test_a_deepspeed_chat_actor_converts_to_the_same_logits(tmp_path, tokenizer):
+    from applications import convert_dschat
+    from training.utils.model.build import create_hf_model
+    from training.utils.model.load import load_causal_lm
+
+    torch.manual_seed(1)
+    original = create_hf_model("tiny/opt", tokenizer).eval()
+    save_like_deepspeed_chat(original, original.config, tmp_path / "ds_actor")
+    assert convert_dschat.main(["--input", str(tmp_path / "ds_actor"), "--output", str(tmp_path / "actor"),
+                                "--tokenizer", "tiny/opt"]) == "actor (causal LM)"
+    converted, _ = load_causal_lm(str(tmp_path / "actor"), torch.device("cpu"))
+    ids = torch.tensor([tokenizer("What is 2 + 3? 5")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(converted(input_ids=ids).logits, original(input_ids=ids).logits)
+    assert (tmp_path / "actor" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "actor" / "prompt_format.json").read_text()) == {"prompt_format": "hh"}
+
+
+def test_a_deepspeed_chat_reward_model_converts_to_the_same_scores(tmp_path, tokenizer):
+    from applications import convert_dschat
+
+    torch.manual_seed(2)
+    original = create_reward_model("tiny/opt", tokenizer).eval()
+    torch.nn.init.normal_(original.v_head.weight)
+    ds_dir = tmp_path / "ds_reward"
+    ds_dir.mkdir()
+    original.config.to_json_file(str(ds_dir / "config.json"))
+    state = {("rwtranrsformer." + k.removeprefix("backbone.") if k.startswith("backbone.") else k): v
+             for k, v in original.state_dict().items()}
+    torch.save(state, ds_dir / "pytorch_model.bin")
+    assert convert_dschat.main(["--input", str(ds_dir), "--output", str(tmp_path / "reward"),
+                                "--tokenizer", "tiny/opt"]) == "reward model"
+    converted, _, meta = load_reward_model(str(tmp_path / "reward"))
+    ids = torch.tensor([tokenizer("What is 2 + 3? 5")["input_ids"] + [tokenizer.eos_token_id]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(ids, mask).end_scores, original(ids, mask).end_scores)
+    assert meta["end_token_id"] == tokenizer.eos_token_id
+
+
+class NotATensor:
+    pass
+
+
+def test_a_file_holding_more_than_tensors_is_refused(tmp_path, tokenizer, capsys):
+    from applications import convert_dschat
+
+    directory = tmp_path / "ds_actor"
+    directory.mkdir()
+    create_reward_model("tiny/opt", tokenizer).config.to_json_file(str(directory / "config.json"))
+    torch.save({"decoder.embed_tokens.weight": torch.zeros(2, 2), "payload": NotATensor()}, directory /
+               "pytorch_model.bin")
+    with pytest.raises(SystemExit) as exit_:
+        convert_dschat.main(["--input", str(directory), "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "holds more than tensors or is damaged (UnpicklingError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
