@@ -4,9 +4,12 @@
     python applications/e2e_rlhf.py --deployment-type single_gpu --actor-model 1.3b --reward-model 350m
     python applications/e2e_rlhf.py --step 2 3 --output-dir ./output  # resume the pipeline after step 1
     python applications/e2e_rlhf.py --algo dpo                        # SFT, then DPO instead of steps 2-3
+    python applications/e2e_rlhf.py --algo grpo                       # SFT, then critic-free step 3 (rule reward)
 
 Outputs (as DeepSpeed-Chat): <output>/actor-models/<name>, <output>/reward-models/<name>,
-<output>/step3-models/<name> (actor/, critic/), <output>/dpo-models/<name>. Each step's full log is
+<output>/step3-models/<name> (actor/, critic/; a critic-free --algo skips step 2 and saves only actor/ in
+step3-models/<name>-<algo>),
+<output>/dpo-models/<name>. Each step's full log is
 streamed to the terminal and written to <output>/step<N>/training.log (DPO: <output>/dpo/training.log).
 
 How a step is launched: with `--deployment-type cpu` the step's `training_scripts/cpu/run_tiny.sh`;
@@ -34,6 +37,7 @@ from training.utils import distributed
 from training.utils.checkpoint import CHECKPOINTS
 from training.utils.config import at_least
 from training.utils.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, UserInputError, report_user_errors
+from training.utils.losses import ADVANTAGE_ESTIMATORS
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ("cpu", "single_gpu", "single_node", "multi_node")
@@ -62,6 +66,12 @@ MULTI_NODE_HINTS = [
      r"\(publickey", "multi_node needs a hostfile naming reachable nodes: set HOSTFILE (see docs/launching.md)"),
 ]
 EXIT_CRASH = 1
+# Critic-free step 3 (--algo grpo, rloo, ...): no step 2; each prompt answered 4 times, so a step's 8 prompts give
+# the 32 answers of the PPO default's 32 prompts.
+CRITIC_FREE_ALGOS = tuple(e for e in ADVANTAGE_ESTIMATORS if e != "gae")
+CRITIC_FREE_ARGS = "--advantage_estimator {algo} --n_samples_per_prompt 4 --reward_function {reward} " \
+                   "--per_device_generation_batch_size 8"
+QUICK_CRITIC_FREE_ARGS = "--per_device_generation_batch_size 2"
 ZERO_STAGES = ("", "0", "1", "2", "3")
 # What a step's own exit code says (training/utils/errors.py), and what to do about it. Other codes are
 # crashes (1, with a traceback in the log) or signals (128 + N).
@@ -97,8 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  "(Ctrl-C: 130, after the running step saved a checkpoint).")
     parser.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
                         help="Steps to run (with --algo dpo, step 2 is DPO and step 3 does not exist).")
-    parser.add_argument("--algo", choices=("ppo", "dpo"), default="ppo",
-                        help="[new] ppo: reward model + PPO (steps 2-3); dpo: DPO replaces steps 2-3.")
+    parser.add_argument("--algo", choices=("ppo", "dpo") + CRITIC_FREE_ALGOS, default="ppo",
+                        help="[new] ppo: reward model + PPO (steps 2-3); dpo: DPO replaces steps 2-3; grpo, dr_grpo, "
+                             "rloo, reinforce_plus_plus, reinforce_plus_plus_baseline, remax: no step 2, a "
+                             "critic-free step 3 rewarded by --reward-function (4 answers per prompt).")
+    parser.add_argument("--reward-function", default="synthetic",
+                        help="[new] The rule reward of a critic-free --algo: synthetic (the built-in tasks' checker), "
+                             "math (GSM8K-style) or path/to/file.py:function (step 3's --reward_function).")
     parser.add_argument("--actor-model", default=None,
                         help="Actor: an OPT size as in DeepSpeed-Chat (1.3b, 6.7b, 13b, 66b), a hub id or a local "
                              "path, or tiny/opt. Default: tiny/opt on cpu, facebook/opt-1.3b otherwise.")
@@ -135,6 +150,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.step != [1, 2, 3]:
             raise UserInputError("--algo dpo has no step 3 (DPO replaces steps 2-3): use --step 1 2")
         args.step = [1, 2]
+    if args.algo in CRITIC_FREE_ALGOS and 2 in args.step:
+        if args.step != [1, 2, 3]:
+            raise UserInputError(f"--algo {args.algo} has no step 2 (it trains no reward model: step 3 is rewarded "
+                                 "by --reward-function): use --step 1 3")
+        args.step = [1, 3]
+    path, sep, function = args.reward_function.rpartition(":")
+    if sep and path.endswith(".py"):  # the step runs in its own folder: a relative file path must not move
+        args.reward_function = f"{os.path.abspath(path)}:{function}"
     if args.deployment_type == "multi_node" and not os.path.isfile(hostfile()):
         raise UserInputError(f"--deployment-type multi_node needs a hostfile, and '{hostfile()}' does not exist: "
                              "set HOSTFILE to one (see docs/launching.md)")
@@ -214,7 +237,7 @@ def build_steps(args) -> list[Step]:
     plan = [(1, "step1", "step1_supervised_finetuning", actor, sft_dir, args.actor_zero_stage)]
     if args.algo == "ppo":
         plan.append((2, "step2", "step2_reward_model_finetuning", reward, rm_dir, args.reward_zero_stage))
-    else:
+    elif args.algo == "dpo":
         plan.append((2, "dpo", "step2_dpo_finetuning", actor, out / "dpo-models" / short_name(actor),
                      args.actor_zero_stage))
     for number, key, folder, model, model_dir, zero in plan:
@@ -222,13 +245,16 @@ def build_steps(args) -> list[Step]:
             # DPO starts from the step-1 actor; a hub/tiny name only when step 1 is skipped and never ran.
             start = str(sft_dir) if key == "dpo" and (sft_dir.is_dir() or 1 in args.step) else model
             steps.append(single_model_step(args, key, folder, start, model_dir, zero, data))
-    if args.algo == "ppo" and 3 in args.step:
+    if args.algo != "dpo" and 3 in args.step:
         # Checked before anything runs, so a refused pipeline leaves no logs or half a run behind.
-        for number, model_dir in ((1, sft_dir), (2, rm_dir)):
+        needed = ((1, sft_dir), (2, rm_dir)) if args.algo == "ppo" else ((1, sft_dir),)
+        for number, model_dir in needed:
             if number not in args.step and not model_dir.is_dir():
                 raise UserInputError(f"--step 3 needs the step-{number} output '{model_dir}', which does not "
                                      f"exist: add {number} to --step, or pass the --output-dir of the run that made it")
-        steps.append(ppo_step(args, sft_dir, rm_dir, out / "step3-models" / short_name(actor), data, actor))
+        # A critic-free run gets a folder of its own, so it does not replace a PPO result of the same output dir.
+        name = short_name(actor) + ("" if args.algo == "ppo" else f"-{args.algo}")
+        steps.append(ppo_step(args, sft_dir, rm_dir, out / "step3-models" / name, data, actor))
     for step in steps:
         if args.apply_chat_template and step.key != "step3":  # step 3 reads the format its two models saved
             add_flag(step, "--apply_chat_template", "--apply-chat-template")
@@ -267,18 +293,28 @@ def single_model_step(args, key, folder, model, model_dir, zero, data) -> Step:
 
 def ppo_step(args, sft_dir: Path, rm_dir: Path, model_dir: Path, data, actor: str) -> Step:
     folder = "step3_rlhf_finetuning"
+    critic_free = args.algo in CRITIC_FREE_ALGOS
     script = find_script(folder, args.deployment_type, actor, names_model=False)  # takes model paths as $1 $2
+    if script is not None and critic_free and args.deployment_type != "cpu":
+        script = None  # the GPU scripts' critic flags need a critic; the CPU script takes "none" for none
     if script is not None:
-        command = ["bash", str(script), str(sft_dir), str(rm_dir), args.actor_zero_stage or "0",
-                   args.reward_zero_stage or "0", str(model_dir)]
+        command = ["bash", str(script), str(sft_dir), "none" if critic_free else str(rm_dir),
+                   args.actor_zero_stage or "0", args.reward_zero_stage or "0", str(model_dir)]
     else:
-        command = launcher(args.deployment_type) + [
-            "main.py", "--actor_model_name_or_path", str(sft_dir), "--critic_model_name_or_path", str(rm_dir),
-            "--output_dir", str(model_dir), "--deepspeed", "--enable_tensorboard", "--tensorboard_path", str(model_dir)]
+        command = launcher(args.deployment_type) + ["main.py", "--actor_model_name_or_path", str(sft_dir)]
+        command += [] if critic_free else ["--critic_model_name_or_path", str(rm_dir)]
+        command += ["--output_dir", str(model_dir), "--deepspeed", "--enable_tensorboard", "--tensorboard_path",
+                    str(model_dir)]
         command += ["--actor_zero_stage", args.actor_zero_stage] if args.actor_zero_stage else []
-        command += ["--critic_zero_stage", args.reward_zero_stage] if args.reward_zero_stage else []
+        command += ["--critic_zero_stage", args.reward_zero_stage] if args.reward_zero_stage and not critic_free else []
         command += ["--data_path", data] if data else []
-    return Step("step3", folder, command, model_dir, env=_script_env(args, "step3", data))
+    step = Step("step3", folder, command, model_dir, env=_script_env(args, "step3", data))
+    if critic_free:
+        extra = CRITIC_FREE_ARGS.format(algo=args.algo, reward=args.reward_function)
+        extra += f" {QUICK_CRITIC_FREE_ARGS}" if args.quick else ""
+        for flag in shlex.split(extra):
+            add_flag(step, flag, f"--algo {args.algo}")
+    return step
 
 
 def _script_env(args, key: str, data) -> dict:

@@ -1,9 +1,11 @@
-"""Reference quality run on the built-in synthetic task: SFT -> RM -> PPO and SFT -> DPO, on CPU, one command.
+"""Reference quality run on the built-in synthetic task: SFT -> RM -> PPO, SFT -> DPO and SFT -> critic-free step 3
+(GRPO, RLOO, REINFORCE++ with the checker's rule reward), on CPU, one command.
 
     python benchmarks/quality_run.py --output-dir ./output_quality         # ~10-20 min on 2 CPU cores
 
 1. `applications/e2e_rlhf.py` (the tiny default, synthetic/copy, the CPU scripts' fixed seeds) runs steps
-   1-3, then `--algo dpo --step 2` trains DPO from the same step-1 actor.
+   1-3, then `--algo dpo --step 2` trains DPO from the same step-1 actor, and `--algo <estimator> --step 3` a
+   critic-free step 3 from it per estimator of CRITIC_FREE (no reward model: the synthetic checker rewards).
 2. Each actor (step 1, PPO, DPO) answers the same held-out prompts of the task's eval split (never seen in
    training), greedy and sampled at temperature 1 from seed 0. Per actor: the checker's accuracy (an
    answer is right only when exact and ended by EOS), the step-2 reward model's mean score, the KL to the
@@ -22,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "synthetic/copy"  # e2e's CPU default
+CRITIC_FREE = {"GRPO (step 3)": "grpo", "RLOO (step 3)": "rloo", "REINFORCE++ (step 3)": "reinforce_plus_plus"}
 
 
 def parse_args(argv=None):
@@ -142,6 +145,9 @@ def markdown(results: dict) -> str:
               f"| PPO: held-out mean reward (step 3's own evaluation), start -> end | "
               f"{training['ppo_eval_reward'][0]:+.3f} -> {training['ppo_eval_reward'][1]:+.3f} |",
               f"| PPO: KL to reference at the last step | {training['ppo_final_kl']:.3f} |"]
+    for name, accuracy in training.get("critic_free_accuracy", {}).items():
+        lines.append(f"| {name}: held-out sampled checker accuracy (step 3's own evaluation), start -> end | "
+                     f"{accuracy[0]:.3f} -> {accuracy[1]:.3f} |")
     lines += [f"| wall time {step} | {seconds:.0f} s |" for step, seconds in results["wall_s"].items()]
     return "\n".join(lines) + "\n"
 
@@ -188,7 +194,10 @@ def main(argv=None) -> None:
         start = time.time()
         wall.update(run_pipeline(out, [], "e2e_ppo.log"))
         wall.update(run_pipeline(out, ["--algo", "dpo", "--step", "2"], "e2e_dpo.log"))
-        wall["all (both pipelines)"] = time.time() - start
+        for algo in CRITIC_FREE.values():
+            wall.update({f"{step} ({algo})": seconds for step, seconds in
+                         run_pipeline(out, ["--algo", algo, "--step", "3"], f"e2e_{algo}.log").items()})
+        wall["all (every pipeline)"] = time.time() - start
 
     import torch
 
@@ -199,6 +208,7 @@ def main(argv=None) -> None:
     sft_dir, rm_dir = out / "actor-models" / "opt", out / "reward-models" / "opt"
     actors = {"SFT (step 1)": sft_dir, "PPO (step 3)": out / "step3-models" / "opt" / "actor",
               "DPO": out / "dpo-models" / "opt"}
+    actors.update({name: out / "step3-models" / f"opt-{algo}" / "actor" for name, algo in CRITIC_FREE.items()})
     prompts = [row["prompt"] for row in generate_rows(parse_synthetic_name(DATA), "eval")[:args.prompts]]
     sft, _ = load_causal_lm(str(sft_dir), torch.device("cpu"))
     reward_model, _, reward_meta = load_reward_model(str(rm_dir))
@@ -214,6 +224,8 @@ def main(argv=None) -> None:
                            "dpo_accuracy": [dpo_accuracy[0], dpo_accuracy[-1]],
                            "ppo_eval_reward": [ppo_reward[0], ppo_reward[-1]],
                            "ppo_final_kl": series(curves["step3"], "kl/to_reference")[1][-1]}
+    accuracy = {name: series(read_metrics(actors[name]), "eval/accuracy")[1] for name in CRITIC_FREE}
+    results["training"]["critic_free_accuracy"] = {name: [a[0], a[-1]] for name, a in accuracy.items()}
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (docs / "results.md").write_text(markdown(results))

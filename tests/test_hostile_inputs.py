@@ -31,8 +31,8 @@ def reward_dir(tmp_path_factory, tokenizer):
 def test_chat_history_beyond_the_positions_keeps_the_latest_turns(tokenizer, capsys):
     """--max_history_tokens 5000 on a 512-position model: lowered once (said on stderr), and every model input
     plus the reply fits the positions, over turns that together are far longer than the model's context."""
-    from inference.chatbot import ChatConfig, history_limit
     from inference.chat import ChatSession, Conversation
+    from inference.chatbot import ChatConfig, history_limit
     from training.utils.model.build import create_hf_model
     from training.utils.sampling import SamplingConfig
 

@@ -1,14 +1,17 @@
-"""Step 3: RLHF of the actor with PPO against the step-2 reward model.
+"""Step 3: RLHF of the actor with PPO against the step-2 reward model, or critic-free (GRPO, RLOO, REINFORCE++,
+ReMax) against a reward model and/or a rule reward.
 
     deepspeed main.py --actor_model_name_or_path out/actor --critic_model_name_or_path out/reward \
         --data_path synthetic/copy --output_dir out/step3
+    deepspeed main.py --actor_model_name_or_path out/actor --advantage_estimator grpo --n_samples_per_prompt 4 \
+        --reward_function synthetic --data_path synthetic/copy --output_dir out/step3_grpo
 
 Recipe: parse flags -> tokenizer -> phase-3 prompts (capped at --max_prompt_seq_len) -> optional
 pre-training text (PPO-ptx) -> the RLHF engine (actor, reference, optional EMA, critic, reward model)
--> held-out evaluation -> steps: generate --generation_batches batches of experience, then
---ppo_epochs passes of mini-batch PPO updates over them (+ the PPO-ptx loss), EMA update, adapt the
+-> held-out evaluation -> steps: generate --generation_batches batches of experience (advantages computed per
+batch), then --ppo_epochs passes of mini-batch PPO updates over them (+ the PPO-ptx loss), EMA update, adapt the
 KL coefficient, one log line, held-out evaluation every --eval_interval steps -> save actor/,
-critic/ and actor_ema/.
+critic/ (when there is a critic) and actor_ema/.
 
 A "step" is one such round of generation and training; --eval_interval, --print_answers_interval
 and --test_stop_step count these.
@@ -34,6 +37,7 @@ from training.utils.rlhf.engine import build_rlhf_engine, optimizer_steps_per_ep
 from training.utils.rlhf.experience import CappedPrompts, EndlessBatches, ExperienceBuffer
 from training.utils.rlhf.metrics import describe_evaluation, describe_step, evaluate_policy, show_answer, step_metrics
 from training.utils.rlhf.ppo_trainer import PPOTrainer
+from training.utils.rlhf.rewards import check_references, load_reward_function
 from training.utils.rlhf.run_state import RLHFRunState
 from training.utils.tokenizer import load_tokenizer
 
@@ -62,6 +66,8 @@ def main(argv=None) -> None:
                                config.trust_remote_code)
     prompt_format = resolve_prompt_format(tokenizer, config, config.model_paths())
     check_input_models(config)
+    # A --reward_function file is imported now, so a missing file or function fails before any data or model.
+    reward_function = load_reward_function(config.rl.reward_function) if config.rl.reward_function else None
     data = build_phase_data(config.data, prompt_format, PHASE_RLHF)
     bos = prompt_format.bos_id
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos)
@@ -73,6 +79,8 @@ def main(argv=None) -> None:
     eval_loader = (make_loader(eval_prompts, config.per_device_generation_batch_size, collator, config.seed,
                                shuffle=False) if len(eval_prompts) else None)
     data.stats["prompt_limit"] = {"train": prompts.counts, "eval": eval_prompts.counts}
+    if config.rl.reward_function:  # the math reward needs every row's reference answer: refuse data without them
+        check_references(config.rl.reward_function, prompts.references() + eval_prompts.references())
     distributed.print_rank_0(f"data: {len(prompts)} train / {len(eval_prompts)} eval prompts (cache {data.cache_dir}; "
                              f"over --max_prompt_seq_len {config.max_prompt_seq_len}: {prompts.counts}; format: "
                              f"{prompt_format.describe()})")
@@ -86,13 +94,17 @@ def main(argv=None) -> None:
 
     actor_steps, critic_steps = optimizer_steps_per_epoch(config, len(prompt_loader))
     rlhf_engine = build_rlhf_engine(config, tokenizer, device, actor_steps, critic_steps)
-    trainer = PPOTrainer(rlhf_engine, config, prompt_format.stop_token_ids)
-    buffer = ExperienceBuffer(config.generation_batches, not config.ppo.no_whiten_advantages, tokenizer.pad_token_id,
-                              config.seed)
+    trainer = PPOTrainer(rlhf_engine, config, prompt_format.stop_token_ids, reward_function)
+    distributed.print_rank_0(f"advantages: {config.rl.advantage_estimator}, {config.rl.n_samples_per_prompt} "
+                             f"answer(s) per prompt; rewards: {trainer.scorer.describe()}")
+    # PPO whitens GAE advantages over the buffer; the critic-free estimators normalise their own (or, Dr. GRPO,
+    # on purpose not).
+    whiten = not config.rl.critic_free and not config.ppo.no_whiten_advantages
+    buffer = ExperienceBuffer(config.generation_batches, whiten, tokenizer.pad_token_id, config.seed)
 
     metrics = MetricsLog(config.enable_tensorboard, f"{config.tensorboard_path}/step3_rlhf")
-    checkpoints = Checkpointer(config, {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}, device,
-                               data=data)
+    trained = {"actor": rlhf_engine.actor, "critic": rlhf_engine.critic}
+    checkpoints = Checkpointer(config, {name: e for name, e in trained.items() if e is not None}, device, data=data)
     if config.resume is None:
         evaluate(trainer, eval_loader, metrics, 0, config.seed)
     run_state = RLHFRunState(trainer, rlhf_engine, buffer, unsup_batches)
@@ -150,17 +162,22 @@ def main(argv=None) -> None:
     extra = {"training_args.json": flag_values(config), "data_stats.json": data.stats,
              PROMPT_FORMAT_FILE: prompt_format.record()}
     rlhf_engine.actor.train()  # the Hybrid Engine's inference kernels out, LoRA unfused
-    with saving_set(config.output_dir, RLHF_SUBDIRS) as staging:  # actor/, critic/, actor_ema/ replaced as one set
+    title = config.rl.advantage_estimator.upper() if config.rl.critic_free else "PPO"
+    # actor/, critic/, actor_ema/ replaced as one set: a member this run does not save (no critic, no EMA) is
+    # removed from --output_dir rather than left from an earlier run.
+    with saving_set(config.output_dir, RLHF_SUBDIRS) as staging:
         save_hf_format(rlhf_engine.actor.module, tokenizer, os.path.join(staging, "actor"), extra_json=extra,
-                       metrics=metrics, metrics_title="step 3: PPO")
-        # The critic keeps the reward-model format (it loads as one), but its scores are values now, not the
-        # reward model's calibrated scores: no reward statistics go with it.
-        save_reward_model(rlhf_engine.critic.module, tokenizer, os.path.join(staging, "critic"), reward_stats={},
-                          extra_json=extra)
+                       metrics=metrics, metrics_title=f"step 3: {title}")
+        if rlhf_engine.critic is not None:
+            # The critic keeps the reward-model format (it loads as one), but its scores are values now, not the
+            # reward model's calibrated scores: no reward statistics go with it.
+            save_reward_model(rlhf_engine.critic.module, tokenizer, os.path.join(staging, "critic"), reward_stats={},
+                              extra_json=extra)
         if rlhf_engine.actor_ema is not None:
             save_hf_format(rlhf_engine.actor_ema.module, tokenizer, os.path.join(staging, "actor_ema"),
                            extra_json=extra)
-    saved = "actor/, critic/" + (", actor_ema/" if config.enable_ema else "")
+    saved = "actor/" + (", critic/" if rlhf_engine.critic is not None else "") + (
+        ", actor_ema/" if config.enable_ema else "")
     finish_run(checkpoints, metrics, f"saved {saved} to {config.output_dir}")
 
 

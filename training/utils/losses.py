@@ -201,19 +201,25 @@ def clipped_policy_loss_tokens(log_probs: torch.Tensor, old_log_probs: torch.Ten
 
 
 def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                action_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                action_mask: torch.Tensor, cliprange: float, cliprange_high: float | None = None,
+                agg_mode: str = "token_mean", agg_constant: float | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate objective, as a loss averaged over all actions of the batch.
 
         ratio_t = exp(log pi(a_t) - log pi_old(a_t))
         loss    = masked_mean( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)) )
+
+    `cliprange_high` (None: = cliprange) widens the upper clip (DAPO's clip-higher); `agg_mode` replaces the
+    token mean with another aggregate_token_loss mode (the default is exactly the masked mean above).
 
     stats (detached float tensors):
         clip_fraction = masked_mean([clipped term > unclipped term])   share of actions whose gradient
                                                                        the clip removes
         approx_kl     = masked_mean((ratio_t - 1) - log ratio_t)       the k3 estimator of KL(old || new)
     """
-    loss_tokens = clipped_policy_loss_tokens(log_probs, old_log_probs, advantages, cliprange, cliprange)
-    loss = masked_mean(loss_tokens, action_mask)
+    high = cliprange if cliprange_high is None else cliprange_high
+    loss_tokens = clipped_policy_loss_tokens(log_probs, old_log_probs, advantages, cliprange, high)
+    loss = aggregate_token_loss(loss_tokens, action_mask, agg_mode, agg_constant)
     with torch.no_grad():
         log_ratio = log_probs - old_log_probs
         ratio = torch.exp(log_ratio)
@@ -464,3 +470,38 @@ def equal_reward_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     group-baseline advantages are all 0, so it carries no gradient; DAPO's dynamic sampling drops it."""
     groups = _groups(scores, group_size)
     return (groups.amax(dim=1) == groups.amin(dim=1)).repeat_interleave(group_size)
+
+
+@torch.no_grad()
+def critic_free_advantages(scores: torch.Tensor, log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
+                           action_mask: torch.Tensor, group_size: int, estimator: str, kl_coef: float,
+                           gamma: float, baseline_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] per-token advantages of a critic-free estimator from one score per answer, with an optional KL
+    penalty to the reference in the reward (kl_t = log pi(a_t) - log pi_ref(a_t), k1, as PPO's).
+
+        reinforce_plus_plus, reinforce_plus_plus_baseline (OpenRLHF's REINFORCE++ order: KL first, whiten last):
+            s_b = r_b  (reinforce_plus_plus)  or  r_b - mean_g  (_baseline)
+            G_t = sum_{u >= t} gamma^(u - t) * (-kl_coef * kl_u  +  s_b at the last action)
+            A_t = masked_whiten(G, m)             over every action of the batch (population std)
+        grpo, dr_grpo, rloo, remax:
+            A_b = group_advantages(r, group_size, estimator, baseline_scores=...)       one number per answer
+            A_t = A_b - kl_coef * sum_{u >= t} gamma^(u - t) * kl_u                      the same sum, A_b at the end
+
+    With kl_coef = 0 (KL as a loss term instead, or no KL) the sequence estimators give A_t = A_b on every action
+    (token_advantages). Rows whose mask is all 0 (answers left out of the loss) get 0 and, for REINFORCE++, do not
+    enter the whitening statistics. A, 0 outside the mask.
+    """
+    mask = action_mask.to(log_probs.dtype)
+    no_clip = float("inf")  # the scores were clipped before (a group baseline must see the clipped ones)
+    if estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline"):
+        _groups(scores, group_size)  # whole groups only, as every estimator
+        shaped = scores.float()
+        if estimator == "reinforce_plus_plus_baseline":
+            shaped = group_advantages(scores, group_size, "dr_grpo")
+        rewards, _ = kl_penalty_rewards(log_probs, ref_log_probs, mask, shaped, kl_coef, no_clip)
+        return masked_whiten(discounted_token_returns(rewards, mask, gamma), mask)
+    sequence = group_advantages(scores, group_size, estimator, baseline_scores=baseline_scores)
+    if kl_coef == 0:
+        return token_advantages(sequence.to(log_probs.dtype), mask)
+    rewards, _ = kl_penalty_rewards(log_probs, ref_log_probs, mask, sequence, kl_coef, no_clip)
+    return discounted_token_returns(rewards, mask, gamma)

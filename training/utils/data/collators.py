@@ -62,4 +62,7 @@ class PromptCollator:
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [item["prompt_ids"] for item in items]
         input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, max(map(len, seqs)), left=True)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "reference" in items[0]:  # step 3's reference answers (text) for a rule reward
+            batch["references"] = [item["reference"] for item in items]
+        return batch

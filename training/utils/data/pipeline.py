@@ -171,6 +171,7 @@ def cache_key(config: DataConfig, phase: int, sources: list[Source], sft_only: l
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "eos": tokenizer.eos_token_id,
         "prompt_format": prompt_format.fingerprint(),
+        "fields": ["prompt_ids", REFERENCE_FIELD] if phase == PHASE_RLHF else None,  # phase 3 gained references
         "code": code_version(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -370,10 +371,27 @@ def tokenise_pairs(rows: list[Sample], prompt_format: PromptFormat, config: Data
 
 def tokenise_prompts(rows: list[Sample], prompt_format: PromptFormat, config: DataConfig
                      ) -> tuple["RaggedDataset", dict]:
-    """Prompt ids in full: step 3 applies its own --max_prompt_seq_len policy (truncate or drop)."""
+    """Prompt ids in full (step 3 applies its own --max_prompt_seq_len policy: truncate or drop), and each row's
+    reference answer for a rule reward: its chosen reply (a GSM8K-style row's response), as UTF-8 byte values
+    (text, not tokens: the reward function compares strings; empty when the row has none)."""
     encoded = prompt_format.encode([prompt_format.prompt_of(s) for s in rows])
     prompts = [ids for ids, _ in encoded]
-    return RaggedDataset({"prompt_ids": prompts}), {}
+    references = [list(reference_text(s).encode("utf-8")) for s in rows]
+    return RaggedDataset({"prompt_ids": prompts, REFERENCE_FIELD: references}), {}
+
+
+REFERENCE_FIELD = "reference_bytes"
+
+
+def reference_text(row: Sample) -> str:
+    """The reference answer of a prompt row: its chosen reply, else its demonstration, else ''."""
+    text = row.chosen if row.chosen is not None else row.demonstration
+    return text or ""
+
+
+def decode_reference(byte_values: list[int]) -> str | None:
+    """A stored reference back as text; None when the row had none."""
+    return bytes(byte_values).decode("utf-8") if byte_values else None
 
 
 class RaggedDataset:

@@ -22,6 +22,7 @@ from training.utils.flags import (
     TokenizerFlags,
     TrainingFlags,
 )
+from training.utils.losses import ADVANTAGE_ESTIMATORS, GROUP_BASELINE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES
 from training.utils.output_dir import RLHF_MODELS, check_output_dir
 
 PROMPT_OVERFLOW = ("truncate", "drop")
@@ -56,6 +57,95 @@ class PPOFlags:
                                                                            "number <= 0", resume=FIXED)
 
 
+CRITIC_FREE = tuple(e for e in ADVANTAGE_ESTIMATORS if e != "gae")
+# What each estimator's paper (or its reference implementation) uses, for the flags left unset (None). GRPO:
+# DeepSeekMath (KL as a k3 loss term, beta 0.04, each answer's token mean); Dr. GRPO: Liu et al. 2025 (no KL, no
+# std and no length normalisation: a constant divisor); RLOO, REINFORCE++ and ReMax: KL in the reward, token mean
+# (OpenRLHF's defaults). PPO (gae) keeps DeepSpeed-Chat's: KL in the reward, token mean.
+ESTIMATOR_DEFAULTS = {
+    "gae": {"use_kl_loss": False, "loss_agg_mode": "token_mean"},
+    "grpo": {"use_kl_loss": True, "kl_estimator": "k3", "kl_loss_coef": 0.04, "loss_agg_mode": "seq_mean_token_mean"},
+    "dr_grpo": {"use_kl_loss": True, "kl_estimator": "k3", "kl_loss_coef": 0.0,
+                "loss_agg_mode": "seq_mean_token_sum_norm"},
+    "rloo": {"use_kl_loss": False, "loss_agg_mode": "token_mean"},
+    "reinforce_plus_plus": {"use_kl_loss": False, "loss_agg_mode": "token_mean"},
+    "reinforce_plus_plus_baseline": {"use_kl_loss": False, "loss_agg_mode": "token_mean"},
+    "remax": {"use_kl_loss": False, "loss_agg_mode": "token_mean"},
+}
+KL_LOSS_DEFAULTS = {"kl_estimator": "k3", "kl_loss_coef": 0.001}  # --use_kl_loss with an estimator whose paper has none
+
+
+@dataclass
+class AdvantageFlags:
+    """advantage estimator and rewards ([new]: critic-free RL; see the README's critic-free section)"""
+    advantage_estimator: str = option(
+        "gae", "[new] How advantages are computed: gae = PPO with a critic (GAE); grpo (group mean and std), dr_grpo "
+               "(group mean only), rloo (leave-one-out mean), reinforce_plus_plus (batch whitening), "
+               "reinforce_plus_plus_baseline (group mean, then batch whitening), remax (a greedy answer's reward) "
+               "train no critic. Formulas: training/utils/losses.py.", choices=ADVANTAGE_ESTIMATORS, resume=FIXED)
+    n_samples_per_prompt: int = option(
+        1, "[new] Answers sampled per prompt (a group), generated in one batch; grpo, dr_grpo, rloo and "
+           "reinforce_plus_plus_baseline need at least 2. Rows per generation batch = "
+           "--per_device_generation_batch_size x this.", check=at_least(1), resume=FIXED)
+    reward_function: str | None = option(
+        None, "[new] A rule reward: synthetic (the built-in tasks' checker), math (GSM8K-style: the reply's final "
+              "number against the reference after '####') or path/to/file.py:function, fn(prompts, replies, "
+              "references) -> list[float] (imports and runs that file: your code). None: the reward model alone.",
+        resume=FIXED)
+    reward_model_weight: float = option(
+        1.0, "[new] Weight of the reward model's score when --reward_function is given too (score = this x reward "
+             "model + --reward_function_weight x function); 0 uses no reward model (then a critic-free run must not "
+             "name --critic_model_name_or_path).", check=at_least(0.0), resume=FIXED)
+    reward_function_weight: float = option(1.0, "[new] Weight of --reward_function's reward (see "
+                                                "--reward_model_weight).", check=at_least(0.0), resume=FIXED)
+    use_kl_loss: bool | None = option(
+        None, "[new] KL to the reference as a loss term (coefficient --kl_loss_coef, estimator --kl_estimator) "
+              "instead of a penalty in the reward (--kl_ctl). None: the estimator's paper (on for grpo and "
+              "dr_grpo, off otherwise).", resume=FIXED)
+    kl_estimator: str | None = option(None, "[new] KL estimator of the KL loss: k1 (log-ratio), k2 (half its square), "
+                                            "k3 (exp(-x) - 1 + x, GRPO's). None: k3.", choices=KL_ESTIMATORS,
+                                      resume=FIXED)
+    kl_loss_coef: float | None = option(None, "[new] Coefficient of the KL loss (the initial one with --target_kl). "
+                                              "None: 0.04 for grpo (DeepSeekMath), 0 for dr_grpo, 0.001 otherwise.",
+                                        check=at_least(0.0), resume=FIXED)
+    loss_agg_mode: str | None = option(
+        None, "[new] How per-token policy losses become one: token_mean (every token weighs the same), "
+              "seq_mean_token_mean (every answer weighs the same), seq_mean_token_sum_norm (sum / (answers x "
+              "--max_answer_seq_len), Dr. GRPO). None: seq_mean_token_mean for grpo, seq_mean_token_sum_norm for "
+              "dr_grpo, token_mean otherwise (PPO's).", choices=LOSS_AGG_MODES, resume=FIXED)
+    clip_ratio_low: float | None = option(None, "[new] Lower clip of the policy ratio, 1 - this. None: --cliprange.",
+                                          check=positive, resume=FIXED)
+    clip_ratio_high: float | None = option(None, "[new] Upper clip of the policy ratio, 1 + this (DAPO's "
+                                                 "clip-higher: 0.28 with a low of 0.2). None: --cliprange.",
+                                           check=positive, resume=FIXED)
+    drop_equal_reward_groups: bool = option(
+        False, "[new] DAPO's dynamic-sampling filter: answers of a prompt whose --n_samples_per_prompt rewards are all "
+               "equal carry no signal and are left out of the loss (logged as groups/dropped_share). Critic-free "
+               "estimators, --n_samples_per_prompt >= 2.", resume=FIXED)
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage_estimator != "gae"
+
+    def resolve_defaults(self) -> None:
+        """Fill the options left at None with the estimator's paper settings (ESTIMATOR_DEFAULTS), so
+        training_args.json records what ran. The KL loss's estimator and coefficient stay None without a KL loss."""
+        defaults = ESTIMATOR_DEFAULTS[self.advantage_estimator]
+        for name in ("use_kl_loss", "loss_agg_mode"):
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[name])
+        if self.use_kl_loss:
+            for name in ("kl_estimator", "kl_loss_coef"):
+                if getattr(self, name) is None:
+                    setattr(self, name, defaults.get(name, KL_LOSS_DEFAULTS[name]))
+
+
+@dataclass
+class CriticFlags(ModelFlags):
+    """model"""
+    model_name_or_path: str | None = option(None, "The reward model directory of step 2.", resume=FIXED)
+
+
 @configuration(num_warmup_steps=100, tensorboard_path="step3_tensorboard")
 class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffloadFlags, LoggingFlags, PeriodicEvalFlags,
                  PaddingCompatFlags, CheckpointFlags):
@@ -65,10 +155,14 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
                               help={"model_name_or_path": "The SFT actor (step 1 output, or any causal LM directory / "
                                                           "hub id / tiny name); the reference model and the EMA start "
                                                           "from it too."})
-    critic: ModelFlags = group(ModelFlags, prefix="critic_", title="critic", role="the critic", learning_rate=5e-6,
-                               help={"model_name_or_path": "The reward model directory of step 2: the frozen reward "
-                                                           "model, and the critic's starting point."})
+    critic: CriticFlags = group(CriticFlags, prefix="critic_", title="critic", role="the critic",
+                                learning_rate=5e-6,
+                                help={"model_name_or_path": "The reward model directory of step 2: the frozen reward "
+                                                            "model, and the critic's starting point. Needed by "
+                                                            "--advantage_estimator gae; optional for a critic-free "
+                                                            "estimator with --reward_function ([new])."})
     ppo: PPOFlags = group(PPOFlags)
+    rl: AdvantageFlags = group(AdvantageFlags)
     sampling: SamplingFlags = group(SamplingFlags, title="rollout generation (always stops at the tokenizer's EOS)")
 
     # prompts and pre-training data
@@ -134,8 +228,25 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
 
     def model_paths(self) -> dict[str, str]:
         """The models whose saved prompt format the run must share (chat_format.chosen_format)."""
-        return {"--actor_model_name_or_path": self.actor.model_name_or_path,
-                "--critic_model_name_or_path": self.critic.model_name_or_path}
+        paths = {"--actor_model_name_or_path": self.actor.model_name_or_path,
+                 "--critic_model_name_or_path": self.critic.model_name_or_path}
+        return {flag: path for flag, path in paths.items() if path is not None}
+
+    @property
+    def uses_reward_model(self) -> bool:
+        """A reward model scores the answers: one is named and its weight is not 0."""
+        return self.critic.model_name_or_path is not None and (self.rl.reward_function is None
+                                                               or self.rl.reward_model_weight > 0)
+
+    @property
+    def builds_critic(self) -> bool:
+        return not self.rl.critic_free
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(low, high) clip of the policy ratio."""
+        return (self.ppo.cliprange if self.rl.clip_ratio_low is None else self.rl.clip_ratio_low,
+                self.ppo.cliprange if self.rl.clip_ratio_high is None else self.rl.clip_ratio_high)
 
     def validate(self) -> None:
         """Flag combinations rejected before any model is built."""
@@ -146,7 +257,8 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
         if self.inference_tp_size > 1 and self.actor.zero_stage != 3:
             raise UserInputError(f"--inference_tp_size {self.inference_tp_size} needs ZeRO stage 3 for the actor (got "
                                  f"{self.actor.zero_stage}): set --actor_zero_stage 3 or --inference_tp_size 1")
-        if self.offload and 0 in (self.actor.zero_stage, self.critic.zero_stage):
+        self.validate_estimator()
+        if self.offload and 0 in (self.actor.zero_stage, self.critic.zero_stage if self.builds_critic else 1):
             raise UserInputError(f"--offload moves the actor's and critic's partitioned optimizer state, so both need "
                                  f"ZeRO stage 1-3 (got actor {self.actor.zero_stage}, critic "
                                  f"{self.critic.zero_stage}): raise --actor_zero_stage / --critic_zero_stage or drop "
@@ -163,6 +275,46 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
             "--unsupervised_dataset_name": [self.unsupervised_dataset_name],
             "--deepspeed_config": [self.deepspeed_config]})
 
+    def validate_estimator(self) -> None:
+        """The estimator, its group size, the reward sources and the critic agree; then the estimator's defaults."""
+        rl, critic_path = self.rl, self.critic.model_name_or_path
+        estimator = rl.advantage_estimator
+        critic_free = ", ".join(CRITIC_FREE)
+        if estimator in GROUP_BASELINE_ESTIMATORS and rl.n_samples_per_prompt < 2:
+            raise UserInputError(f"--advantage_estimator {estimator} compares the answers of one prompt, so it needs "
+                                 f"--n_samples_per_prompt >= 2 (got {rl.n_samples_per_prompt}): pass e.g. "
+                                 "--n_samples_per_prompt 4, or use reinforce_plus_plus or remax")
+        if not rl.critic_free and critic_path is None:
+            raise UserInputError(f"--advantage_estimator {estimator} trains a critic, which starts from "
+                                 "--critic_model_name_or_path: pass the step-2 reward model directory, or use a "
+                                 f"critic-free estimator ({critic_free}) with --reward_function")
+        if rl.reward_function is None and critic_path is None:
+            raise UserInputError("no reward: pass --critic_model_name_or_path (a step-2 reward model) or "
+                                 "--reward_function (synthetic, math or path/to/file.py:function)")
+        if rl.reward_function is not None and critic_path is not None and rl.reward_model_weight == 0 and (
+                rl.critic_free):
+            raise UserInputError(f"--critic_model_name_or_path '{critic_path}' would be unused: "
+                                 f"--advantage_estimator {estimator} trains no critic and --reward_model_weight 0 "
+                                 "uses no reward model; drop --critic_model_name_or_path (or give the reward model "
+                                 "a weight)")
+        if rl.reward_function is None and self.rl.reward_model_weight == 0:
+            raise UserInputError("--reward_model_weight 0 without --reward_function leaves no reward: give the "
+                                 "reward model a weight or add --reward_function")
+        if self.ppo.normalize_reward and not self.uses_reward_model:
+            raise UserInputError("--normalize_reward standardises reward-model scores, and this run uses no reward "
+                                 "model: drop --normalize_reward")
+        if rl.drop_equal_reward_groups and (not rl.critic_free or rl.n_samples_per_prompt < 2):
+            raise UserInputError(f"--drop_equal_reward_groups compares the rewards of a prompt's answers: it needs a "
+                                 f"critic-free --advantage_estimator ({critic_free}) and --n_samples_per_prompt >= 2 "
+                                 f"(got {estimator}, {rl.n_samples_per_prompt})")
+        rl.resolve_defaults()
+        given = [f"--{name} {getattr(rl, name)}" for name in ("kl_estimator", "kl_loss_coef")
+                 if getattr(rl, name) is not None]
+        if given and not rl.use_kl_loss:
+            raise UserInputError(f"{' and '.join(given)} set the KL loss, and this run puts the KL in the reward "
+                                 f"(--advantage_estimator {estimator} without --use_kl_loss; coefficient --kl_ctl): "
+                                 "add --use_kl_loss or drop them")
+
 
 def check_input_models(config: RLHFConfig) -> None:
     """Refuse, before any data or weights are loaded, an actor that is not a language model, damaged model
@@ -174,5 +326,7 @@ def check_input_models(config: RLHFConfig) -> None:
             f"= {length}")
     fix = "lower them to at most {limit} together"
     for path, language_model in ((config.actor.model_name_or_path, True), (config.critic.model_name_or_path, False)):
+        if path is None:  # a critic-free run scored by a function alone
+            continue
         check_model_input(path, language_model=language_model, length=length, what=what, fix=fix,
                           trust_remote_code=config.trust_remote_code)

@@ -4,8 +4,10 @@
                when --enable_hybrid_engine and DeepSpeed has inference kernels for it
     reference  frozen copy of the starting actor (the KL anchor)
     actor_ema  optional frozen exponential moving average of the actor (--enable_ema)
-    critic     trainable value model, started from the step-2 reward model directory (+LoRA)
-    reward     frozen reward model from the same directory
+    critic     trainable value model, started from the step-2 reward model directory (+LoRA); None for a
+               critic-free --advantage_estimator
+    reward     frozen reward model from the same directory; None when a --reward_function alone gives the
+               rewards (no --critic_model_name_or_path, or --reward_model_weight 0)
 
 ZeRO stages follow DeepSpeed-Chat's rules: the reference and EMA are partitioned (stage 3) exactly
 when the actor is, otherwise whole (stage 0); the reward model likewise follows the critic. Frozen
@@ -42,8 +44,8 @@ class RLHFEngine:
     actor: object  # DeepSpeedEngine or DeepSpeedHybridEngine
     ref: object
     actor_ema: object | None
-    critic: object
-    reward: object
+    critic: object | None
+    reward: object | None
     tokenizer: object
     reward_meta: dict  # the reward model's reward_model.json
     hybrid_generation: bool  # True when DeepSpeed's inference kernels generate (engine.generate)
@@ -67,7 +69,7 @@ def optimizer_steps_per_epoch(config: RLHFConfig, prompt_batches: int) -> tuple[
             f"never fills, PPO never trains and the actor would be saved unchanged: lower --generation_batches to at "
             f"most {max(prompt_batches * epochs, 1)}, raise --num_train_epochs, lower "
             "--per_device_generation_batch_size or add prompts")
-    rows_per_step = generation * config.per_device_generation_batch_size
+    rows_per_step = generation * config.per_device_generation_batch_size * config.rl.n_samples_per_prompt
     minibatches_per_step = config.ppo_epochs * math.ceil(rows_per_step / config.per_device_training_batch_size)
     run_ppo_steps = min(ppo_steps, config.test_stop_step) if config.enable_test_mode else ppo_steps
     run_minibatches = run_ppo_steps * minibatches_per_step
@@ -79,8 +81,8 @@ def optimizer_steps_per_epoch(config: RLHFConfig, prompt_batches: int) -> tuple[
             f"--per_device_training_batch_size {config.per_device_training_batch_size} x --ppo_epochs "
             f"{config.ppo_epochs}), so the actor and critic optimizers would never step: lower "
             f"--gradient_accumulation_steps to at most {run_minibatches} or train for more steps")
-    warn_long_warmup(config, run_minibatches // accumulation, "optimizer steps (critic; PPO steps "
-                     f"{run_ppo_steps})")
+    warn_long_warmup(config, run_minibatches // accumulation, f"optimizer steps ({'critic; ' * config.builds_critic}"
+                     f"PPO steps {run_ppo_steps})")
     minibatches = (prompt_batches // generation) * minibatches_per_step
     critic_steps = max(1, math.ceil(minibatches / accumulation))
     return critic_steps * (2 if config.unsupervised_dataset_name else 1), critic_steps
@@ -90,8 +92,10 @@ def build_rlhf_engine(config: RLHFConfig, tokenizer, device, actor_steps_per_epo
                       critic_steps_per_epoch: int) -> RLHFEngine:
     """All engines of step 3. `*_steps_per_epoch` are optimizer steps, for the LR schedules."""
     dtype = training_dtype(config, device)
-    reward_meta = read_reward_model_meta(config.critic.model_name_or_path)
-    check_same_tokenizer(tokenizer, config)
+    critic_path = config.critic.model_name_or_path
+    reward_meta = read_reward_model_meta(critic_path) if critic_path is not None else {}
+    if critic_path is not None:
+        check_same_tokenizer(tokenizer, config)
     hybrid = config.enable_hybrid_engine and hybrid_engine_usable(device)
     if config.enable_hybrid_engine and not hybrid:
         distributed.print_rank_0(f"Hybrid Engine: DeepSpeed has no inference kernels on {device.type}; "
@@ -104,13 +108,17 @@ def build_rlhf_engine(config: RLHFConfig, tokenizer, device, actor_steps_per_epo
                                  f"{type(actor.module).__name__}; generating with Hugging Face generate")
     ref = _build_frozen_actor(config, tokenizer, device, actor_lora_layout=False)
     actor_ema = _build_frozen_actor(config, tokenizer, device, actor_lora_layout=True) if config.enable_ema else None
-    critic = _build_critic(config, tokenizer, device, critic_steps_per_epoch)
-    reward = _build_reward(config, tokenizer, device)
+    critic = _build_critic(config, tokenizer, device, critic_steps_per_epoch) if config.builds_critic else None
+    reward = _build_reward(config, tokenizer, device) if config.uses_reward_model else None
+    critic_text = (f"critic ZeRO-{config.critic.zero_stage}" if critic is not None else
+                   f"no critic ({config.rl.advantage_estimator} is critic-free)")
+    reward_text = (f"reward model ZeRO-{frozen_stage(config.critic.zero_stage)}" if reward is not None else
+                   f"no reward model (rewards from --reward_function {config.rl.reward_function})")
     distributed.print_rank_0(
         f"engines: actor ZeRO-{config.actor.zero_stage}"
         f"{' (Hybrid Engine generation)' if hybrid_generation else ''}, reference ZeRO-"
-        f"{frozen_stage(config.actor.zero_stage)}{', EMA' if config.enable_ema else ''}, critic ZeRO-"
-        f"{config.critic.zero_stage}, reward ZeRO-{frozen_stage(config.critic.zero_stage)}, {dtype}")
+        f"{frozen_stage(config.actor.zero_stage)}{', EMA' if config.enable_ema else ''}, {critic_text}, "
+        f"{reward_text}, {dtype}")
     return RLHFEngine(actor, ref, actor_ema, critic, reward, tokenizer, reward_meta, hybrid_generation)
 
 

@@ -4,7 +4,8 @@ Layout of one batch of experience (B rows):
 
     prompt_ids  [B, P]   left-padded to the batch's longest prompt (prompt_mask marks real tokens)
     answer_ids  [B, A]   the generated tokens, right-padded; action_mask[b, t] = 1 for t < length[b]
-    per-token   [B, A]   old log-probs, old values, advantages, returns: one entry per answer token
+    per-token   [B, A]   old log-probs, old values, advantages, returns, the loss mask and the reference's
+                         log-probs (KL loss): one entry per answer token
 
 An answer's length counts its tokens up to and including the first EOS, or all A when it has none
 (cut at --max_answer_seq_len). It is found from the generated ids by position (masks.answer_lengths), so the
@@ -17,14 +18,19 @@ every rank runs the same number of mini-batches (ZeRO-3 needs matching collectiv
 """
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from training.utils.data.collators import pad_batch
+from training.utils.data.pipeline import REFERENCE_FIELD, decode_reference
 from training.utils.errors import UserInputError
 from training.utils.losses import masked_whiten
 
-PER_TOKEN_FIELDS = ("log_probs", "values", "advantages", "returns")
+# loss_mask: action_mask, with the rows --drop_equal_reward_groups leaves out of the loss zeroed (they stay in the
+# buffer, so every rank keeps the same number of rows and mini-batches).
+# ref_log_probs: the reference's log-probs, kept only for --use_kl_loss (zeros otherwise).
+PER_TOKEN_FIELDS = ("log_probs", "values", "advantages", "returns", "loss_mask", "ref_log_probs")
 
 
 class CappedPrompts(Dataset):
@@ -49,12 +55,24 @@ class CappedPrompts(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        ids = self.dataset[self.indices[index]]["prompt_ids"]
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[self.indices[index]]
+        ids = row["prompt_ids"]
         if len(ids) > self.max_len:
             keep_bos = self.bos_token_id is not None and ids[0] == self.bos_token_id
             ids = ids[:1] + ids[len(ids) - self.max_len + 1:] if keep_bos else ids[-self.max_len:]
-        return {"prompt_ids": ids}
+        item = {"prompt_ids": ids}
+        if REFERENCE_FIELD in row:  # the rule reward's reference answer (PromptCollator passes it on)
+            item["reference"] = decode_reference(row[REFERENCE_FIELD])
+        return item
+
+    def sample_lengths(self) -> np.ndarray:
+        """Prompt lengths after the cap, read from the offsets (samplers.sample_lengths), not item by item."""
+        return np.minimum(self.dataset.lengths("prompt_ids")[self.indices], self.max_len)
+
+    def references(self) -> list[str | None]:
+        """Every kept row's reference answer (None where it has none), for the rule reward's up-front check."""
+        return [self[i].get("reference") for i in range(len(self))]
 
 
 @dataclass
@@ -68,6 +86,14 @@ class Experience:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    loss_mask: torch.Tensor | None = None  # None: the action mask
+    ref_log_probs: torch.Tensor | None = None  # None: zeros (no KL loss)
+
+    def __post_init__(self):
+        if self.loss_mask is None:
+            self.loss_mask = self.action_mask.to(self.advantages.dtype)
+        if self.ref_log_probs is None:
+            self.ref_log_probs = torch.zeros_like(self.log_probs)
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -96,7 +122,7 @@ class Experience:
                                             left=True)
         answer_ids, action_mask = pad_batch([r["answer_ids"].tolist() for r in rows], pad_token_id, answer_width)
         per_token = {}
-        for name in PER_TOKEN_FIELDS:
+        for name in (n for n in PER_TOKEN_FIELDS if n in rows[0]):
             padded = torch.zeros(len(rows), answer_width, dtype=rows[0][name].dtype)
             for b, row in enumerate(rows):
                 padded[b, :len(row[name])] = row[name].cpu()

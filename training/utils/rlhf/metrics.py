@@ -8,11 +8,16 @@ import torch
 
 from training.utils import distributed
 from training.utils.data.synthetic import check_answer
+from training.utils.rlhf.rewards import BUILTIN_REWARDS
+
+CHECKER_REWARDS = BUILTIN_REWARDS  # rule rewards that are 1.0 exactly for a right answer (eval/accuracy)
 
 # Per step, in the order the log line prints them.
 STEP_LINE = (("reward", "reward/mean", "{:+.3f}"), ("+-", "reward/std", "{:.3f}"), ("kl", "kl/to_reference", "{:.3f}"),
              ("kl_coef", "kl/coef", "{:.3g}"), ("len", "answer/length", "{:.1f}"), ("eos", "answer/eos_rate", "{:.2f}"),
-             ("pg", "loss/actor", "{:+.4f}"), ("vf", "loss/critic", "{:.4f}"), ("clip", "ppo/clip_fraction", "{:.3f}"),
+             ("group_std", "reward/group_std", "{:.3f}"), ("dropped", "groups/dropped_share", "{:.2f}"),
+             ("pg", "loss/actor", "{:+.4f}"), ("vf", "loss/critic", "{:.4f}"), ("kl_loss", "loss/kl", "{:.4f}"),
+             ("clip", "ppo/clip_fraction", "{:.3f}"),
              ("approx_kl", "ppo/approx_kl", "{:.4f}"), ("entropy", "ppo/entropy", "{:.3f}"),
              ("ptx", "loss/unsupervised", "{:.3f}"), ("gen", "time/generation_s", "{:.1f}s"),
              ("exp", "time/experience_s", "{:.1f}s"), ("train", "time/training_s", "{:.1f}s"),
@@ -25,14 +30,15 @@ def step_metrics(rollouts: list, train_stats: list[dict[str, float]], device, *,
     averaged, and where the time went. Samples/s counts the answers of all ranks over the whole step."""
     values = summarize_rollouts(rollouts, device)
     trained = average_training_stats(train_stats, device)
-    values.update({"loss/actor": trained["actor_loss"], "loss/critic": trained["critic_loss"],
+    values.update({"loss/actor": trained["actor_loss"],
                    "ppo/clip_fraction": trained["clip_fraction"], "ppo/approx_kl": trained["approx_kl"],
                    "ppo/entropy": trained["entropy"], "ppo/skipped_steps": trained["skipped_step"],
                    "time/generation_s": sum(r.generation_s for r in rollouts),
                    "time/experience_s": sum(r.scoring_s for r in rollouts), "time/training_s": training_s,
                    "throughput/samples_per_s": values.pop("answers") / elapsed_s})
-    if "unsup_loss" in trained:
-        values["loss/unsupervised"] = trained["unsup_loss"]
+    for stat, key in (("critic_loss", "loss/critic"), ("kl_loss", "loss/kl"), ("unsup_loss", "loss/unsupervised")):
+        if stat in trained:  # no critic in a critic-free run; a KL loss only with --use_kl_loss
+            values[key] = trained[stat]
     return values
 
 
@@ -45,9 +51,17 @@ def summarize_rollouts(rollouts: list, device) -> dict[str, float]:
         sum(r.kl.sum().item() for r in rollouts), sum(r.lengths.sum().item() for r in rollouts),
         sum(r.ended.sum().item() for r in rollouts)], device)
     mean = score_sum / n
-    return {"reward/mean": mean, "reward/std": math.sqrt(max(square_sum / n - mean * mean, 0.0)),
-            "kl/to_reference": kl_sum / n, "answer/length": length_sum / n, "answer/eos_rate": eos_sum / n,
-            "answers": n}
+    values = {"reward/mean": mean, "reward/std": math.sqrt(max(square_sum / n - mean * mean, 0.0)),
+              "kl/to_reference": kl_sum / n, "answer/length": length_sum / n, "answer/eos_rate": eos_sum / n,
+              "answers": n}
+    if rollouts[0].group_std is not None:  # several answers per prompt: the spread within a prompt's group
+        groups, std_sum, dropped = distributed.all_reduce_sum([
+            sum(len(r.group_std) for r in rollouts), sum(r.group_std.sum().item() for r in rollouts),
+            sum(r.dropped.sum().item() for r in rollouts if r.dropped is not None)], device)
+        values["reward/group_std"] = std_sum / groups
+        if rollouts[0].dropped is not None:
+            values["groups/dropped_share"] = dropped / groups
+    return values
 
 
 def average_training_stats(stats: list[dict[str, float]], device) -> dict[str, float]:
@@ -69,9 +83,11 @@ def describe_step(step: int, values: dict[str, float]) -> str:
 @torch.no_grad()
 def evaluate_policy(trainer, loader, seed: int) -> dict[str, float]:
     """Answers to the held-out prompts, sampled as in the rollouts (the policy PPO trains): mean and std
-    of the reward-model score, answer length, EOS rate and, when every prompt belongs to a built-in
-    synthetic task, the checker's accuracy. Every evaluation samples from the same seed, so two
-    evaluations differ by the policy, not by the dice; the training random stream is left untouched."""
+    of the reward (the reward model's score, or the rule reward without one, or their weighted sum), answer
+    length, EOS rate and the accuracy: by the built-in --reward_function checker (synthetic, math) when one is
+    used, else when every prompt belongs to a built-in synthetic task, by the task's checker. Every evaluation
+    samples from the same seed, so two evaluations differ by the policy, not by the dice; the training random
+    stream is left untouched."""
     device = trainer.device
     totals = [0.0] * 7  # answers, score sum, squared score sum, length sum, EOS count, checked, correct
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -93,9 +109,13 @@ def _evaluate_batch(trainer, batch, totals: list[float]) -> None:
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     answer_ids = trainer.generate(prompt_ids, prompt_mask)
     answer_ids, lengths, ended, action_mask = trainer.close_answers(answer_ids)
-    scores = trainer.reward_scores(torch.cat([prompt_ids, answer_ids], dim=1),
-                                   torch.cat([prompt_mask, action_mask], dim=1)).double()
-    checked, correct = _check_answers(tokenizer, prompt_ids, prompt_mask, answer_ids, lengths, ended)
+    result = trainer.score_answers(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, batch.get("references"))
+    scores = result.raw.double()
+    if result.rule is not None and trainer.scorer.spec in CHECKER_REWARDS:
+        # A built-in checker's reward is 1 exactly for a right answer; one cut off before its EOS is wrong.
+        checked, correct = len(result.rule), int(((result.rule == 1.0) & ended.cpu()).sum())
+    else:
+        checked, correct = _check_answers(tokenizer, prompt_ids, prompt_mask, answer_ids, lengths, ended)
     batch_totals = (scores.numel(), scores.sum().item(), scores.pow(2).sum().item(), lengths.sum().item(),
                     ended.sum().item(), checked, correct)
     for i, value in enumerate(batch_totals):

@@ -1,4 +1,4 @@
-"""PPO for RLHF with DeepSpeed-Chat's trainer API.
+"""PPO for RLHF with DeepSpeed-Chat's trainer API, and the critic-free estimators (GRPO, RLOO, REINFORCE++, ReMax).
 
     trainer = PPOTrainer(rlhf_engine, config)   # config: the step-3 RLHFConfig
     experience, rollout = trainer.generate_experience(prompt_batch)  # sample, score; no gradients
@@ -14,11 +14,18 @@ For every generated token a_t of an answer (the action region, formulas in train
     values      V(s_t), the critic's value at the position right before a_t
     advantages  GAE(gamma, lambda) that stops at the answer's end; returns = advantages + values
 
+A critic-free --advantage_estimator samples --n_samples_per_prompt answers per prompt in the same batch (each
+prompt's answers in consecutive rows) and turns one score per answer into advantages per generation batch, on
+each rank, before the buffer cuts mini-batches (losses.critic_free_advantages): a group never spans ranks or
+buffers. There are no values (0) and no critic update; returns are the advantages (unused). The KL to the
+reference is either in the reward (as PPO's) or a loss term (--use_kl_loss, reference log-probs kept per token).
+
 s_t is the prompt plus a_<t: logits at sequence position P + t - 1 score a_t, where P is the width of
 the left-padded prompt block. Scores, values and log-probs are read from positions found from the
 masks, never by comparing ids with pad.
 """
 import contextlib
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
@@ -28,11 +35,15 @@ import torch
 
 from training.utils import distributed
 from training.utils.losses import (
+    aggregate_token_loss,
     apply_truncation_penalty,
     causal_lm_loss,
+    critic_free_advantages,
     entropy_from_logits,
+    equal_reward_groups,
     gae_advantages_and_returns,
     gather_log_probs,
+    kl_estimate,
     kl_penalty_rewards,
     masked_mean,
     policy_loss,
@@ -40,34 +51,43 @@ from training.utils.losses import (
 )
 from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
 from training.utils.rlhf.config import RLHFConfig
-from training.utils.rlhf.control import RewardNormalizer, make_kl_controller
+from training.utils.rlhf.control import make_kl_controller
 from training.utils.rlhf.experience import Experience
+from training.utils.rlhf.scorer import Scorer, Scores
 from training.utils.sampling import SamplingConfig, decoding_attention
 
 
 @dataclass
 class Rollout:
     """What one generation batch looked like, per answer (CPU tensors [B]), and where the time went."""
-    scores: torch.Tensor  # the reward model's raw score
+    scores: torch.Tensor  # the raw reward: the reward model's score (or the weighted sum with the function's)
     kl: torch.Tensor  # sum over the answer of log pi - log pi_ref
     lengths: torch.Tensor  # tokens, EOS included
     ended: torch.Tensor  # True when the answer ended with EOS
     generation_s: float
     scoring_s: float
+    group_std: torch.Tensor | None = None  # [B / n] population std of each prompt's rewards (n >= 2 only)
+    dropped: torch.Tensor | None = None  # [B / n] True for a group --drop_equal_reward_groups left out
 
 
 class PPOTrainer:
-    def __init__(self, rlhf_engine, config: RLHFConfig, stop_token_ids: list[int] | None = None):
+    def __init__(self, rlhf_engine, config: RLHFConfig, stop_token_ids: list[int] | None = None,
+                 reward_function=None):
         """`stop_token_ids`: the ids that end an answer, the first being the one the reward model scores
-        (the prompt format's; default: the tokenizer's EOS)."""
+        (the prompt format's; default: the tokenizer's EOS). `reward_function`: --reward_function already
+        loaded (rewards.load_reward_function); loaded here when None and the flag names one."""
         self.engine, self.config = rlhf_engine, config
         self.tokenizer = rlhf_engine.tokenizer
         self.stop_token_ids = stop_token_ids or [self.tokenizer.eos_token_id]
         self.device = rlhf_engine.actor.device
-        self.kl_ctl = make_kl_controller(config.ppo.kl_ctl, config.ppo.target_kl, config.ppo.kl_horizon)
-        self.reward_normalizer = RewardNormalizer.from_reward_model_meta(rlhf_engine.reward_meta,
-                                                                         config.ppo.normalize_reward)
+        # One controller for whichever KL term the run has: the reward's penalty (--kl_ctl) or the loss's.
+        self.kl_in_loss = bool(config.rl.use_kl_loss)
+        initial_kl = config.rl.kl_loss_coef if self.kl_in_loss else config.ppo.kl_ctl
+        self.kl_ctl = make_kl_controller(initial_kl, config.ppo.target_kl, config.ppo.kl_horizon)
+        self.scorer = Scorer(config, rlhf_engine.reward, rlhf_engine.reward_meta, self.tokenizer, reward_function)
+        self.reward_normalizer = self.scorer.normalizer
         self.sampling = SamplingConfig.from_flags(config.max_answer_seq_len, config.sampling)
+        self.greedy_sampling = dataclasses.replace(self.sampling, do_sample=False)  # ReMax's baseline answers
         # ZeRO-3 gathers parameters in every forward: each rank must keep stepping until all ranks are done.
         self.synced_gpus = distributed.world_size() > 1 and rlhf_engine.actor.zero_optimization_stage() == 3
         self._positions = {id(e): "position_ids" in inspect.signature(e.module.forward).parameters
@@ -76,7 +96,8 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 sampling: SamplingConfig | None = None) -> torch.Tensor:
         """[B, A] answers to left-padded prompts, sampled with the rollout settings, stopped at EOS (what
         follows an answer's EOS is padding).
 
@@ -95,7 +116,8 @@ class PPOTrainer:
         with decoding_attention(actor.module):
             output = generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                               eos_token_id=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                              synced_gpus=self.synced_gpus, use_cache=True, **self.sampling.generate_kwargs())
+                              synced_gpus=self.synced_gpus, use_cache=True,
+                              **(sampling or self.sampling).generate_kwargs())
         # The Hybrid Engine swaps its inference kernels back out on train(); scoring must use the
         # training forward (so PPO's ratio starts at 1) with dropout off.
         actor.train()
@@ -110,10 +132,15 @@ class PPOTrainer:
         return answer_ids.masked_fill(action_mask == 0, self.tokenizer.pad_token_id), lengths, ended, action_mask
 
     @torch.no_grad()
-    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> tuple[Experience, Rollout]:
-        """Sample answers for a batch of prompts and turn them into PPO experience."""
-        prompt_ids = prompt_batch["input_ids"].to(self.device)
-        prompt_mask = prompt_batch["attention_mask"].to(self.device)
+    def generate_experience(self, prompt_batch: dict) -> tuple[Experience, Rollout]:
+        """Sample answers for a batch of prompts (--n_samples_per_prompt each, in consecutive rows) and turn them
+        into experience."""
+        n = self.config.rl.n_samples_per_prompt
+        prompt_ids = prompt_batch["input_ids"].to(self.device).repeat_interleave(n, dim=0)
+        prompt_mask = prompt_batch["attention_mask"].to(self.device).repeat_interleave(n, dim=0)
+        references = prompt_batch.get("references")
+        if references is not None:
+            references = [reference for reference in references for _ in range(n)]
         start = time.perf_counter()
         answer_ids = self.generate(prompt_ids, prompt_mask)
         generated = time.perf_counter()
@@ -127,26 +154,82 @@ class PPOTrainer:
                                      answer_ids)
         ref_log_probs = gather_log_probs(self._action_logits(self.engine.ref, sequences, attention_mask, prompt_width),
                                          answer_ids)
-        self.engine.critic.eval()
-        values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
-        raw_scores = self.reward_scores(sequences, attention_mask)
-
-        scores = apply_truncation_penalty(self.reward_normalizer(raw_scores), ended, self.config.ppo.truncation_penalty)
-        rewards, kl = kl_penalty_rewards(log_probs, ref_log_probs, action_mask, scores, self.kl_ctl.value,
-                                         self.config.ppo.clip_reward_value)
-        advantages, returns = gae_advantages_and_returns(rewards, values, action_mask, self.config.ppo.gamma,
-                                                         self.config.ppo.lam)
+        group = {}
+        if self.engine.critic is not None:  # PPO: GAE over the critic's values
+            self.engine.critic.eval()
+            values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
+            scores = self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
+            end_scores = apply_truncation_penalty(scores.train, ended, self.config.ppo.truncation_penalty)
+            rewards, kl = kl_penalty_rewards(log_probs, ref_log_probs, action_mask, end_scores, self.kl_ctl.value,
+                                             self.config.ppo.clip_reward_value)
+            advantages, returns = gae_advantages_and_returns(rewards, values, action_mask, self.config.ppo.gamma,
+                                                             self.config.ppo.lam)
+            loss_mask = None
+        else:
+            scores = self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
+            end_scores = self._clipped(scores, ended)
+            baseline = None
+            if self.config.rl.advantage_estimator == "remax":  # a greedy answer per prompt is the baseline
+                baseline = self.greedy_scores(prompt_batch, references)
+            advantages, loss_mask, group = self.critic_free_advantages(end_scores, scores.raw, log_probs,
+                                                                       ref_log_probs, action_mask, baseline)
+            kl = (log_probs - ref_log_probs) * action_mask
+            values, returns = torch.zeros_like(advantages), advantages
         experience = Experience(prompt_ids.cpu(), prompt_mask.cpu(), answer_ids.cpu(), action_mask.cpu(),
                                 (log_probs * action_mask).cpu(), (values * action_mask).cpu(), advantages.cpu(),
-                                returns.cpu())
-        rollout = Rollout(raw_scores.float().cpu(), kl.sum(dim=1).cpu(), lengths.cpu(), ended.cpu(),
-                          generation_s=generated - start, scoring_s=time.perf_counter() - generated)
+                                returns.cpu(), None if loss_mask is None else loss_mask.cpu(),
+                                (ref_log_probs * action_mask).cpu() if self.kl_in_loss else None)
+        rollout = Rollout(scores.raw.float().cpu(), kl.sum(dim=1).cpu(), lengths.cpu(), ended.cpu(),
+                          generation_s=generated - start, scoring_s=time.perf_counter() - generated, **group)
         return experience, rollout
 
+    def _clipped(self, scores: Scores, ended: torch.Tensor) -> torch.Tensor:
+        """[B] fp32 scores the advantages start from: truncation penalty, then clipped to +-clip_reward_value
+        (as PPO clips the score it adds to the last token)."""
+        limit = self.config.ppo.clip_reward_value
+        return apply_truncation_penalty(scores.train, ended, self.config.ppo.truncation_penalty).float().clamp(
+            -limit, limit)
+
     @torch.no_grad()
-    def reward_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B] reward-model scores of prompt + answer, read at each row's last real token (its EOS)."""
-        return self.engine.reward(input_ids=sequences, attention_mask=attention_mask).end_scores
+    def critic_free_advantages(self, end_scores: torch.Tensor, raw_scores: torch.Tensor, log_probs: torch.Tensor,
+                               ref_log_probs: torch.Tensor, action_mask: torch.Tensor,
+                               baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(advantages [B, T], loss mask [B, T], the Rollout's group statistics) of one generation batch.
+        --drop_equal_reward_groups zeroes the loss mask of groups with all-equal scores: they stay in the buffer
+        (every rank keeps the same rows) but add neither gradient nor weight to the loss."""
+        rl, n = self.config.rl, self.config.rl.n_samples_per_prompt
+        mask = action_mask.to(log_probs.dtype)
+        group = {}
+        if n >= 2:
+            group["group_std"] = raw_scores.float().view(-1, n).std(dim=1, unbiased=False).cpu()
+            if rl.drop_equal_reward_groups:
+                dropped = equal_reward_groups(end_scores, n)
+                mask = mask * (~dropped).to(mask.dtype).unsqueeze(1)
+                group["dropped"] = dropped.view(-1, n)[:, 0].cpu()
+        kl_coef = 0.0 if self.kl_in_loss else self.kl_ctl.value
+        if baseline is not None:
+            baseline = baseline.repeat_interleave(n)
+        advantages = critic_free_advantages(end_scores, log_probs, ref_log_probs, mask, n, rl.advantage_estimator,
+                                            kl_coef, self.config.ppo.gamma, baseline_scores=baseline)
+        return advantages, mask, group
+
+    @torch.no_grad()
+    def greedy_scores(self, prompt_batch: dict, references: list | None) -> torch.Tensor:
+        """[prompts] ReMax's baseline: the score (penalised and clipped as the samples') of one greedy answer per
+        prompt."""
+        n = self.config.rl.n_samples_per_prompt
+        prompt_ids = prompt_batch["input_ids"].to(self.device)
+        prompt_mask = prompt_batch["attention_mask"].to(self.device)
+        answer_ids, lengths, ended, action_mask = self.close_answers(
+            self.generate(prompt_ids, prompt_mask, self.greedy_sampling))
+        scores = self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask,
+                             None if references is None else references[::n])
+        return self._clipped(scores, ended)
+
+    @torch.no_grad()
+    def score_answers(self, prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references=None) -> Scores:
+        """The rewards of finished answers (held-out evaluation)."""
+        return self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
 
     def _action_logits(self, engine, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
         """[B, A, V] logits that score the answer tokens (position P + t - 1 predicts token P + t), at
@@ -168,28 +251,42 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ training
     def train_rlhf(self, experience: Experience) -> dict[str, float]:
-        """One PPO update of the actor and the critic on a mini-batch of experience."""
+        """One update of the actor (and of the critic, with one) on a mini-batch of experience."""
         actor, critic, config = self.engine.actor, self.engine.critic, self.config
         experience = experience.to(self.device)
         sequences, attention_mask = experience.sequences, experience.attention_mask
-        prompt_width, mask = experience.prompt_ids.size(1), experience.action_mask
+        prompt_width = experience.prompt_ids.size(1)
+        # Rows --drop_equal_reward_groups left out have a zero loss mask; PPO's is the action mask.
+        mask = experience.action_mask if critic is not None else experience.loss_mask
+        low, high = config.clip_range
+        extra = {}
 
         with training_pass(actor, config.actor.gradient_checkpointing):
             logits = self._action_logits(actor, sequences, attention_mask, prompt_width)
             log_probs = gather_log_probs(logits, experience.answer_ids)
-            actor_loss, stats = policy_loss(log_probs, experience.log_probs, experience.advantages, mask,
-                                            config.ppo.cliprange)
+            actor_loss, stats = policy_loss(log_probs, experience.log_probs, experience.advantages, mask, low, high,
+                                            config.rl.loss_agg_mode or "token_mean", config.max_answer_seq_len)
+            if self.kl_in_loss:
+                kl_loss = aggregate_token_loss(kl_estimate(log_probs, experience.ref_log_probs, config.rl.kl_estimator),
+                                               mask, config.rl.loss_agg_mode, config.max_answer_seq_len)
+                extra["kl_loss"] = kl_loss.item()
+                actor_loss = actor_loss + self.kl_ctl.value * kl_loss
             with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits), mask)
+                entropy = masked_mean(entropy_from_logits(logits), experience.action_mask)
             actor.backward(actor_loss)
-        with training_pass(critic, config.critic.gradient_checkpointing):
-            values = self._action_values(critic, sequences, attention_mask, prompt_width)
-            critic_loss = value_loss(values, experience.values, experience.returns, mask, config.ppo.cliprange_value)
-            critic.backward(critic_loss)
-        skipped = self._step_both(actor, critic)
-        return {"actor_loss": actor_loss.item(), "critic_loss": critic_loss.item(),
-                "clip_fraction": stats["clip_fraction"].item(), "approx_kl": stats["approx_kl"].item(),
-                "entropy": entropy.item(), "skipped_step": float(skipped)}
+        if critic is None:
+            actor.step()
+            skipped = False
+        else:
+            with training_pass(critic, config.critic.gradient_checkpointing):
+                values = self._action_values(critic, sequences, attention_mask, prompt_width)
+                critic_loss = value_loss(values, experience.values, experience.returns, experience.action_mask,
+                                         config.ppo.cliprange_value)
+                critic.backward(critic_loss)
+            extra["critic_loss"] = critic_loss.item()
+            skipped = self._step_both(actor, critic)
+        return {"actor_loss": actor_loss.item(), **extra, "clip_fraction": stats["clip_fraction"].item(),
+                "approx_kl": stats["approx_kl"].item(), "entropy": entropy.item(), "skipped_step": float(skipped)}
 
     def train_unsupervised(self, batch: dict[str, torch.Tensor], unsup_coef: float) -> float:
         """PPO-ptx: one actor update on unsup_coef x the language-model loss of a pre-training batch."""

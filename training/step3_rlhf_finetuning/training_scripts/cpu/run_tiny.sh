@@ -3,9 +3,14 @@
 # Usage: bash training_scripts/cpu/run_tiny.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
 #   (run from training/step3_rlhf_finetuning). DATA_PATH must be the --data_path steps 1 and 2 used, so the
 #   prompts come from their third share of the data (default: synthetic/copy, as their CPU scripts).
+#   CRITIC_PATH "none": a critic-free run rewarded by a function alone, e.g.
+#   EXTRA_ARGS="--advantage_estimator grpo --n_samples_per_prompt 4 --reward_function synthetic
+#   --per_device_generation_batch_size 8" bash training_scripts/cpu/run_tiny.sh ACTOR_PATH none
 set -euo pipefail
 ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_tiny}
 CRITIC_MODEL_PATH=${2:-../step2_reward_model_finetuning/output_step2_tiny}
+CRITIC_ARGS=(--critic_model_name_or_path "$CRITIC_MODEL_PATH")
+if [ "$CRITIC_MODEL_PATH" = none ]; then CRITIC_ARGS=(); fi
 ACTOR_ZERO_STAGE=${3:-0}
 CRITIC_ZERO_STAGE=${4:-0}
 OUTPUT=${5:-./output_step3_tiny}
@@ -21,7 +26,7 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" main.py \
    --data_path "$DATA_PATH" \
    --data_split 2,4,4 \
    --actor_model_name_or_path "$ACTOR_MODEL_PATH" \
-   --critic_model_name_or_path "$CRITIC_MODEL_PATH" \
+   ${CRITIC_ARGS[@]+"${CRITIC_ARGS[@]}"} \
    --per_device_generation_batch_size 32 \
    --per_device_training_batch_size 32 \
    --generation_batches 1 \
