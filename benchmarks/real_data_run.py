@@ -224,8 +224,11 @@ def run_set(args, name: str) -> dict:
     rm_data = json.loads((rm_dir / "data_stats.json").read_text())
     rm_format = json.loads((rm_dir / "prompt_format.json").read_text())["prompt_format"] if (
         rm_dir / "prompt_format.json").is_file() else "hh"
+    log = (out / "step2.log").read_text(encoding="utf-8", errors="replace") if (out / "step2.log").is_file() else ""
+    precision = next((line.split()[1] for line in log.splitlines() if line.startswith("precision: ")), None)
     return {**counts, "rm_train_pairs": rm_data["train"]["rows"], "test_pairs": rm_data["eval"]["rows"],
             "rm_lr": rm_args["learning_rate"], "rm_epochs": rm_args["num_train_epochs"], "rm_format": rm_format,
+            "rm_precision": precision,
             "rm_dtype": rm_args.get("dtype", "fp32"), "rm_lora_dim": rm_args.get("lora_dim", 0),
             "rm_accuracy_before": rm_eval[0],
             "rm_accuracy": json.loads((rm_dir / "reward_model.json").read_text())["reward_stats"]["accuracy"],
@@ -280,14 +283,16 @@ def markdown(results: dict) -> str:
         rm_time = f"{r['rm_seconds']} s" if r["rm_seconds"] else "?"
         if r.get("rm_reused"):
             rm_time += " (earlier run)"
-        training = r.get("rm_dtype", "fp32") + (f", LoRA {r['rm_lora_dim']}" if r.get("rm_lora_dim") else ", full")
+        dtype = r.get("rm_dtype", "fp32")
+        training = (f"{dtype} ({r['rm_precision']})" if r.get("rm_precision") and dtype == "auto" else dtype) + (
+            f", LoRA {r['rm_lora_dim']}" if r.get("rm_lora_dim") else ", full")
         ppo = (f"{run['ppo_steps']} x {run['ppo_batch']}, {run['answer_len']} | {evals[0]:+.3f} -> {evals[-1]:+.3f} | "
                f"{kl[-1]:.3f}" if evals else "- | - | -")
         lines.append(f"| {name} | {r.get('rm_format', 'hh')} | {training} | {run['max_seq_len']} | "
                      f"{r['source_pairs']} | {r['rm_train_pairs']} x {r['rm_epochs']} ({r['rm_lr']:g}) | "
                      f"{r['test_pairs']} ({r['fitting_test_pairs']} of {r['all_test_pairs']}) | "
                      f"{r['rm_accuracy_before']:.3f} -> {r['rm_accuracy']:.3f} | {ppo} | {rm_time} | "
-                     f"{r['ppo_seconds'] or '-'} s |")
+                     f"{str(r['ppo_seconds']) + ' s' if r['ppo_seconds'] else '-'} |")
     return "\n".join(lines) + "\n"
 
 
