@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
                         ("finetune", config.model_name_or_path_finetune)):
         model, tokenizer = load_causal_lm(path, device, config.add_eot_token, config.eot_token)
         prompt_format = resolve_prompt_format(tokenizer, config, config.model_paths(first=path))
-        print(f"{label}: {path}, format: {prompt_format.describe()}")
+        print(f"{label} model {path}, format: {prompt_format.describe()}")
         check_prompts_fit(model, prompt_format, prompts, config.max_new_tokens, path)
         results[label] = generate_replies(model, prompt_format, prompts, sampling, config.batch_size)
         del model
