@@ -138,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="[new] Format every conversation with the actor's chat template (tiny/qwen2, tiny/llama3 "
                              "or any model whose tokenizer has one) instead of the HH text: passed to steps 1 and 2, "
                              "which save it with their models; step 3 and the final check read it from there.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="[new] Print each step's command (script, arguments, environment) and exit without "
+                             "running or writing anything.")
     parser.add_argument("--resume", action="store_true",
                         help="[new] Continue an interrupted pipeline: every step whose output directory holds "
                              "checkpoints continues from them (the step's own --resume); the others run as usual.")
@@ -279,7 +282,7 @@ def add_flag(step: Step, flag: str, why: str) -> None:
 def single_model_step(args, key, folder, model, model_dir, zero, data) -> Step:
     script = find_script(folder, args.deployment_type, model)
     if script is not None:
-        command = ["bash", str(script), str(model_dir), zero or "0"]
+        command = ["bash", str(script), str(model_dir), zero]  # "" is unset for ${2:-...}: the script's default
         if args.deployment_type == "cpu":
             command.append(model)
     else:
@@ -299,7 +302,7 @@ def ppo_step(args, sft_dir: Path, rm_dir: Path, model_dir: Path, data, actor: st
         script = None  # the GPU scripts' critic flags need a critic; the CPU script takes "none" for none
     if script is not None:
         command = ["bash", str(script), str(sft_dir), "none" if critic_free else str(rm_dir),
-                   args.actor_zero_stage or "0", args.reward_zero_stage or "0", str(model_dir)]
+                   args.actor_zero_stage, args.reward_zero_stage, str(model_dir)]  # "": the script's default
     else:
         command = launcher(args.deployment_type) + ["main.py", "--actor_model_name_or_path", str(sft_dir)]
         command += [] if critic_free else ["--critic_model_name_or_path", str(rm_dir)]
@@ -328,6 +331,12 @@ def _script_env(args, key: str, data) -> dict:
     return env
 
 
+def shell_line(step: Step) -> str:
+    """The step as one shell line a user can paste: (cd training/FOLDER && VAR=... command)."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in step.env.items())
+    return f"(cd training/{step.folder} && {env + ' ' if env else ''}{shlex.join(step.command)})"
+
+
 def run_step(step: Step, log_path: Path) -> tuple[int, int | None]:
     """Run one step with its output streamed to the terminal and to `log_path`; returns its exit code and the
     signal (SIGINT/SIGTERM) e2e received meanwhile, if any.
@@ -338,8 +347,7 @@ def run_step(step: Step, log_path: Path) -> tuple[int, int | None]:
     keeps relaying the step's output until it ends, so the step's log is whole."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **step.env}
-    print(f"\n=== {step.key}: (cd training/{step.folder} && "
-          f"{' '.join(f'{k}={shlex.quote(v)}' for k, v in step.env.items())} {shlex.join(step.command)})", flush=True)
+    print(f"\n=== {step.key}: {shell_line(step)}", flush=True)
     start, received = time.time(), []
     process = None
 
@@ -528,6 +536,10 @@ def main(argv=None) -> None:
     steps = build_steps(args)
     out = Path(args.output_dir).resolve()
     print(f"e2e: {args.algo}, steps {args.step}, deployment {args.deployment_type}, output {out}")
+    if args.dry_run:  # the plan only: nothing runs, nothing is written
+        for step in steps:
+            print(f"=== {step.key}: {shell_line(step)}")
+        return
     for step in steps:
         log_path = out / ("dpo" if step.key == "dpo" else step.key) / "training.log"
         code, signum = run_step(step, log_path)

@@ -71,3 +71,28 @@ def test_a_failing_step_stops_the_pipeline_with_its_error(tmp_path):
     assert result.returncode != 0
     assert "step1 failed" in result.stderr and "the step said: error:" in result.stderr
     assert not (out / "reward-models").exists() and not (out / "step2").exists()
+
+
+def script_default(script: str, variable: str) -> str:
+    """The value a script gives `variable` when its positional argument is empty (`NAME=${N:-default}`)."""
+    import re
+
+    return re.search(rf"^{variable}=\$\{{\d:-(\w*)\}}", open(script).read(), flags=re.MULTILINE).group(1)
+
+
+def test_empty_zero_stages_leave_the_scripts_defaults_and_a_dry_run_only_prints(tmp_path, capsys):
+    """DeepSpeed-Chat's e2e passes an empty stage on, so each script's own default applies: OPT-13B's step 3 runs
+    at ZeRO 3 (with its --inference_tp_size 2) instead of 0. --dry-run prints the plan and writes nothing."""
+    out = tmp_path / "out"
+    e2e_rlhf.main(["--deployment-type", "single_node", "--actor-model", "13b", "--output-dir", str(out), "--dry-run"])
+    printed = capsys.readouterr().out
+    step3 = next(line for line in printed.splitlines() if line.startswith("=== step3: "))
+    assert "training_scripts/opt/single_node/run_13b.sh" in step3 and "'' ''" in step3  # $3 $4 left empty
+    script = str(REPO / "training/step3_rlhf_finetuning/training_scripts/opt/single_node/run_13b.sh")
+    assert script_default(script, "ACTOR_ZERO_STAGE") == script_default(script, "CRITIC_ZERO_STAGE") == "3"
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("===")] == \
+        ["=== step1", "=== step2", "=== step3"]
+    assert not out.exists()
+    args = e2e_rlhf.parse_args(["--deployment-type", "single_node", "--actor-model", "13b", "--output-dir", str(out),
+                                "--actor-zero-stage", "2"])
+    assert e2e_rlhf.build_steps(args)[-1].command[4] == "2"  # an explicit stage still wins (step 3: $3)
