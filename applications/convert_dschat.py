@@ -16,7 +16,6 @@ converted model gives the logits (scores) the original weights give.
 The vocabulary files alone may not rebuild the tokenizer DeepSpeed-Chat used (it loaded the base model's):
 `--tokenizer` names that base model (default: the input directory).
 """
-import math
 import os
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 from training.utils.config import option, parse_config
 from training.utils.data.chat_format import HH, PROMPT_FORMAT_FILE
 from training.utils.errors import UserInputError, report_user_errors
+from training.utils.model.build import fit_to_tokenizer
 
 WEIGHTS_FILE = "pytorch_model.bin"
 REWARD_BODY_PREFIX = "rwtranrsformer."  # DeepSpeed-Chat's RewardModel attribute name, spelling included
@@ -77,14 +77,6 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
                              f"{result.unexpected_keys[:3]}: convert the directory DeepSpeed-Chat saved, unchanged")
 
 
-def size_for(model, tokenizer) -> None:
-    """Embeddings sized for the tokenizer as every step sizes them (a multiple of 8; a new pad row if any)."""
-    from training.utils.model.build import configure_special_tokens
-
-    configure_special_tokens(model, tokenizer)
-    model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
-
-
 @report_user_errors
 def main(argv=None) -> str:
     config = parse_config(ConvertConfig, argv, __doc__.split("\n")[0])
@@ -112,14 +104,14 @@ def main(argv=None) -> str:
                                  f"backbone needs {tuple(model.v_head.weight.shape)}")
         with torch.no_grad():
             model.v_head.weight.copy_(state[VALUE_HEAD_KEY])
-        size_for(model.backbone, tokenizer)
+        fit_to_tokenizer(model.backbone, tokenizer)
         save_reward_model(model, tokenizer, config.output, reward_stats={}, extra_json=saved_format)
         kind = "reward model"
     else:
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
         load_weights(model, state, path)
         model.tie_weights()
-        size_for(model, tokenizer)
+        fit_to_tokenizer(model, tokenizer)
         save_hf_format(model, tokenizer, config.output, extra_json=saved_format)
         kind = "actor (causal LM)"
     print(f"converted the DeepSpeed-Chat {kind} '{config.input}' to '{config.output}' "

@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from training.utils import distributed
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,16 +43,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(path: str, batch: int, args) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+    port = distributed.free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     process = subprocess.Popen([sys.executable, str(REPO / "applications" / "serve.py"), "--path", path, "--port",
                                 str(port), "--max_batch_size", str(batch), "--max_tokens_limit",

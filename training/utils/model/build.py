@@ -197,9 +197,15 @@ def _build(model_class, model_name_or_path: str, config, tokenizer, trust_remote
         check_model_files(model_name_or_path, language_model=model_class.__name__ != "AutoModel")
         model = model_class.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
                                             local_files_only=local, trust_remote_code=trust_remote_code)
+    fit_to_tokenizer(model, tokenizer)
+    return model
+
+
+def fit_to_tokenizer(model, tokenizer) -> None:
+    """The tokenizer's special ids in the model's configs, and embeddings sized for the tokenizer (a multiple of 8;
+    rows for tokens it adds, such as a distinct pad), as every model of the project is built."""
     configure_special_tokens(model, tokenizer)
     model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
-    return model
 
 
 def _has_only_pickle_weights(directory: str) -> bool:
