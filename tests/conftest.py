@@ -94,6 +94,19 @@ def actor_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def reward_dir(tmp_path_factory, tokenizer):
+    """A random tiny OPT reward model saved as step 2 saves one (read-only for tests)."""
+    import torch
+
+    from training.utils.model.reward_model import create_reward_model, save_reward_model
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_reward") / "reward"
+    save_reward_model(create_reward_model("tiny/opt", tokenizer), tokenizer, str(directory), reward_stats={})
+    return directory
+
+
+@pytest.fixture(scope="session")
 def distributed():
     """A one-rank gloo process group in this process, as the deepspeed launcher sets up for one rank.
 

@@ -8,15 +8,7 @@ from training.step1_supervised_finetuning import prompt_eval
 from training.step2_reward_model_finetuning import rw_eval
 from training.utils.data.chat_format import PromptFormat
 from training.utils.errors import UserInputError
-from training.utils.model.reward_model import create_reward_model, load_reward_model, save_reward_model
-
-
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("rm") / "reward"
-    save_reward_model(create_reward_model("tiny/opt", tokenizer), tokenizer, str(directory), reward_stats={})
-    return directory
+from training.utils.model.reward_model import create_reward_model, load_reward_model
 
 
 def test_rw_eval_with_only_the_model_scores_its_example_pairs(reward_dir, capsys):

@@ -183,16 +183,6 @@ def test_concurrent_requests_share_a_batch_and_keep_their_own_sampling(actor_dir
 
 
 # ------------------------------------------------------------------------------------------ reward model
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tokenizer):
-    from training.utils.model.reward_model import create_reward_model, save_reward_model
-
-    torch.manual_seed(1)
-    directory = tmp_path_factory.mktemp("serve_rm") / "reward"
-    save_reward_model(create_reward_model("tiny/opt", tokenizer), tokenizer, str(directory), reward_stats={})
-    return directory
-
-
 def test_reward_scores_equal_rw_eval_and_the_openrlhf_route(reward_dir):
     from training.step2_reward_model_finetuning.rw_eval import as_prompt, score
     from training.utils.data.chat_format import PromptFormat
