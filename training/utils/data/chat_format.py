@@ -162,8 +162,11 @@ class ChatTemplateFormat(PromptFormat):
     def __init__(self, tokenizer, template: str, origin: str, extra_stop_tokens: tuple[str, ...] = ()):
         self.tokenizer, self.template, self.origin = tokenizer, template, origin
         original_eos = tokenizer.eos_token
-        self._check_generation_prompt()
-        self.end_of_turn, end_token = self._find_end_of_turn()
+        try:  # a template that fails on these probe conversations is bad input, named once here
+            self._check_generation_prompt()
+            self.end_of_turn, end_token = self._find_end_of_turn()
+        except ConversationError as err:
+            raise UserInputError(f"{err}: fix the template") from None
         if end_token != tokenizer.eos_token:
             tokenizer.add_special_tokens({"eos_token": end_token})
         if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -191,10 +194,7 @@ class ChatTemplateFormat(PromptFormat):
         """(text after an assistant's content up to and including the special token that closes the turn,
         that token). Whitespace before the token (Llama 2's " </s>") belongs to the end of turn."""
         mark = _PLACEHOLDER.format(0)
-        try:
-            text = self._render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": mark}], False)
-        except ConversationError as err:
-            raise UserInputError(f"{err}: fix the template") from None
+        text = self._render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": mark}], False)
         if mark not in text:
             raise UserInputError(f"the chat template of {self.origin} does not write the assistant's message: "
                                  "give a template that renders every message's content")
@@ -211,10 +211,7 @@ class ChatTemplateFormat(PromptFormat):
 
     def _check_generation_prompt(self) -> None:
         user = [{"role": "user", "content": "Hello"}]
-        try:
-            with_prompt, without = self._render(user, True), self._render(user, False)
-        except ConversationError as err:
-            raise UserInputError(f"{err}: fix the template") from None
+        with_prompt, without = self._render(user, True), self._render(user, False)
         if with_prompt == without:
             raise UserInputError(f"the chat template of {self.origin} has no generation prompt (rendering with "
                                  "add_generation_prompt changes nothing): prompts could not ask for a reply; give a "
@@ -308,7 +305,10 @@ def chosen_format(flags, model_paths: dict[str, str]) -> str:
     """HH or CHAT_TEMPLATE: the flags', else the one the models were saved with, else HH. `model_paths` maps a
     flag name to the model it names ({"--model_name_or_path": "out/actor"}); all must agree with the flags.
     Cheap (reads JSON files only): each program calls it while checking its flags."""
-    saved = saved_formats(model_paths)
+    return _choose(flags, saved_formats(model_paths))
+
+
+def _choose(flags, saved: dict[str, tuple[str, dict]]) -> str:
     names = {record["prompt_format"] for _, record in saved.values()}
     if len(names) > 1:
         listing = ", ".join(f"{flag} '{path}' ({record['prompt_format']})" for flag, (path, record) in saved.items())
@@ -332,9 +332,9 @@ def chosen_format(flags, model_paths: dict[str, str]) -> str:
 
 def resolve_prompt_format(tokenizer, flags, model_paths: dict[str, str]) -> PromptFormat:
     """The run's PromptFormat (see `chosen_format`), its template checked; `flags` has PromptFormatFlags."""
-    if chosen_format(flags, model_paths) == HH:
-        return PromptFormat(tokenizer)
     saved = saved_formats(model_paths)
+    if _choose(flags, saved) == HH:
+        return PromptFormat(tokenizer)
     template, origin = _template(tokenizer, flags.chat_template, model_paths)
     for flag, (path, record) in saved.items():
         if record.get("template_sha256", _sha256(template)) != _sha256(template):
