@@ -365,6 +365,8 @@ CASES = [
          {"--model_name_or_path": "tiny/qwen2", "--chat_template": "{tmp}/chat.jinja"},
          "has no generation prompt (rendering with add_generation_prompt changes nothing)",
          setup=write_text("chat.jinja", "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")),
+    Case("step1-chat-template-empty-path", "step1", {"--chat_template": ""},
+         "--chat_template must name a Jinja template file (got '')", in_process=True),
     Case("step1-chat-template-file-missing", "step1", {"--model_name_or_path": "tiny/qwen2",
                                                         "--chat_template": "{tmp}/none.jinja"},
          "--chat_template '{tmp}/none.jinja' cannot be read (FileNotFoundError)"),

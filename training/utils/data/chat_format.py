@@ -62,7 +62,8 @@ class PromptFormatFlags:
               "HH text. Contradicting a saved model's format is an error.", resume=FIXED)
     chat_template: str | None = option(
         None, "[new] A Jinja chat template file, for a tokenizer without a template (or to replace its own); "
-              "implies --apply_chat_template. The saved tokenizer keeps it.", resume=FIXED)
+              "implies --apply_chat_template. The saved tokenizer keeps it.", resume=FIXED,
+        check=lambda path: None if path is None or path.strip() else "must name a Jinja template file")
 
 
 class ConversationError(ValueError):
