@@ -181,7 +181,6 @@ def train_row(args, step: str, variant: str) -> dict:
     from training.utils.data.pair_packing import reward_model_inputs, share_prompts
     from training.utils.data.pipeline import PHASE_REWARD, PHASE_SFT, load_supervised_data
     from training.utils.engine import initialize_train_engine, train_ds_config, training_dtype
-    from training.utils.losses import causal_lm_loss
     from training.utils.model.build import create_hf_model
     from training.utils.model.reward_model import create_reward_model
     from training.utils.precision import TORCH_DTYPES
@@ -216,8 +215,7 @@ def train_row(args, step: str, variant: str) -> dict:
         batch = {k: v.to(device) for k, v in batch.items()}
         computed = batch["input_ids"].numel()
         if step == "sft":
-            logits = engine(**recipe.model_inputs(batch), use_cache=False).logits
-            loss = causal_lm_loss(logits, batch["labels"], config.compute_fp32_loss)
+            loss = recipe.sft_loss(engine, batch, config.compute_fp32_loss)
             samples, tokens = recipe.real_samples_and_tokens(batch)
         elif step == "rm":
             output = engine(**reward_model_inputs(batch))

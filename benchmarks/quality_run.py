@@ -16,6 +16,7 @@
 """
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,18 +39,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run_pipeline(out: Path, extra: list[str], log_name: str) -> dict[str, float]:
-    """Run e2e_rlhf.py into `out` (its log beside it); the wall seconds of each step it reports."""
+def run_pipeline(out: Path, extra: list[str], log_name: str) -> tuple[dict[str, float], float]:
+    """Run e2e_rlhf.py into `out` (its log beside it); the wall seconds of each step it reports, and the peak RSS
+    (MiB) of the largest process of the run (wait4 reports the maximum over the child and its descendants: the
+    deepspeed launcher and the training process of every step the run started)."""
     command = [sys.executable, str(REPO / "applications" / "e2e_rlhf.py"), "--output-dir", str(out),
                "--check-prompts", "0", *extra]
     log = out / log_name
     out.mkdir(parents=True, exist_ok=True)
     print(f"running: {' '.join(command)} (log {log})", file=sys.stderr, flush=True)
     with open(log, "w", encoding="utf-8") as f:
-        code = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        process = subprocess.Popen(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"{' '.join(command)} failed (exit {code}); see {log}")
-    return {key: float(seconds) for key, seconds in re.findall(r"^=== (\w+) done in (\d+) s", log.read_text(), re.M)}
+    steps = {key: float(seconds) for key, seconds in re.findall(r"^=== (\w+) done in (\d+) s", log.read_text(), re.M)}
+    return steps, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
 def read_metrics(directory: Path) -> list[dict]:
@@ -149,6 +155,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name}: held-out sampled checker accuracy (step 3's own evaluation), start -> end | "
                      f"{accuracy[0]:.3f} -> {accuracy[1]:.3f} |")
     lines += [f"| wall time {step} | {seconds:.0f} s |" for step, seconds in results["wall_s"].items()]
+    lines += [f"| peak RSS, e2e run of {name} | {mib:.0f} MiB |" for name, mib in results.get("peak_rss_mib", {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -189,14 +196,16 @@ def plot(curves: dict[str, list[dict]], docs: Path) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     out, docs = Path(args.output_dir).resolve(), Path(args.docs_dir)
-    wall = {}
+    wall, peak_rss = {}, {}
     if not args.skip_training:
         start = time.time()
-        wall.update(run_pipeline(out, [], "e2e_ppo.log"))
-        wall.update(run_pipeline(out, ["--algo", "dpo", "--step", "2"], "e2e_dpo.log"))
-        for algo in CRITIC_FREE.values():
-            wall.update({f"{step} ({algo})": seconds for step, seconds in
-                         run_pipeline(out, ["--algo", algo, "--step", "3"], f"e2e_{algo}.log").items()})
+        # One e2e run per RL step, so each one's peak RSS is its own (steps 1-2 run first, apart).
+        runs = [("steps 1-2", ["--step", "1", "2"], "e2e_sft_rm.log"), ("PPO", ["--step", "3"], "e2e_ppo.log"),
+                ("DPO", ["--algo", "dpo", "--step", "2"], "e2e_dpo.log")]
+        runs += [(algo, ["--algo", algo, "--step", "3"], f"e2e_{algo}.log") for algo in CRITIC_FREE.values()]
+        for name, extra, log_name in runs:
+            seconds, peak_rss[name] = run_pipeline(out, extra, log_name)
+            wall.update({f"{step} ({name})": s for step, s in seconds.items()})
         wall["all (every pipeline)"] = time.time() - start
 
     import torch
@@ -213,7 +222,11 @@ def main(argv=None) -> None:
     sft, _ = load_causal_lm(str(sft_dir), torch.device("cpu"))
     reward_model, _, reward_meta = load_reward_model(str(rm_dir))
     reward_model.eval()
+    if args.skip_training and (docs / "results.json").exists():  # the figures of the run that trained them
+        previous = json.loads((docs / "results.json").read_text())
+        wall, peak_rss = previous["wall_s"], previous.get("peak_rss_mib", {})
     results = {"data": DATA, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "wall_s": wall,
+               "peak_rss_mib": peak_rss,
                "actors": {name: evaluate_actor(path, sft, reward_model, prompts, args.max_new_tokens)
                           for name, path in actors.items()}}
     curves = {"step1": read_metrics(sft_dir), "step2": read_metrics(rm_dir), "dpo": read_metrics(actors["DPO"]),

@@ -157,12 +157,13 @@ def test_quality_table_lists_every_actor():
     actor = {"checker_accuracy_greedy": 1.0, "checker_accuracy_sampled": 0.8, "reward_mean": 5.0, "kl_to_sft": 1.25,
              "answer_length": 9.0, "eos_rate": 1.0}
     results = {"data": "synthetic/copy", "prompts": 200, "max_new_tokens": 24, "wall_s": {"step1": 91.0},
-               "actors": {"SFT (step 1)": actor, "DPO": actor},
+               "peak_rss_mib": {"GRPO": 1234.4}, "actors": {"SFT (step 1)": actor, "DPO": actor},
                "training": {"rm_accuracy": 1.0, "dpo_accuracy": [0.5, 0.9], "ppo_eval_reward": [5.0, 8.0],
                             "ppo_final_kl": 0.5}}
     text = markdown(results)
     assert "| DPO | 1.000 | 0.800 | +5.000 | 1.250 | 9.00 | 1.000 |" in text
     assert "| wall time step1 | 91 s |" in text
+    assert "| peak RSS, e2e run of GRPO | 1234 MiB |" in text
 
 
 def _real_row(step: str, variant: str, samples_per_s: float, dtype: str = "bf16", **extra) -> dict:

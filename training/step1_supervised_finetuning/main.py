@@ -26,9 +26,10 @@ from training.utils.engine import (
 from training.utils.errors import report_user_errors
 from training.utils.flags import ModelFlags, SupervisedConfig
 from training.utils.loop import TrainLoop, finish_run, start_run
-from training.utils.losses import causal_lm_loss, count_label_tokens
+from training.utils.losses import causal_lm_loss, count_label_tokens, labelled_positions
 from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.build import create_hf_model
+from training.utils.model.logits import logits_at
 from training.utils.model.save import save_hf_format
 from training.utils.precision import TORCH_DTYPES
 
@@ -65,6 +66,12 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
+def sft_loss(engine, batch: dict, compute_fp32: bool, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on the reply tokens, the LM head applied at the positions that predict them only."""
+    logits = logits_at(engine, labelled_positions(batch["labels"]), **model_inputs(batch), use_cache=False)
+    return causal_lm_loss(logits, batch["labels"], compute_fp32, reduction)
+
+
 def real_samples_and_tokens(batch: dict) -> tuple[int, int]:
     """Samples and non-padding tokens of a batch, packed (segment_ids: -1 on padding) or not."""
     if "segment_ids" in batch:
@@ -81,9 +88,7 @@ def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float] 
     with torch.no_grad():
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            use_cache=False).logits
-            loss_sum += causal_lm_loss(logits, batch["labels"], compute_fp32, reduction="sum").item()
+            loss_sum += sft_loss(engine, batch, compute_fp32, reduction="sum").item()
             tokens += count_label_tokens(batch["labels"])
     loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens], device)
     engine.train()
@@ -131,8 +136,7 @@ def main(argv=None) -> None:
     for epoch in loop.epochs(train_loader):
         for batch in loop.batches(train_loader):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = engine(**model_inputs(batch), use_cache=False).logits
-            loss = causal_lm_loss(logits, batch["labels"], config.compute_fp32_loss)
+            loss = sft_loss(engine, batch, config.compute_fp32_loss)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()

@@ -49,9 +49,17 @@ from training.utils.flags import (
     SupervisedConfig,
 )
 from training.utils.loop import TrainLoop, finish_run, start_run
-from training.utils.losses import DPO_LOSS_TYPES, dpo_loss, packed_sequence_log_probs, sequence_log_probs
+from training.utils.losses import (
+    DPO_LOSS_TYPES,
+    dpo_loss,
+    packed_reply_positions,
+    packed_sequence_log_probs,
+    reply_positions,
+    sequence_log_probs,
+)
 from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.build import create_hf_model
+from training.utils.model.logits import logits_at
 from training.utils.model.save import save_hf_format
 from training.utils.precision import TORCH_DTYPES
 from training.utils.reference_cache import IndexedCollator, IndexedDataset, ReferenceLogProbs, with_sample_index
@@ -88,12 +96,15 @@ def parse_args(argv=None) -> DPOConfig:
 
 def reply_log_probs(engine, batch) -> torch.Tensor:
     """[2B] summed log-probs of reply + EOS for the chosen rows then the rejected rows of a pair batch (run on its
-    packed rows when it has them: --share_prompt)."""
+    packed rows when it has them: --share_prompt), the LM head applied at the positions that predict them only."""
     if "packed_input_ids" in batch:
-        logits = engine(input_ids=batch["packed_input_ids"], attention_mask=batch["packed_attention_mask"],
-                        position_ids=batch["packed_position_ids"], use_cache=False).logits
-        return packed_sequence_log_probs(logits, batch["packed_source"], batch["input_ids"], batch["reply_mask"])
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        keep = packed_reply_positions(batch["packed_source"], batch["reply_mask"], batch["packed_input_ids"].shape)
+        logits = logits_at(engine, keep, input_ids=batch["packed_input_ids"],
+                           attention_mask=batch["packed_attention_mask"], position_ids=batch["packed_position_ids"],
+                           use_cache=False)
+        return packed_sequence_log_probs(logits, batch["packed_source"], batch["input_ids"], batch["reply_mask"], keep)
+    logits = logits_at(engine, reply_positions(batch["reply_mask"]), input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"], use_cache=False)
     return sequence_log_probs(logits, batch["input_ids"], batch["reply_mask"])
 
 

@@ -13,15 +13,31 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, compute_fp32: boo
 
         loss = -(1/N) * sum_{t: labels[t+1] != IGNORE} log p(labels[t+1] | x_<=t)
 
+    `logits`: every position's [B, T, V], or only the N labelled positions' [N, V] in row-major order
+    (`model.logits.logits_at(model, labelled_positions(labels), ...)`), the same loss either way.
     `reduction="sum"` returns the sum (for token-weighted averages across batches and ranks).
     `compute_fp32` upcasts the logits first, so fp16/bf16 training keeps an accurate loss.
     """
-    shifted_logits = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    if logits.dim() == 3:
+        logits, targets = logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1)
+    else:
+        targets = targets[targets != IGNORE_INDEX]
     if compute_fp32:
-        shifted_logits = shifted_logits.float()
-    shifted_labels = labels[:, 1:]
-    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def _predicting(scored: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: position t predicts token t + 1, so it is kept when token t + 1 is scored ([B, T - 1])."""
+    keep = torch.zeros(scored.size(0), scored.size(1) + 1, dtype=torch.bool, device=scored.device)
+    keep[:, :-1] = scored
+    return keep
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions whose logits causal_lm_loss reads (t where labels[:, t + 1] is a target)."""
+    return _predicting(labels[:, 1:] != IGNORE_INDEX)
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -127,8 +143,10 @@ def gather_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def log_normalisers(logits: torch.Tensor) -> torch.Tensor:
-    """[B, L] logsumexp_v z[b, t, v] in fp32, one batch row at a time (see gather_log_probs)."""
-    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    """logsumexp_v z[..., v] in fp32, shape logits.shape[:-1], a block of rows at a time (see gather_log_probs)."""
+    rows = logits.reshape(-1, logits.size(-1))
+    block = logits.size(-2) if logits.dim() > 2 else 512
+    return torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in rows.split(block)]).view(logits.shape[:-1])
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -255,6 +273,11 @@ def apply_truncation_penalty(end_scores: torch.Tensor, ended_with_eos: torch.Ten
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
+def reply_positions(reply_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions whose logits sequence_log_probs reads (t where reply_mask[:, t + 1] is set)."""
+    return _predicting(reply_mask[:, 1:] != 0)
+
+
 def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, reply_mask: torch.Tensor) -> torch.Tensor:
     """[B] log-probability of each row's reply: next-token log-probs summed over the reply mask, in fp32.
 
@@ -262,15 +285,30 @@ def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, reply_mask
 
     Token t is predicted by the logits at t - 1, so the mask is read from position 1 on. With the
     phase-2 reply mask the sum covers the reply and the EOS that ends it; prompt and padding add
-    exactly zero whatever their ids or logits.
+    exactly zero whatever their ids or logits. `logits`: every position's [B, T, V], or only those of
+    `reply_positions(reply_mask)`, [N, V] in row-major order.
     """
-    token_log_probs = gather_log_probs(logits[:, :-1, :], input_ids[:, 1:])
     scored = reply_mask[:, 1:] != 0
+    if logits.dim() == 2:
+        rows = torch.arange(scored.size(0), device=scored.device).unsqueeze(1).expand_as(scored)[scored]
+        token_log_probs = gather_log_probs(logits, input_ids[:, 1:][scored])
+        return torch.zeros(scored.size(0), device=logits.device).index_add(0, rows, token_log_probs)
+    token_log_probs = gather_log_probs(logits[:, :-1, :], input_ids[:, 1:])
     return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
 
 
+def packed_reply_positions(source: torch.Tensor, reply_mask: torch.Tensor, packed_shape: torch.Size) -> torch.Tensor:
+    """[B, W] bool: the positions of the packed rows (shape [B, W]) whose logits packed_sequence_log_probs reads."""
+    rows, width = packed_shape
+    row_of = (torch.arange(source.size(0), device=source.device) % rows).unsqueeze(1)
+    flat = (row_of * width + source[:, :-1])[reply_mask[:, 1:] != 0]
+    keep = torch.zeros(rows * width, dtype=torch.bool, device=source.device)
+    keep[flat] = True
+    return keep.view(rows, width)
+
+
 def packed_sequence_log_probs(packed_logits: torch.Tensor, source: torch.Tensor, input_ids: torch.Tensor,
-                              reply_mask: torch.Tensor) -> torch.Tensor:
+                              reply_mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """sequence_log_probs of the plain [2B, L] pair batch (chosen rows, then rejected rows), read from the logits
     of its packed rows [B, W, V] (data.pair_packing): the logits that predict plain token t of row s sit at
     position source[s, t - 1] of packed row s mod B.
@@ -278,12 +316,21 @@ def packed_sequence_log_probs(packed_logits: torch.Tensor, source: torch.Tensor,
         logp[s] = sum_{t=1..L-1} reply_mask[s, t] * (z[s mod B, source[s, t-1], x[s, t]]
                                                      - logsumexp_v z[s mod B, source[s, t-1], v])
 
-    In fp32; the normalisers are computed once per packed position (one packed row at a time, as gather_log_probs).
+    In fp32; the normalisers are computed once per packed position. With `keep` (packed_reply_positions),
+    `packed_logits` are only those positions' [N, V], in row-major order.
     """
-    rows = (torch.arange(source.size(0), device=source.device) % packed_logits.size(0)).unsqueeze(1)
+    rows = keep.size(0) if keep is not None else packed_logits.size(0)
+    row_of = (torch.arange(source.size(0), device=source.device) % rows).unsqueeze(1)
     previous, labels = source[:, :-1], input_ids[:, 1:]
-    token_log_probs = packed_logits[rows, previous, labels].float() - log_normalisers(packed_logits)[rows, previous]
     scored = reply_mask[:, 1:] != 0
+    if keep is None:
+        token_log_probs = (packed_logits[row_of, previous, labels].float()
+                           - log_normalisers(packed_logits)[row_of, previous])
+    elif packed_logits.size(0) == 0:  # nothing scored
+        return torch.zeros(source.size(0), device=packed_logits.device)
+    else:  # the index of each packed position among the kept ones (unkept ones: any valid index, masked below)
+        index = (keep.flatten().cumsum(0) - 1).clamp(min=0).view_as(keep)[row_of, previous]
+        token_log_probs = packed_logits[index, labels].float() - log_normalisers(packed_logits)[index]
     return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
 
 

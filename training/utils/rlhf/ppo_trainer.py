@@ -45,11 +45,13 @@ from training.utils.losses import (
     gather_log_probs,
     kl_estimate,
     kl_penalty_rewards,
+    labelled_positions,
     masked_mean,
     policy_loss,
     value_loss,
 )
 from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
+from training.utils.model.logits import last_logits, logits_at
 from training.utils.rlhf.config import RLHFConfig
 from training.utils.rlhf.control import make_kl_controller
 from training.utils.rlhf.experience import Experience
@@ -235,8 +237,9 @@ class PPOTrainer:
         """[B, A, V] logits that score the answer tokens (position P + t - 1 predicts token P + t), at
         the sampling temperature so log-probabilities are those of the distribution sampled from."""
         extra = {"position_ids": positions_from_mask(attention_mask)} if self._positions[id(engine)] else {}
-        logits = engine(input_ids=sequences, attention_mask=attention_mask, use_cache=False, **extra).logits
-        logits = logits[:, prompt_width - 1:-1]
+        answer_width = sequences.size(1) - prompt_width  # the LM head runs on the last answer_width + 1 positions only
+        logits = last_logits(engine, answer_width + 1, input_ids=sequences, attention_mask=attention_mask,
+                             use_cache=False, **extra)[:, :-1]
         if self.config.compute_fp32_loss:
             logits = logits.float()
         temperature = self.config.sampling.temperature
@@ -293,7 +296,8 @@ class PPOTrainer:
         actor = self.engine.actor
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with training_pass(actor, self.config.actor.gradient_checkpointing):
-            logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = logits_at(actor, labelled_positions(batch["labels"]), input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"], use_cache=False)
             loss = causal_lm_loss(logits, batch["labels"], self.config.compute_fp32_loss)
             actor.backward(unsup_coef * loss)
         actor.step()
