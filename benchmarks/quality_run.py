@@ -155,7 +155,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name}: held-out sampled checker accuracy (step 3's own evaluation), start -> end | "
                      f"{accuracy[0]:.3f} -> {accuracy[1]:.3f} |")
     lines += [f"| wall time {step} | {seconds:.0f} s |" for step, seconds in results["wall_s"].items()]
-    lines += [f"| peak RSS, e2e run of {name} | {mib:.0f} MiB |" for name, mib in results.get("peak_rss_mib", {}).items()]
+    lines += [f"| peak RSS, e2e run of {name} | {mib:.0f} MiB |"
+              for name, mib in results.get("peak_rss_mib", {}).items()]
     return "\n".join(lines) + "\n"
 
 
