@@ -47,6 +47,7 @@ class ConvertConfig:
 def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
     """The tensors of `directory/pytorch_model.bin`, loaded without running any pickled code."""
     import pickle
+    import struct
 
     path = os.path.join(directory, WEIGHTS_FILE)
     if not os.path.isfile(path):
@@ -54,7 +55,7 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
                              "save_hf_format wrote")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, struct.error) as err:  # struct: cut short
         raise UserInputError(f"'{path}' holds more than tensors or is damaged ({type(err).__name__}: "
                              f"{str(err).splitlines()[0][:160]}): only a state dict of tensors is converted; pickled "
                              "code is never loaded") from None

@@ -9,13 +9,16 @@
 Outputs (as DeepSpeed-Chat): <output>/actor-models/<name>, <output>/reward-models/<name>,
 <output>/step3-models/<name> (actor/, critic/; a critic-free --algo skips step 2 and saves only actor/ in
 step3-models/<name>-<algo>),
-<output>/dpo-models/<name>. Each step's full log is
+<output>/dpo-models/<name>. <name> is DeepSpeed-Chat's: the OPT size (1.3b, 350m), the name after tiny/ (opt),
+else the model's last path component (applications/e2e_layout.py). A step-1/2 output DeepSpeed-Chat saved
+(pytorch_model.bin) is converted into <name>-safetensors before a later step reads it. Each step's full log is
 streamed to the terminal and written to <output>/step<N>/training.log (DPO: <output>/dpo/training.log).
 
 How a step is launched: with `--deployment-type cpu` the step's `training_scripts/cpu/run_tiny.sh`;
 otherwise the per-topology script `training_scripts/<family>/<deployment>/run_<size>.sh` when one exists
 for exactly that model (e.g. facebook/opt-1.3b on single_gpu), else a `deepspeed ... main.py` command
-built from the step's own defaults with the model, ZeRO stage and output directory filled in.
+built from the step's own defaults with the model, ZeRO stage (by default DeepSpeed-Chat's for the model's size)
+and output directory filled in.
 
 Exit codes: 0 done; 2 bad input (e2e's own flags, or a step that exited 2); 3 a step diverged; 1 a step
 crashed; 128 + N stopped by signal N. On Ctrl-C the running step saves a checkpoint and e2e exits 130 with one
@@ -33,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from applications import e2e_layout as layout
 from training.utils import distributed
 from training.utils.checkpoint import CHECKPOINTS
 from training.utils.config import at_least
@@ -92,6 +96,7 @@ class Step:
     seconds: float = 0.0
     figures: str = ""
     resume: bool = False  # continues from its checkpoints: its log is appended to, not started anew
+    conversions: list = field(default_factory=list)  # DeepSpeed-Chat models converted before it runs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -191,33 +196,6 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def model_id(name: str | None, default_size: str, cpu: bool) -> str:
-    """DeepSpeed-Chat's bare OPT sizes (1.3b, 350m) become hub ids; everything else passes through."""
-    if name is None:
-        return "tiny/opt" if cpu else f"facebook/opt-{default_size}"
-    return f"facebook/opt-{name}" if re.fullmatch(r"\d+(\.\d+)?[mb]", name) else name
-
-
-def short_name(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1]) or "model"
-
-
-def find_script(folder: str, deployment: str, model: str, names_model: bool = True) -> Path | None:
-    """The per-topology script for `model`'s family and size on `deployment`, if the repo has one; with
-    `names_model`, only a script that trains exactly that model (steps 1-2 name it inside the script)."""
-    if deployment == "cpu":
-        return REPO / "training" / folder / "training_scripts" / "cpu" / "run_tiny.sh"
-    size = re.search(r"(\d+(?:\.\d+)?[mb])", model.lower())
-    family = "llama2" if "llama-2" in model.lower() else model.lower().split("/")[-1].split("-")[0]
-    if size is None:
-        return None
-    root = REPO / "training" / folder / "training_scripts" / family
-    for candidate in (root / deployment / f"run_{size.group(1)}.sh", root / f"run_{size.group(1)}.sh"):
-        if candidate.is_file() and (model in candidate.read_text() or not names_model):
-            return candidate
-    return None
-
-
 def hostfile() -> str:
     return os.environ.get("HOSTFILE", "/job/hostfile")
 
@@ -231,23 +209,29 @@ def launcher(deployment: str) -> list[str]:
 def build_steps(args) -> list[Step]:
     cpu = args.deployment_type == "cpu"
     out = Path(args.output_dir).resolve()
-    actor = model_id(args.actor_model, "1.3b", cpu)
-    reward = model_id(args.reward_model, "350m", cpu)
-    sft_dir = out / "actor-models" / short_name(actor)
-    rm_dir = out / "reward-models" / short_name(reward)
+    actor = layout.model_id(args.actor_model, "1.3b", cpu)
+    reward = layout.model_id(args.reward_model, "350m", cpu)
+    sft_dir = layout.model_folder(out / "actor-models", actor)
+    rm_dir = layout.model_folder(out / "reward-models", reward)
     data = args.data_path
     steps = []
     plan = [(1, "step1", "step1_supervised_finetuning", actor, sft_dir, args.actor_zero_stage)]
     if args.algo == "ppo":
         plan.append((2, "step2", "step2_reward_model_finetuning", reward, rm_dir, args.reward_zero_stage))
     elif args.algo == "dpo":
-        plan.append((2, "dpo", "step2_dpo_finetuning", actor, out / "dpo-models" / short_name(actor),
+        plan.append((2, "dpo", "step2_dpo_finetuning", actor, layout.model_folder(out / "dpo-models", actor),
                      args.actor_zero_stage))
     for number, key, folder, model, model_dir, zero in plan:
         if number in args.step:
             # DPO starts from the step-1 actor; a hub/tiny name only when step 1 is skipped and never ran.
-            start = str(sft_dir) if key == "dpo" and (sft_dir.is_dir() or 1 in args.step) else model
-            steps.append(single_model_step(args, key, folder, start, model_dir, zero, data))
+            start, conversion = model, None
+            if key == "dpo" and 1 in args.step:
+                start = sft_dir
+            elif key == "dpo" and sft_dir.is_dir():  # an earlier run's (DeepSpeed-Chat's: converted first)
+                start, conversion = layout.converted_input(sft_dir, actor)
+            step = single_model_step(args, key, folder, str(start), model_dir, zero, data, sized_by=model)
+            step.conversions += [conversion] if conversion else []
+            steps.append(step)
     if args.algo != "dpo" and 3 in args.step:
         # Checked before anything runs, so a refused pipeline leaves no logs or half a run behind.
         needed = ((1, sft_dir), (2, rm_dir)) if args.algo == "ppo" else ((1, sft_dir),)
@@ -255,9 +239,20 @@ def build_steps(args) -> list[Step]:
             if number not in args.step and not model_dir.is_dir():
                 raise UserInputError(f"--step 3 needs the step-{number} output '{model_dir}', which does not "
                                      f"exist: add {number} to --step, or pass the --output-dir of the run that made it")
+        # Outputs of earlier runs (DeepSpeed-Chat's pytorch_model.bin ones converted first) or of this one.
+        actor_in, critic_in, conversions = sft_dir, rm_dir, []
+        if 1 not in args.step:
+            actor_in, conversion = layout.converted_input(sft_dir, actor)
+            conversions += [conversion] if conversion else []
+        if 2 not in args.step and args.algo == "ppo":
+            critic_in, conversion = layout.converted_input(rm_dir, reward)
+            conversions += [conversion] if conversion else []
         # A critic-free run gets a folder of its own, so it does not replace a PPO result of the same output dir.
-        name = short_name(actor) + ("" if args.algo == "ppo" else f"-{args.algo}")
-        steps.append(ppo_step(args, sft_dir, rm_dir, out / "step3-models" / name, data, actor))
+        suffix = "" if args.algo == "ppo" else f"-{args.algo}"
+        step3_dir = layout.model_folder(out / "step3-models", actor, suffix)
+        step = ppo_step(args, actor_in, critic_in, step3_dir, data, actor, reward)
+        step.conversions = conversions
+        steps.append(step)
     for step in steps:
         if args.apply_chat_template and step.key != "step3":  # step 3 reads the format its two models saved
             add_flag(step, "--apply_chat_template", "--apply-chat-template")
@@ -279,8 +274,9 @@ def add_flag(step: Step, flag: str, why: str) -> None:
                              f"{step.key}: run that script's command by hand with {flag}")
 
 
-def single_model_step(args, key, folder, model, model_dir, zero, data) -> Step:
-    script = find_script(folder, args.deployment_type, model)
+def single_model_step(args, key, folder, model, model_dir, zero, data, sized_by: str | None = None) -> Step:
+    """`sized_by`: the model whose size sets a built command's ZeRO stage (DPO starts from a step-1 folder)."""
+    script = layout.find_script(folder, args.deployment_type, model)
     if script is not None:
         command = ["bash", str(script), str(model_dir), zero]  # "" is unset for ${2:-...}: the script's default
         if args.deployment_type == "cpu":
@@ -289,15 +285,16 @@ def single_model_step(args, key, folder, model, model_dir, zero, data) -> Step:
         command = launcher(args.deployment_type) + ["main.py", "--model_name_or_path", model,
                                                     "--output_dir", str(model_dir), "--deepspeed",
                                                     "--enable_tensorboard", "--tensorboard_path", str(model_dir)]
+        zero = zero or layout.default_zero_stage(sized_by or model, args.deployment_type)
         command += ["--zero_stage", zero] if zero else []
         command += ["--data_path", data] if data else []
     return Step(key, folder, command, model_dir, env=_script_env(args, key, data))
 
 
-def ppo_step(args, sft_dir: Path, rm_dir: Path, model_dir: Path, data, actor: str) -> Step:
+def ppo_step(args, sft_dir: Path, rm_dir: Path, model_dir: Path, data, actor: str, reward: str) -> Step:
     folder = "step3_rlhf_finetuning"
     critic_free = args.algo in CRITIC_FREE_ALGOS
-    script = find_script(folder, args.deployment_type, actor, names_model=False)  # takes model paths as $1 $2
+    script = layout.find_script(folder, args.deployment_type, actor, names_model=False)  # takes model paths as $1 $2
     if script is not None and critic_free and args.deployment_type != "cpu":
         script = None  # the GPU scripts' critic flags need a critic; the CPU script takes "none" for none
     if script is not None:
@@ -308,8 +305,10 @@ def ppo_step(args, sft_dir: Path, rm_dir: Path, model_dir: Path, data, actor: st
         command += [] if critic_free else ["--critic_model_name_or_path", str(rm_dir)]
         command += ["--output_dir", str(model_dir), "--deepspeed", "--enable_tensorboard", "--tensorboard_path",
                     str(model_dir)]
-        command += ["--actor_zero_stage", args.actor_zero_stage] if args.actor_zero_stage else []
-        command += ["--critic_zero_stage", args.reward_zero_stage] if args.reward_zero_stage and not critic_free else []
+        actor_zero = args.actor_zero_stage or layout.default_zero_stage(actor, args.deployment_type)
+        critic_zero = args.reward_zero_stage or layout.critic_zero_stage(actor, reward, args.deployment_type)
+        command += ["--actor_zero_stage", actor_zero] if actor_zero else []
+        command += ["--critic_zero_stage", critic_zero] if critic_zero and not critic_free else []
         command += ["--data_path", data] if data else []
     step = Step("step3", folder, command, model_dir, env=_script_env(args, "step3", data))
     if critic_free:
@@ -326,6 +325,8 @@ def _script_env(args, key: str, data) -> dict:
     env = {"DATA_PATH": data} if data else {}
     if args.deployment_type == "cpu":
         env["MASTER_PORT"] = str(distributed.free_port())
+    if args.deployment_type == "multi_node":  # the one e2e checked, also for the scripts (their default differs)
+        env["HOSTFILE"] = os.path.abspath(hostfile())
     if args.quick:
         env["EXTRA_ARGS"] = QUICK_ARGS[key]
     return env
@@ -538,9 +539,14 @@ def main(argv=None) -> None:
     print(f"e2e: {args.algo}, steps {args.step}, deployment {args.deployment_type}, output {out}")
     if args.dry_run:  # the plan only: nothing runs, nothing is written
         for step in steps:
+            for conversion in step.conversions:
+                print(f"=== convert: {conversion.shell_line()}")
             print(f"=== {step.key}: {shell_line(step)}")
         return
     for step in steps:
+        for conversion in step.conversions:
+            print(f"\n=== convert: {conversion.shell_line()}", flush=True)
+            conversion.run()
         log_path = out / ("dpo" if step.key == "dpo" else step.key) / "training.log"
         code, signum = run_step(step, log_path)
         if signum is not None:

@@ -25,7 +25,7 @@ def test_plan_uses_the_matching_script_or_builds_the_command(tmp_path):
     step1, step2, step3 = e2e_rlhf.build_steps(args)
     assert step1.command[:2] == ["bash", str(REPO / "training/step1_supervised_finetuning/training_scripts/opt/"
                                               "single_gpu/run_1.3b.sh")]
-    assert step1.model_dir == tmp_path.resolve() / "actor-models" / "opt-1.3b"
+    assert step1.model_dir == tmp_path.resolve() / "actor-models" / "1.3b"  # DeepSpeed-Chat's folder name
     assert step2.command[1].endswith("step2_reward_model_finetuning/training_scripts/opt/single_gpu/run_350m.sh")
     assert step3.command[2:4] == [str(step1.model_dir), str(step2.model_dir)]  # $1 actor, $2 critic
     # a local model has no script of its own: the command is built from the step's defaults

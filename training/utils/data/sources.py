@@ -13,7 +13,9 @@ dataset live here and nowhere else. Resolution of a name, first match wins:
      or the path contains a known name, as DeepSpeed-Chat matches ("data/stanfordnlp/SHP-local"; the
      longest such name wins), or, failing that, its last component equals the part after the "/" of a known name
      ("data/rm-static", "mkqa-Chinese"); case is ignored. Other directories use the generic schemas;
-   - a directory with `train.{json,jsonl,parquet}` and optionally `eval|validation|dev|test.{...}`.
+   - a directory with `train.{json,jsonl,parquet}` and optionally `eval|validation|dev|test.{...}`;
+   - a raw hub snapshot, fetched file by file: README.md / dataset_infos.json + `data/*.parquet` shards,
+     splits from the shard names, adapter as for a save_to_disk directory (`hub_snapshot.py`).
 4. A known hub name (`KNOWN_DATASETS`): `datasets.load_dataset` on first use of the rows.
 
 Generic schemas, detected per row: `messages` [{role, content}, ...] ending with an assistant reply
@@ -35,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.utils.data import hub_snapshot
 from training.utils.data.conversation import ASSISTANT, HUMAN, format_reply, format_user_turn, messages_to_chunks
 from training.utils.errors import UserInputError
 
@@ -313,6 +316,8 @@ def _directory_source(name: str, path: Path) -> Source:
                  if (path / f"{stem}{suffix}").is_file()]
         if found:
             files[split] = found[0]
+    if "train" not in files and hub_snapshot.is_snapshot(path):
+        return hub_snapshot.snapshot_source(name, path)
     if "train" not in files:
         raise UserInputError(
             f"'{name}' is a directory but not a dataset: expected a datasets.save_to_disk directory "
