@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ppo.py                     # tiny/opt and tiny/opt-20m x answers of 16, 64 x batch 8, 16
     python benchmarks/bench_ppo.py --models tiny/opt --answer_lens 32 128 --batch_sizes 16 --steps 10
+    python benchmarks/bench_ppo.py --algos ppo grpo rloo reinforce_plus_plus   # critic-free rows beside PPO
     # on a GPU: DeepSpeed-Chat's single-GPU shape, random weights, Hybrid Engine on (then again without)
     python benchmarks/bench_ppo.py --models random/opt-1.3b --critic_model random/opt-350m \
         --answer_lens 256 --batch_sizes 4 --dtype fp16 --hybrid_engine
@@ -11,6 +12,9 @@ one rank, with the same components as step 3: phase-3 prompts of the synthetic t
 (actor, reference, critic, reward model; ZeRO-0) and the PPO trainer. The models are random-initialised,
 so answers practically never sample EOS and run to --max_answer_seq_len: the answer length is what the
 row says. The critic and reward model have the actor's shape unless --critic_model names another.
+A critic-free row (--algos: an --advantage_estimator other than gae) builds neither critic nor reward model: it
+samples --n_samples 4 answers for each of batch / 4 prompts (the same answers per step as a PPO row of that
+batch) and rewards them with the synthetic task's checker (--reward_function synthetic).
 
 `random/opt-1.3b` and `random/opt-350m` (shapes.py) are OPT-1.3B / OPT-350M shapes with random weights
 and the project's vocabulary; the row writes them to a temporary directory first. They are meant for a
@@ -31,6 +35,7 @@ import time
 
 from benchmarks import flops, rows
 from benchmarks.shapes import RANDOM_PREFIX, materialise
+from training.utils.rlhf.config import CRITIC_FREE
 
 
 def parse_args(argv=None):
@@ -49,12 +54,15 @@ def parse_args(argv=None):
     parser.add_argument("--hybrid_engine", action="store_true",
                         help="--enable_hybrid_engine for the actor (CUDA; on CPU step 3 logs a fallback to "
                              "Hugging Face generate).")
+    parser.add_argument("--algos", nargs="*", default=["ppo"], choices=["ppo", *CRITIC_FREE],
+                        help="ppo (GAE, critic and reward model) and/or critic-free --advantage_estimator values.")
+    parser.add_argument("--n_samples", type=int, default=4, help="Answers per prompt of a critic-free row.")
     parser.add_argument("--data_output_path", default="/tmp/data_files/bench")
-    parser.add_argument("--row", nargs=3, metavar=("MODEL", "ANSWER_LEN", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--row", nargs=4, metavar=("MODEL", "ANSWER_LEN", "BATCH", "ALGO"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
+def run_row(args, model_name: str, answer_len: int, batch_size: int, algo: str = "ppo") -> dict:
     import torch
 
     from training.step3_rlhf_finetuning.main import parse_args as parse_step3_args
@@ -72,26 +80,34 @@ def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
     seeding.set_random_seed(0)
     tokenizer = load_tokenizer("tiny/opt" if model_name.startswith(RANDOM_PREFIX) else model_name)
     actor = materialise(model_name, tokenizer)
-    reward_dir = tempfile.mkdtemp(prefix="bench_ppo_reward_")
-    save_reward_model(create_reward_model(materialise(args.critic_model or model_name, tokenizer), tokenizer),
-                      tokenizer, reward_dir, reward_stats={})
+    if algo == "ppo":
+        reward_dir = tempfile.mkdtemp(prefix="bench_ppo_reward_")
+        save_reward_model(create_reward_model(materialise(args.critic_model or model_name, tokenizer), tokenizer),
+                          tokenizer, reward_dir, reward_stats={})
+        algo_flags, prompts_per_step = ["--critic_model_name_or_path", reward_dir], batch_size
+    else:  # the same answers per step as a PPO row: batch / n prompts, n answers each
+        prompts_per_step = max(1, batch_size // args.n_samples)
+        algo_flags = ["--advantage_estimator", algo, "--n_samples_per_prompt", str(args.n_samples),
+                      "--reward_function", "synthetic"]
     args3 = parse_step3_args(  # step 3's own flags and checks, as its main.py parses them
-        ["--actor_model_name_or_path", actor, "--critic_model_name_or_path", reward_dir, "--data_path", args.data_path,
-         "--output_dir", "unused", "--dtype", args.dtype, "--per_device_generation_batch_size", str(batch_size),
+        ["--actor_model_name_or_path", actor, *algo_flags, "--data_path", args.data_path,
+         "--output_dir", "unused", "--dtype", args.dtype, "--per_device_generation_batch_size", str(prompts_per_step),
          "--per_device_training_batch_size", str(batch_size), "--max_prompt_seq_len", "64",
          "--max_answer_seq_len", str(answer_len), "--actor_dropout", "0.0", "--critic_dropout", "0.0",
          "--num_warmup_steps", "0"] + (["--enable_hybrid_engine"] if args.hybrid_engine else []))
     data = build_phase_data(DataConfig(data_path=[args.data_path], data_output_path=args.data_output_path),
                             PromptFormat(tokenizer), PHASE_RLHF)
-    loader = torch.utils.data.DataLoader(CappedPrompts(data.train, 64, "truncate"), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(CappedPrompts(data.train, 64, "truncate"), batch_size=prompts_per_step,
                                          shuffle=True, collate_fn=PromptCollator(tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(0))
     trainer = PPOTrainer(build_rlhf_engine(args3, tokenizer, device, 1000, 1000), args3)
     engine = trainer.engine
     # FLOPs count the parameters that multiply activations (flops.py); the table shows all parameters.
-    n_actor, n_ref, n_critic, n_reward = (flops.matmul_params(e.module)
+    # A critic-free row has no critic and no reward model (the checker rewards): 0 parameters of theirs.
+    n_actor, n_ref, n_critic, n_reward = (0 if e is None else flops.matmul_params(e.module)
                                           for e in (engine.actor, engine.ref, engine.critic, engine.reward))
-    params, critic_params = (sum(p.numel() for p in e.module.parameters()) for e in (engine.actor, engine.critic))
+    params, critic_params = (0 if e is None else sum(p.numel() for p in e.module.parameters())
+                             for e in (engine.actor, engine.critic))
     batches = iter(loader)
     timings = {"generation_s": 0.0, "experience_s": 0.0, "training_s": 0.0}
     samples = generated_tokens = prompt_tokens = computed_tokens = 0
@@ -115,7 +131,8 @@ def run_row(args, model_name: str, answer_len: int, batch_size: int) -> dict:
     phase_flops = {"generation": flops.forward_flops(n_actor, sequence_tokens),
                    "experience": flops.forward_flops(n_actor + n_ref + n_critic + n_reward, sequence_tokens),
                    "training": flops.train_flops(n_actor + n_critic, sequence_tokens)}
-    return {"model": model_name, "critic_model": args.critic_model or model_name, "params": params,
+    return {"model": model_name, "algo": algo, "n_samples_per_prompt": args3.rl.n_samples_per_prompt,
+            "critic_model": (args.critic_model or model_name) if algo == "ppo" else None, "params": params,
             "critic_params": critic_params, "matmul_params": {"actor": n_actor, "critic": n_critic},
             "answer_len": answer_len, "batch_size": batch_size, "steps": args.steps,
             "dtype": args.dtype, "hybrid_engine": args.hybrid_engine,
@@ -141,11 +158,12 @@ def collect(argv: list[str]) -> dict:
     for model_name in args.models:
         for answer_len in args.answer_lens:
             for batch_size in args.batch_sizes:
-                results.append(rows.run_row(__file__, argv, [model_name, str(answer_len), str(batch_size)]))
-                row = results[-1]
-                print(f" ppo {model_name:>14} answer={answer_len:<4} batch={batch_size:<3} {row['samples_per_s']:>7} "
-                      f"samples/s {row['generated_tokens_per_s']:>8} gen tok/s  split {row['time_share']}",
-                      file=sys.stderr)
+                for algo in args.algos:
+                    results.append(rows.run_row(__file__, argv, [model_name, str(answer_len), str(batch_size), algo]))
+                    row = results[-1]
+                    print(f" {algo:>8} {model_name:>14} answer={answer_len:<4} batch={batch_size:<3} "
+                          f"{row['samples_per_s']:>7} samples/s {row['generated_tokens_per_s']:>8} gen tok/s  "
+                          f"split {row['time_share']}", file=sys.stderr)
     return {"benchmark": "ppo_step3", "rows": results}
 
 
@@ -153,7 +171,7 @@ def main(argv=None) -> None:
     argv = list(argv if argv is not None else sys.argv[1:])
     args = parse_args(argv)
     if args.row:
-        rows.print_row(run_row(args, args.row[0], int(args.row[1]), int(args.row[2])))
+        rows.print_row(run_row(args, args.row[0], int(args.row[1]), int(args.row[2]), args.row[3]))
         return
     print(json.dumps(collect(argv), indent=1))
 

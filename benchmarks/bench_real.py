@@ -22,6 +22,10 @@ Variants (`--variants`; the report divides every row's samples/s by the baseline
     auto-grouped          --dtype auto                         today's default (pairs: prompts shared)
     auto-grouped-packed   --dtype auto --packing               step 1 only
     auto-grouped-unshared --dtype auto --no_share_prompt       reward model and DPO: two padded rows per pair
+    dschat-layout         --dtype bf16 --no_group_by_length    (optional) DeepSpeed-Chat's layout on this code:
+                          (+ --no_share_prompt), every sample  the work DeepSpeed-Chat's own step does per sample,
+                          padded to --max_seq_len (step 3:     measured beside the other rows on the same machine
+                          prompts to --max_prompt_seq_len)
 
 Each row runs in its own process (rows.run_row) through the step's own code: its parse_args (the flags
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
@@ -42,6 +46,7 @@ tokens), the resolved dtype, wall seconds of the epoch, peak RSS. `run_all.py --
 against the matmul peak of the row's own dtype (training.utils.precision.matmul_peak_gflops).
 """
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -64,6 +69,9 @@ VARIANT_FLAGS = {
     "auto-grouped": ["--dtype", "auto"],
     "auto-grouped-packed": ["--dtype", "auto", "--packing"],
     "auto-grouped-unshared": ["--dtype", "auto", "--no_share_prompt"],  # reward model and DPO
+    # DeepSpeed-Chat's data layout on this project's code: bf16, random batches, every sample padded to
+    # --max_seq_len (step 3: prompts to --max_prompt_seq_len), two rows per pair (padded_collator below).
+    "dschat-layout": ["--dtype", "bf16", "--no_group_by_length", "--no_share_prompt"],
 }
 DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed"),
                     "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped"),
@@ -203,6 +211,8 @@ def train_row(args, step: str, variant: str) -> dict:
                   trust_remote_code=config.trust_remote_code)
     if step == "sft" and config.packing:
         loader = recipe.packed_train_loader(config, data, tokenizer, model, dtype, loader)
+    if variant == "dschat-layout":
+        loader.collate_fn = dataclasses.replace(loader.collate_fn, pad_to=config.data.max_seq_len)
     if step in ("rm", "dpo") and config.share_prompt:
         share_prompts([loader], model.backbone if step == "rm" else model, tokenizer.pad_token_id, TORCH_DTYPES[dtype])
     params, flop_params = sum(p.numel() for p in model.parameters()), flops.matmul_params(model)
@@ -296,7 +306,8 @@ def ppo_row(args, variant: str) -> dict:
     batch_size = config.per_device_generation_batch_size
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos,
                             args.ppo_steps * batch_size)
-    loader = make_loader(prompts, batch_size, PromptCollator(tokenizer.pad_token_id), config.seed, shuffle=True,
+    pad_to = config.max_prompt_seq_len if variant == "dschat-layout" else None
+    loader = make_loader(prompts, batch_size, PromptCollator(tokenizer.pad_token_id, pad_to), config.seed, shuffle=True,
                          length_grouped=config.data.group_by_length)
     actor_steps, critic_steps = recipe.optimizer_steps_per_epoch(config, len(loader))
     engine = build_rlhf_engine(config, tokenizer, device, actor_steps, critic_steps)

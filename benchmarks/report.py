@@ -27,8 +27,12 @@ def ppo_table(document: dict) -> list[str]:
              "training / all | peak RSS MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for row in document["rows"]:
-        models = _model(row) if row["critic_model"] == row["model"] else \
-            f"{_model(row)} / {_model(row, 'critic_model', 'critic_params')}"
+        if row.get("algo", "ppo") != "ppo":  # critic-free: no critic, no reward model
+            models = f"{_model(row)}, {row['algo']} ({row['n_samples_per_prompt']} answers per prompt, no critic)"
+        elif row["critic_model"] == row["model"]:
+            models = _model(row)
+        else:
+            models = f"{_model(row)} / {_model(row, 'critic_model', 'critic_params')}"
         if row["hybrid_engine"]:
             models += ", Hybrid Engine" + ("" if row["hybrid_generation"] else " (fallback)")
         mfu = " / ".join(_pct(row["mfu"][phase]) for phase in ("generation", "experience", "training", "total"))
@@ -53,6 +57,8 @@ def _ratio(value: float | None) -> str:
 def variant_label(row: dict) -> str:
     """What a real-data row ran: its dtype (and whether --dtype auto chose it), batching, packing."""
     dtype = f"auto -> {row['dtype']}" if row["variant"].startswith("auto") else row["dtype"]
+    if row["variant"] == "dschat-layout":
+        return f"DeepSpeed-Chat's layout: {dtype}, random batches padded to the maximum length, two rows per pair"
     parts = [dtype, "length-grouped" if row["group_by_length"] else "random batches"]
     parts += ["packed"] if row["packing"] else []
     return ", ".join(parts) + (" (baseline)" if row.get("baseline") else "")

@@ -49,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--critic_model", default=None, help="Step-3 critic shape (default: the actor's).")
     parser.add_argument("--answer_lens", nargs="*", type=int, default=[16, 64])
     parser.add_argument("--batch_sizes", nargs="*", type=int, default=[8, 16], help="Step-3 batch sizes.")
+    parser.add_argument("--ppo_algos", nargs="*", default=["ppo", "grpo"],
+                        help="Step-3 rows per estimator: ppo (critic + reward model) and critic-free ones (grpo, "
+                             "dr_grpo, rloo, reinforce_plus_plus, ...: 4 answers per prompt, the checker's reward).")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="Step 3.")
     parser.add_argument("--hybrid_engine", action="store_true", help="Step 3 with --enable_hybrid_engine.")
     parser.add_argument("--quick", action="store_true", help="10 timed training steps and 2 PPO steps per row "
@@ -162,7 +165,7 @@ def main(argv=None) -> None:
             documents.append(bench_train.collect(["--step", step, "--models", *args.models, *train_steps]))
     if "ppo" in args.only:
         ppo_argv = ["--models", *args.ppo_models, "--answer_lens", *map(str, args.answer_lens),
-                    "--batch_sizes", *map(str, args.batch_sizes), "--dtype", args.dtype]
+                    "--batch_sizes", *map(str, args.batch_sizes), "--dtype", args.dtype, "--algos", *args.ppo_algos]
         ppo_argv += ["--critic_model", args.critic_model] if args.critic_model else []
         ppo_argv += ["--hybrid_engine"] if args.hybrid_engine else []
         ppo_argv += ["--steps", "2"] if args.quick else []

@@ -64,6 +64,22 @@ def test_markdown_report_has_one_row_per_benchmark_row():
     assert "10.0% / 60.0% / 50.0% / 40.0%" in ppo_line
 
 
+def test_a_critic_free_step3_row_says_it_has_no_critic():
+    document = _report()
+    ppo_row = document["benchmarks"][1]["rows"][0]
+    document["benchmarks"][1]["rows"].append(ppo_row | {"algo": "grpo", "n_samples_per_prompt": 4,
+                                                         "critic_model": None, "hybrid_engine": False,
+                                                         "samples_per_s": 55.0})
+    lines = report.markdown(document).splitlines()
+    grpo = next(line for line in lines if "grpo" in line)
+    assert grpo.startswith("| tiny/opt (2.2M), grpo (4 answers per prompt, no critic) | 16 | 8 | 55.0 |")
+
+
+def test_the_deepspeed_chat_layout_row_is_labelled_as_such():
+    row = {"variant": "dschat-layout", "dtype": "bf16", "group_by_length": False, "packing": False}
+    assert report.variant_label(row).startswith("DeepSpeed-Chat's layout: bf16, random batches padded")
+
+
 @pytest.mark.parametrize("name, low, high", [("random/opt-1.3b", 1.20e9, 1.24e9), ("random/opt-350m", 0.30e9, 0.32e9)])
 def test_random_opt_shapes_have_the_published_layer_sizes(tokenizer, name, low, high):
     from transformers import AutoModelForCausalLM

@@ -40,12 +40,14 @@ class SFTCollator:
 @dataclass
 class PairCollator:
     """Chosen rows then rejected rows in one batch of 2B, right-padded to the longest of all 2B.
-    Items with reply masks (phase-2 data) also give `reply_mask`: 1 on reply + EOS tokens, same row order."""
+    Items with reply masks (phase-2 data) also give `reply_mask`: 1 on reply + EOS tokens, same row order.
+    `pad_to` pads to that length instead (DeepSpeed-Chat's layout, for benchmarks)."""
     pad_token_id: int
+    pad_to: int | None = None
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
-        length = max(map(len, seqs))
+        length = self.pad_to or max(map(len, seqs))
         input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, length)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "chosen_reply_mask" in items[0]:
@@ -56,12 +58,14 @@ class PairCollator:
 
 @dataclass
 class PromptCollator:
-    """Prompts left-padded to the batch's longest prompt, so generation continues every row at the end."""
+    """Prompts left-padded to the batch's longest prompt, so generation continues every row at the end.
+    `pad_to` pads to that length instead (DeepSpeed-Chat's layout, for benchmarks)."""
     pad_token_id: int
+    pad_to: int | None = None
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [item["prompt_ids"] for item in items]
-        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, max(map(len, seqs)), left=True)
+        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, self.pad_to or max(map(len, seqs)), left=True)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "reference" in items[0]:  # step 3's reference answers (text) for a rule reward
             batch["references"] = [item["reference"] for item in items]
