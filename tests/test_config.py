@@ -54,6 +54,15 @@ def test_each_flag_has_one_definition_and_help_text():
     assert not redefined, f"flags defined more than once: {sorted(redefined)}"
 
 
+@pytest.mark.parametrize("program", ["step1", "step2", "dpo", "step3", "chat", "prompt_eval", "rw_eval", "serve"])
+def test_help_prints_for_every_program(program, capsys):
+    """--help renders every help text (a bare '%' in one made argparse crash for every step)."""
+    with pytest.raises(SystemExit) as stop:
+        parse_config(programs()[program], ["--help"], program)
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
+
+
 def test_no_flag_is_added_by_hand():
     """Parsers are generated: no add_argument outside the generator (the e2e driver's own dashed flags aside)."""
     offenders = []

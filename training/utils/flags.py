@@ -38,7 +38,7 @@ class ModelFlags(ModelPathFlags):
                                  check=at_least(0.0))
     zero_stage: int = option(0, "ZeRO stage of {role}.", choices=ZERO_STAGES, resume=FIXED)
     gradient_checkpointing: bool = option(False, "Activation checkpointing for {role} (recompute activations in "
-                                                 "the backward pass: less memory, ~30% more compute).")
+                                                 "the backward pass: less memory, ~30%% more compute).")
     lora_dim: int = option(0, "LoRA rank of {role}; 0 disables LoRA.", check=at_least(0), resume=FIXED)
     lora_module_name: str = option("decoder.layers.", "LoRA replaces the nn.Linear layers of {role} whose name "
                                                       "contains this text (OPT: decoder.layers., Llama: layers.).",

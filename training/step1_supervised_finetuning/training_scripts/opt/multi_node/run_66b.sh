@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Step 1 (SFT): OPT-66B on several nodes (hostfile in $HOSTFILE, default ./hostfile;
+# Step 1 (SFT): OPT-66B with LoRA on several nodes (hostfile in $HOSTFILE, default ./hostfile;
 #   extra deepspeed launcher flags in $DS_LAUNCHER_FLAGS).
-# Usage: bash opt/multi_node/run_66b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step1_supervised_finetuning)
+#   DeepSpeed-Chat's training_scripts/opt/multi_node/run_66b.sh: the same model, data and hyperparameters.
+# Usage: bash training_scripts/opt/multi_node/run_66b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step1_supervised_finetuning)
 set -euo pipefail
 OUTPUT=${1:-./output_step1_run_66b}
 ZERO_STAGE=${2:-3}
@@ -18,15 +19,21 @@ deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
    --model_name_or_path facebook/opt-66b \
-   --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --learning_rate 9.65e-6 --weight_decay 0.1 --lora_dim 128 \
+   --per_device_train_batch_size 4 \
+   --per_device_eval_batch_size 4 \
    --max_seq_len 512 \
-   --num_train_epochs 1 \
+   --learning_rate 1e-4 \
+   --weight_decay 0.1 \
+   --num_train_epochs 2 \
    --gradient_accumulation_steps 1 \
    --lr_scheduler_type cosine \
    --num_warmup_steps 0 \
    --seed 1234 \
    --gradient_checkpointing \
-   --zero_stage $ZERO_STAGE \
+   --lora_dim 128 \
+   --lora_module_name decoder.layers. \
+   --dtype fp16 \
+   --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Step 1 (SFT): OPT-1.3B on one GPU with LoRA.
-# Usage: bash opt/single_gpu/run_1.3b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step1_supervised_finetuning)
+# Step 1 (SFT): OPT-1.3B on one GPU with LoRA (rank 128; the LoRA factors train at --lora_learning_rate).
+#   DeepSpeed-Chat's training_scripts/opt/single_gpu/run_1.3b.sh, which sets only the model, LoRA and 8 steps of
+#   gradient accumulation and leaves the rest to main.py's defaults: written out here.
+# Usage: bash training_scripts/opt/single_gpu/run_1.3b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step1_supervised_finetuning)
 set -euo pipefail
 OUTPUT=${1:-./output_step1_run_1.3b}
 ZERO_STAGE=${2:-0}
@@ -10,18 +12,23 @@ mkdir -p "$OUTPUT"
 # ignore it, so the CLI prints no traceback and the log is written to the end.
 trap "" INT
 deepspeed --num_gpus 1 main.py \
-   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
+   --data_path Dahoas/rm-static \
    --data_split 2,4,4 \
    --model_name_or_path facebook/opt-1.3b \
-   --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --learning_rate 9.65e-6 --weight_decay 0. --lora_dim 128 --only_optimize_lora \
+   --per_device_train_batch_size 16 \
+   --per_device_eval_batch_size 16 \
    --max_seq_len 512 \
+   --learning_rate 1e-3 \
+   --weight_decay 0. \
    --num_train_epochs 1 \
-   --gradient_accumulation_steps 1 \
+   --gradient_accumulation_steps 8 \
    --lr_scheduler_type cosine \
    --num_warmup_steps 0 \
    --seed 1234 \
-   --gradient_checkpointing \
-   --zero_stage $ZERO_STAGE \
+   --lora_dim 128 \
+   --lora_module_name decoder.layers. \
+   --dtype fp16 \
+   --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Step 1 (SFT): OPT-1.3B on one node (all its GPUs).
-# Usage: bash opt/single_node/run_1.3b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step1_supervised_finetuning)
+#   DeepSpeed-Chat's training_scripts/opt/single_node/run_1.3b.sh: the same model, data and hyperparameters.
+# Usage: bash training_scripts/opt/single_node/run_1.3b.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step1_supervised_finetuning)
 set -euo pipefail
 OUTPUT=${1:-./output_step1_run_1.3b}
 ZERO_STAGE=${2:-2}
@@ -13,15 +14,18 @@ deepspeed main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
    --model_name_or_path facebook/opt-1.3b \
-   --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --learning_rate 9.65e-6 --weight_decay 0. \
+   --per_device_train_batch_size 8 \
+   --per_device_eval_batch_size 8 \
    --max_seq_len 512 \
-   --num_train_epochs 1 \
+   --learning_rate 9.65e-6 \
+   --weight_decay 0. \
+   --num_train_epochs 16 \
    --gradient_accumulation_steps 1 \
    --lr_scheduler_type cosine \
    --num_warmup_steps 0 \
    --seed 1234 \
-   --gradient_checkpointing \
-   --zero_stage $ZERO_STAGE \
+   --dtype fp16 \
+   --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Step 2 (reward model): OPT-350M on several nodes (hostfile in $HOSTFILE, default ./hostfile;
 #   extra deepspeed launcher flags in $DS_LAUNCHER_FLAGS).
+#   DeepSpeed-Chat's training_scripts/opt/multi_node/run_350m.sh: the same model, data and hyperparameters.
 # Usage: bash training_scripts/opt/multi_node/run_350m.sh [OUTPUT_DIR] [ZERO_STAGE]   (run from training/step2_reward_model_finetuning)
 set -euo pipefail
 OUTPUT=${1:-./output_step2_run_350m}
@@ -18,16 +19,20 @@ deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
    --model_name_or_path facebook/opt-350m \
-   --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --learning_rate 5e-5 --weight_decay 0.1 --dropout 0.0 \
+   --num_padding_at_beginning 1 \
+   --per_device_train_batch_size 2 \
+   --per_device_eval_batch_size 2 \
    --max_seq_len 512 \
+   --learning_rate 5e-5 \
+   --weight_decay 0.1 \
+   --dropout 0.0 \
    --num_train_epochs 1 \
    --gradient_accumulation_steps 1 \
    --lr_scheduler_type cosine \
    --num_warmup_steps 0 \
    --seed 1234 \
-   --gradient_checkpointing \
-   --zero_stage $ZERO_STAGE \
-   --eval_interval 100 \
+   --dtype fp16 \
+   --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Step 3 (PPO): OPT-66B actor with LoRA, OPT-350M reward model and critic, several nodes.
-#   Hostfile in $HOSTFILE (default ./hostfile); extra deepspeed launcher flags in $DS_LAUNCHER_FLAGS.
-# Usage: bash opt/multi_node/run_66b.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
+# Step 3 (PPO): OPT-66B actor with LoRA (rank 128), OPT-350M reward model and critic, several nodes; the Hybrid
+#   Engine generates with 8-way tensor parallelism. Hostfile in $HOSTFILE (default ./hostfile); extra deepspeed
+#   launcher flags in $DS_LAUNCHER_FLAGS.
+#   DeepSpeed-Chat's training_scripts/opt/multi_node/run_66b.sh: the same data and hyperparameters.
+# Usage: bash training_scripts/opt/multi_node/run_66b.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
 #   (run from training/step3_rlhf_finetuning; the defaults are the outputs of the matching step-1 and step-2 scripts)
 set -euo pipefail
 ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_run_66b}
@@ -14,11 +16,12 @@ HOSTFILE=${HOSTFILE:-hostfile}
 [ -f "$HOSTFILE" ] || { echo "error: hostfile '$HOSTFILE' not found: set HOSTFILE to a file with one '<host> slots=<gpus>' line per node (docs/launching.md)" >&2; exit 2; }
 mkdir -p "$OUTPUT"
 
+# $DS_LAUNCHER_FLAGS stays unquoted: it holds several flags (docs/launching.md: Slurm, Kubernetes)
 # Ctrl-C: the launcher and the ranks get it (they save a checkpoint and exit); the shell and the deepspeed CLI
 # ignore it, so the CLI prints no traceback and the log is written to the end.
 trap "" INT
 deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
-   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
+   --data_path Dahoas/rm-static \
    --data_split 2,4,4 \
    --actor_model_name_or_path "$ACTOR_MODEL_PATH" \
    --critic_model_name_or_path "$CRITIC_MODEL_PATH" \
@@ -43,14 +46,11 @@ deepspeed --hostfile "$HOSTFILE" ${DS_LAUNCHER_FLAGS:-} main.py \
    --inference_tp_size 8 \
    --tp_gather_partition_size 4 \
    --actor_gradient_checkpointing \
-   --critic_gradient_checkpointing \
-   --offload_reference_model \
-   --offload_reward_model \
    --actor_lora_dim 128 \
    --actor_lora_module_name decoder.layers. \
-   --only_optimize_lora \
-   --actor_zero_stage $ACTOR_ZERO_STAGE \
-   --critic_zero_stage $CRITIC_ZERO_STAGE \
+   --dtype fp16 \
+   --actor_zero_stage "$ACTOR_ZERO_STAGE" \
+   --critic_zero_stage "$CRITIC_ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \

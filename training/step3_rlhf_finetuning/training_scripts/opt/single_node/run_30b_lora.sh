@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Step 3 (PPO): OPT-30B actor with LoRA, OPT-350M reward model and critic, one node.
-# Usage: bash opt/single_node/run_30b_lora.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
+# Step 3 (PPO): OPT-30B actor with LoRA (rank 128), OPT-350M reward model and critic, one node, Hybrid Engine.
+#   DeepSpeed-Chat's training_scripts/opt/single_node/run_30b_lora.sh: the same data and hyperparameters.
+# Usage: bash training_scripts/opt/single_node/run_30b_lora.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
 #   (run from training/step3_rlhf_finetuning; the defaults are the outputs of the matching step-1 and step-2 scripts)
 set -euo pipefail
-ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_run_30b}
+ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_run_30b_lora}
 CRITIC_MODEL_PATH=${2:-../step2_reward_model_finetuning/output_step2_run_350m}
 ACTOR_ZERO_STAGE=${3:-3}
 CRITIC_ZERO_STAGE=${4:-3}
@@ -14,7 +15,7 @@ mkdir -p "$OUTPUT"
 # ignore it, so the CLI prints no traceback and the log is written to the end.
 trap "" INT
 deepspeed main.py \
-   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
+   --data_path Dahoas/rm-static \
    --data_split 2,4,4 \
    --actor_model_name_or_path "$ACTOR_MODEL_PATH" \
    --critic_model_name_or_path "$CRITIC_MODEL_PATH" \
@@ -27,8 +28,6 @@ deepspeed main.py \
    --max_prompt_seq_len 256 \
    --actor_learning_rate 5e-4 \
    --critic_learning_rate 5e-6 \
-   --actor_weight_decay 0.1 \
-   --critic_weight_decay 0.1 \
    --num_train_epochs 1 \
    --lr_scheduler_type cosine \
    --gradient_accumulation_steps 1 \
@@ -36,15 +35,12 @@ deepspeed main.py \
    --seed 1234 \
    --actor_dropout 0.0 \
    --enable_hybrid_engine \
-   --inference_tp_size 4 \
    --actor_gradient_checkpointing \
-   --critic_gradient_checkpointing \
-   --offload_reference_model \
    --actor_lora_dim 128 \
    --actor_lora_module_name decoder.layers. \
-   --only_optimize_lora \
-   --actor_zero_stage $ACTOR_ZERO_STAGE \
-   --critic_zero_stage $CRITIC_ZERO_STAGE \
+   --dtype fp16 \
+   --actor_zero_stage "$ACTOR_ZERO_STAGE" \
+   --critic_zero_stage "$CRITIC_ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Step 3 (PPO): OPT-6.7B actor, OPT-350M reward model and critic, one node.
-# Usage: bash opt/single_node/run_6.7b.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
+# Step 3 (PPO): OPT-6.7B actor, OPT-350M reward model and critic, one node, Hybrid Engine.
+#   DeepSpeed-Chat's training_scripts/opt/single_node/run_6.7b.sh: the same data and hyperparameters.
+# Usage: bash training_scripts/opt/single_node/run_6.7b.sh [ACTOR_PATH] [CRITIC_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT_DIR]
 #   (run from training/step3_rlhf_finetuning; the defaults are the outputs of the matching step-1 and step-2 scripts)
 set -euo pipefail
 ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_run_6.7b}
@@ -14,7 +15,7 @@ mkdir -p "$OUTPUT"
 # ignore it, so the CLI prints no traceback and the log is written to the end.
 trap "" INT
 deepspeed main.py \
-   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
+   --data_path Dahoas/rm-static \
    --data_split 2,4,4 \
    --actor_model_name_or_path "$ACTOR_MODEL_PATH" \
    --critic_model_name_or_path "$CRITIC_MODEL_PATH" \
@@ -37,9 +38,9 @@ deepspeed main.py \
    --actor_dropout 0.0 \
    --enable_hybrid_engine \
    --actor_gradient_checkpointing \
-   --offload_reference_model \
-   --actor_zero_stage $ACTOR_ZERO_STAGE \
-   --critic_zero_stage $CRITIC_ZERO_STAGE \
+   --dtype fp16 \
+   --actor_zero_stage "$ACTOR_ZERO_STAGE" \
+   --critic_zero_stage "$CRITIC_ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \
