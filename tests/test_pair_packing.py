@@ -98,3 +98,18 @@ def test_dpo_reply_log_probs_on_packed_rows_equal_the_plain_rows(tokenizer):
     assert torch.equal(packed["reply_mask"], plain["reply_mask"])
     assert (got - expected).abs().max() < 1e-4, (got, expected)
     assert expected.abs().min() > 1.0  # real sums of several tokens' log-probs, not zeros
+
+
+def test_shared_prompt_batches_are_grouped_by_the_packed_width(tokenizer):
+    from training.utils.data.pair_packing import packed_widths
+    from training.utils.data.samplers import LengthGroupedSampler
+    from training.utils.model.reward_model import create_reward_model
+
+    # prompt + chosen + rejected - shared prefix: 6 + 5 - 3, 4 + 7 - 4, 3 + 3 - 3, 8 + 2 - 0
+    assert packed_widths(items()).tolist() == [8, 7, 3, 10]
+    sampler = LengthGroupedSampler([6, 7, 3, 8], batch_size=2, num_replicas=1, rank=0, seed=0)
+    loader = torch.utils.data.DataLoader(items(), batch_size=2, sampler=sampler, collate_fn=PairCollator(1))
+    assert share_prompts([loader], create_reward_model("tiny/opt", tokenizer).backbone, 1, torch.float32)
+    assert loader.sampler.lengths.tolist() == [8, 7, 3, 10]
+    # grouped by packed width: the two widest rows (8 and 10) share a batch, so the narrow ones pad less
+    assert sorted(sorted(batch) for batch in sampler.rank_batches()) == [[0, 3], [1, 2]]

@@ -15,10 +15,12 @@ after the forward (end scores, the losses) reads the batch it always read.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from training.utils.data.collators import PairCollator
 from training.utils.data.packing import block_causal_mask, supports_packing
+from training.utils.data.samplers import LengthGroupedSampler
 
 PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
@@ -85,9 +87,21 @@ def reward_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             "unpacked_mask": batch["attention_mask"]}
 
 
+def packed_widths(dataset) -> np.ndarray:
+    """Each pair's packed row width, len(chosen) + len(rejected) - their common prefix: what pads a shared-prompt
+    batch, so length-grouped batches are grouped by it (not by the longer sequence)."""
+    widths = np.empty(len(dataset), dtype=np.int64)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        chosen, rejected = item["chosen_ids"], item["rejected_ids"]
+        widths[i] = len(chosen) + len(rejected) - common_prefix_length(chosen, rejected)
+    return widths
+
+
 def share_prompts(loaders, model, pad_token_id: int, mask_dtype: torch.dtype) -> bool:
     """Switch pair loaders to SharedPromptPairCollator when `model` (a RewardModel's body, or a causal LM) packs
-    exactly (packing.supports_packing); False (loaders unchanged) otherwise."""
+    exactly (packing.supports_packing), and their length-grouped samplers to the packed widths; False (loaders
+    unchanged) otherwise."""
     from training.utils import distributed
 
     if not supports_packing(model):
@@ -96,5 +110,7 @@ def share_prompts(loaders, model, pad_token_id: int, mask_dtype: torch.dtype) ->
         return False
     for loader in loaders:
         loader.collate_fn = SharedPromptPairCollator(pad_token_id, mask_dtype)
+        if isinstance(loader.sampler, LengthGroupedSampler):
+            loader.sampler.lengths = packed_widths(loader.dataset)
     distributed.print_rank_0("--share_prompt: each pair is one row, its prompt computed once")
     return True
