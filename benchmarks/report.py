@@ -58,7 +58,9 @@ def variant_label(row: dict) -> str:
     """What a real-data row ran: its dtype (and whether --dtype auto chose it), batching, packing."""
     dtype = f"auto -> {row['dtype']}" if row["variant"].startswith("auto") else row["dtype"]
     if row["variant"] == "dschat-layout":
-        return f"DeepSpeed-Chat's layout: {dtype}, random batches padded to the maximum length, two rows per pair"
+        padded = {"sft": "every sample padded to --max_seq_len", "ppo": "prompts padded to --max_prompt_seq_len"}
+        return f"DeepSpeed-Chat's layout: {dtype}, random batches, " + padded.get(
+            row["step"], "both rows of a pair padded to --max_seq_len")
     parts = [dtype, "length-grouped" if row["group_by_length"] else "random batches"]
     parts += ["packed"] if row["packing"] else []
     return ", ".join(parts) + (" (baseline)" if row.get("baseline") else "")

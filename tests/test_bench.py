@@ -76,8 +76,10 @@ def test_a_critic_free_step3_row_says_it_has_no_critic():
 
 
 def test_the_deepspeed_chat_layout_row_is_labelled_as_such():
-    row = {"variant": "dschat-layout", "dtype": "bf16", "group_by_length": False, "packing": False}
-    assert report.variant_label(row).startswith("DeepSpeed-Chat's layout: bf16, random batches padded")
+    row = {"step": "rm", "variant": "dschat-layout", "dtype": "bf16", "group_by_length": False, "packing": False}
+    assert report.variant_label(row) == ("DeepSpeed-Chat's layout: bf16, random batches, both rows of a pair "
+                                         "padded to --max_seq_len")
+    assert report.variant_label(row | {"step": "sft"}).endswith("every sample padded to --max_seq_len")
 
 
 @pytest.mark.parametrize("name, low, high", [("random/opt-1.3b", 1.20e9, 1.24e9), ("random/opt-350m", 0.30e9, 0.32e9)])
