@@ -71,7 +71,7 @@ VARIANT_FLAGS = {
     "auto-grouped-unshared": ["--dtype", "auto", "--no_share_prompt"],  # reward model and DPO
     # DeepSpeed-Chat's data layout on this project's code: bf16, random batches, every sample padded to
     # --max_seq_len (step 3: prompts to --max_prompt_seq_len), two rows per pair (padded_collator below).
-    "dschat-layout": ["--dtype", "bf16", "--no_group_by_length", "--no_share_prompt"],
+    "dschat-layout": ["--dtype", "bf16", "--no_group_by_length"],
 }
 DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed"),
                     "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped"),
@@ -166,7 +166,7 @@ def step_argv(args, step: str, variant: str, data_file: str | Path, output_dir: 
     # training that --precompute_ref_log_probs does by default), so the rows compare dtype and batching only.
     reference = ["--no_precompute_ref_log_probs"] if step == "dpo" else []
     # The old default ran two padded rows per pair (no --share_prompt).
-    old_pairs = ["--no_share_prompt"] if step in ("rm", "dpo") and variant == BASELINE else []
+    old_pairs = ["--no_share_prompt"] if step in ("rm", "dpo") and variant in (BASELINE, "dschat-layout") else []
     return common + ["--model_name_or_path", args.model, "--zero_stage", "0",
                      "--per_device_train_batch_size", str(args.batch_size),
                      "--per_device_eval_batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
