@@ -70,7 +70,7 @@ VARIANT_FLAGS = {
     "auto-grouped-packed": ["--dtype", "auto", "--packing"],
     "auto-grouped-unshared": ["--dtype", "auto", "--no_share_prompt"],  # reward model and DPO
     # DeepSpeed-Chat's data layout on this project's code: bf16, random batches, every sample padded to
-    # --max_seq_len (step 3: prompts to --max_prompt_seq_len), two rows per pair (padded_collator below).
+    # --max_seq_len (step 3: prompts to --max_prompt_seq_len; the collators' pad_to), two rows per pair.
     "dschat-layout": ["--dtype", "bf16", "--no_group_by_length"],
 }
 DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed"),
