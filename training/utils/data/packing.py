@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from training.utils.losses import IGNORE_INDEX
+from training.utils.model.build import unwrap_model
 
 # model_type values whose eager/sdpa attention takes a 4-D additive mask as is and whose positions come
 # from position_ids; each is checked by tests/test_packing.py (packed logits == unpacked logits).
@@ -190,20 +191,6 @@ def make_packed_loader(dataset, rows_per_batch: int, max_seq_len: int, pad_token
     return make_loader(rows, rows_per_batch, PackedSFTCollator(pad_token_id, pad_to, mask_dtype), seed, shuffle)
 
 
-def _unwrap(model):
-    """The transformers model inside DeepSpeed engines / DDP (`.module`) and PEFT wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if isinstance(inner, torch.nn.Module) and inner is not model:
-            model = inner
-            continue
-        base = getattr(model, "get_base_model", None)
-        if callable(base) and base() is not model:
-            model = base()
-            continue
-        return model
-
-
 def supports_packing(model, probe: bool = False, atol: float = 1e-4) -> bool:
     """Whether packed rows (4-D block-causal mask + restarting position_ids) give exactly the unpacked
     results for `model` (a transformers model, or an engine/wrapper around one).
@@ -212,7 +199,7 @@ def supports_packing(model, probe: bool = False, atol: float = 1e-4) -> bool:
     attention. For other types: False, unless `probe=True`, which runs `packing_mismatch` (one small
     forward pass; under ZeRO-3 every rank must call it) and accepts a max logit difference <= atol.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
         return False
@@ -235,7 +222,7 @@ def packing_mismatch(model, lengths: Sequence[int] = (5, 9, 3), seed: int = 0) -
     attend to each other)."""
     from training.utils.data.collators import SFTCollator
 
-    model = _unwrap(model)
+    model = unwrap_model(model)
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)

@@ -222,3 +222,17 @@ def configure_special_tokens(model, tokenizer) -> None:
         cfg.pad_token_id = tokenizer.pad_token_id
         if tokenizer.bos_token_id is not None:
             cfg.bos_token_id = tokenizer.bos_token_id
+
+
+def unwrap_model(model):
+    """The transformers model inside DeepSpeed engines / DDP (`.module`) and PEFT wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, torch.nn.Module) and inner is not model:
+            model = inner
+            continue
+        base = getattr(model, "get_base_model", None)
+        if callable(base) and base() is not model:
+            model = base()
+            continue
+        return model

@@ -15,10 +15,7 @@ import inspect
 
 import torch
 
-
-def _unwrapped(model):
-    """The transformers model under a DeepSpeed engine."""
-    return getattr(model, "module", model)
+from training.utils.model.build import unwrap_model
 
 
 @functools.cache
@@ -38,14 +35,14 @@ def logits_at(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
     """[N, V] logits at the True positions of `keep` [B, T] (N = keep.sum(), row-major order), from `model(**inputs)`
     with the LM head applied at those positions only when the model allows it. Equal to
     `model(**inputs).logits[keep]` (to the rounding of a matmul over fewer rows)."""
-    if _logits_to_keep_support(type(_unwrapped(model))) == "mask":
+    if _logits_to_keep_support(type(unwrap_model(model))) == "mask":
         return model(**inputs, logits_to_keep=keep).logits
     return model(**inputs).logits[keep]
 
 
 def last_logits(model, count: int, **inputs) -> torch.Tensor:
     """[B, count, V] logits of the last `count` positions of every row, from `model(**inputs)`."""
-    if _logits_to_keep_support(type(_unwrapped(model))) is not None:
+    if _logits_to_keep_support(type(unwrap_model(model))) is not None:
         return model(**inputs, logits_to_keep=count).logits
     return model(**inputs).logits[:, -count:]
 
