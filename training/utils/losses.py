@@ -290,11 +290,23 @@ def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, reply_mask
     """
     scored = reply_mask[:, 1:] != 0
     if logits.dim() == 2:
-        rows = torch.arange(scored.size(0), device=scored.device).unsqueeze(1).expand_as(scored)[scored]
-        token_log_probs = gather_log_probs(logits, input_ids[:, 1:][scored])
-        return torch.zeros(scored.size(0), device=logits.device).index_add(0, rows, token_log_probs)
-    token_log_probs = gather_log_probs(logits[:, :-1, :], input_ids[:, 1:])
+        rows = torch.arange(scored.size(0), device=scored.device).unsqueeze(1)
+        positions = torch.arange(scored.size(1), device=scored.device).unsqueeze(0)
+        token_log_probs = _kept_log_probs(logits, reply_positions(reply_mask), rows, positions, input_ids[:, 1:])
+    else:
+        token_log_probs = gather_log_probs(logits[:, :-1, :], input_ids[:, 1:])
     return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
+
+
+def _kept_log_probs(kept_logits: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """[S, L] log p(labels[s, t]) in fp32 from logits kept at the True positions of `keep` [R, W] ([N, V], row-major):
+    token (s, t) is predicted at position positions[s, t] of row rows[s]. Positions not kept read some kept row:
+    the caller masks them."""
+    if kept_logits.size(0) == 0:  # nothing scored
+        return torch.zeros(labels.shape, device=kept_logits.device)
+    index = (keep.flatten().cumsum(0) - 1).clamp(min=0).view_as(keep)[rows, positions]
+    return kept_logits[index, labels].float() - log_normalisers(kept_logits)[index]
 
 
 def packed_reply_positions(source: torch.Tensor, reply_mask: torch.Tensor, packed_shape: torch.Size) -> torch.Tensor:
@@ -326,11 +338,8 @@ def packed_sequence_log_probs(packed_logits: torch.Tensor, source: torch.Tensor,
     if keep is None:
         token_log_probs = (packed_logits[row_of, previous, labels].float()
                            - log_normalisers(packed_logits)[row_of, previous])
-    elif packed_logits.size(0) == 0:  # nothing scored
-        return torch.zeros(source.size(0), device=packed_logits.device)
-    else:  # the index of each packed position among the kept ones (unkept ones: any valid index, masked below)
-        index = (keep.flatten().cumsum(0) - 1).clamp(min=0).view_as(keep)[row_of, previous]
-        token_log_probs = packed_logits[index, labels].float() - log_normalisers(packed_logits)[index]
+    else:
+        token_log_probs = _kept_log_probs(packed_logits, keep, row_of, previous, labels)
     return torch.where(scored, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
 
 
