@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import flops
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "hh_harmless_test.pref.jsonl"
 
@@ -89,8 +91,7 @@ def main(argv=None) -> None:
         for i, batch in enumerate(data):
             for kept in ((True, False) if (repeat + i) % 2 == 0 else (False, True)):
                 seconds[kept].append(step(batch, kept))
-    head = model.get_output_embeddings().weight.numel()
-    matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_positions" not in name)
+    head, matmul = model.get_output_embeddings().weight.numel(), flops.matmul_params(model)
     labelled = sum(int(labelled_positions(b["labels"]).sum()) for b in data)
     positions = sum(b["input_ids"].numel() for b in data)
     full, kept = sum(seconds[False]), sum(seconds[True])
