@@ -34,7 +34,7 @@ from pathlib import Path
 
 from training.utils.atomic_dir import atomic_directory
 from training.utils.config import option, parse_config
-from training.utils.errors import UserInputError, report_user_errors
+from training.utils.errors import UserInputError, describe_error, report_user_errors
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FLAGS = ("--model_name_or_path", "--actor_model_name_or_path", "--critic_model_name_or_path",
@@ -115,7 +115,7 @@ def fetch_model(repo_id: str, target: Path) -> str:
     except UserInputError:
         raise
     except Exception as err:  # the hub's errors (not found, gated, no network) have no common base
-        raise UserInputError(f"could not download model '{repo_id}' ({first_line(err)}): check the id, the network "
+        raise UserInputError(f"could not download model '{repo_id}' ({describe_error(err)}): check the id, the network "
                              "(HF_ENDPOINT) and, for gated models (meta-llama/*), HF_TOKEN; run again to "
                              "resume") from None
     if not (partial / "config.json").is_file():
@@ -134,7 +134,7 @@ def to_safetensors(repo_id: str, directory: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto")
     except Exception as err:
         raise UserInputError(f"model '{repo_id}' has pickle weights only and they did not load as a causal LM "
-                             f"({first_line(err)}): convert them with model.save_pretrained(dir)") from None
+                             f"({describe_error(err)}): convert them with model.save_pretrained(dir)") from None
     model.save_pretrained(str(directory))
     for path in directory.iterdir():
         if path.is_file() and path.name.startswith("pytorch_model") and "safetensors" not in path.name:
@@ -148,17 +148,13 @@ def fetch_dataset(name: str, target: Path) -> str:
     try:
         loaded = load_dataset(*args)
     except Exception as err:  # the hub's and the dataset builders' errors have no common base
-        raise UserInputError(f"could not download dataset '{name}' (datasets.load_dataset{args!r}: {first_line(err)}): "
+        raise UserInputError(f"could not download dataset '{name}' (datasets.load_dataset{args!r}: "
+                             f"{describe_error(err)}): "
                              "check the name and the network; or fetch its data/*.parquet files one by one and pass "
                              "their folder (README: raw hub snapshots)") from None
     with atomic_directory(str(target), f"the dataset {name}") as tmp:
         loaded.save_to_disk(tmp)
     return "downloaded"
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 # ---------------------------------------------------------------- launch scripts

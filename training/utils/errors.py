@@ -52,6 +52,15 @@ _WRITE_FAILURE_TEXT = ("No space left", "File too large", "Disk quota", "Read-on
                        "os error 27", "os error 122", "file write failed", "unexpected pos")
 
 
+def describe_error(err: BaseException, limit: int = 200) -> str:
+    """'ValueError: first line of its message' cut to `limit` characters (the type alone when it has no message)."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    first = lines[0] if len(lines[0]) <= limit else lines[0][:limit - 3] + "..."
+    return f"{type(err).__name__}: {first}"
+
+
 def is_write_failure(err: BaseException) -> bool:
     """Whether `err` (or what it was raised from) is a failed write that is the disk's fault, not a bug."""
     return any((isinstance(e, OSError) and e.errno in _WRITE_FAILURE_ERRNOS)

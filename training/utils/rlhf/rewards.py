@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from training.utils.data.synthetic import check_answer
-from training.utils.errors import UserInputError
+from training.utils.errors import UserInputError, describe_error
 
 RewardFunction = Callable[[list[str], list[str], list[str | None]], list[float]]
 
@@ -156,7 +156,7 @@ def _import_file(path: Path, spec: str):
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:
         del sys.modules[module_name]
-        raise UserInputError(f"reward function file '{path}' failed to import ({_describe(err)}); "
+        raise UserInputError(f"reward function file '{path}' failed to import ({describe_error(err)}); "
                              f"fix the file named in '{spec}'") from None
     return module
 
@@ -176,7 +176,7 @@ def compute_rule_rewards(fn: RewardFunction, spec: str, prompts: list[str], repl
     except UserInputError:
         raise
     except Exception as err:
-        raise UserInputError(f"reward function '{spec}' raised {_describe(err)}; fix the function "
+        raise UserInputError(f"reward function '{spec}' raised {describe_error(err)}; fix the function "
                              "(or the data it was given)") from None
     if isinstance(result, torch.Tensor) or hasattr(result, "tolist"):  # a tensor or a NumPy array
         result = result.tolist()
@@ -222,12 +222,6 @@ def check_references(spec: str, references: Sequence[str | None]) -> None:
             found = "no reference" if reference is None else f"reference {_shorten(reference)!r}"
             raise UserInputError(f"the math reward needs reference answers: data rows need a response/chosen with "
                                  f"'{GSM8K_ANSWER_MARK} <answer>' (row {row} has {found})")
-
-
-def _describe(err: BaseException) -> str:
-    """'ValueError: first line of its message' (the type alone when the message is empty)."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {_shorten(lines[0], 200)}" if lines else type(err).__name__
 
 
 def _shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
