@@ -27,6 +27,10 @@ Variants (`--variants`; the report divides every row's samples/s by the baseline
                           padded to --max_seq_len (step 3:     measured beside the other rows on the same machine
                           prompts to --max_prompt_seq_len)
 
+The baseline and dschat-layout rows also run the old kernels, as the old default and DeepSpeed-Chat's own code
+do: transformers' SDPA attention (not model.attention's segment attention) and glibc's default allocator
+(RLHF_KEEP_FREED_MEMORY=0, see training/utils/allocator.py).
+
 Each row runs in its own process (rows.run_row) through the step's own code: its parse_args (the flags
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
 builder, train_ds_config / initialize_train_engine (a real DeepSpeed engine in the resolved dtype), and its
@@ -73,6 +77,7 @@ VARIANT_FLAGS = {
     # --max_seq_len (step 3: prompts to --max_prompt_seq_len; the collators' pad_to), two rows per pair.
     "dschat-layout": ["--dtype", "bf16", "--no_group_by_length"],
 }
+OLD_KERNELS = (BASELINE, "dschat-layout")  # rows that run transformers' SDPA and glibc's default allocator
 DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed"),
                     "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped"),
                     "dpo": (BASELINE, "auto-grouped-unshared", "auto-grouped"), "ppo": (BASELINE, "auto-grouped")}
@@ -180,11 +185,32 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _start_row(variant: str):
+    """This row's process group and device; OLD_KERNELS rows keep glibc's default allocator."""
+    from training.utils import distributed
+
+    if variant in OLD_KERNELS:
+        os.environ["RLHF_KEEP_FREED_MEMORY"] = "0"
+    return distributed.init_distributed()
+
+
+def _old_attention(*models) -> None:
+    """OLD_KERNELS rows: transformers' SDPA, as the models had before segment attention."""
+    from training.utils.model.attention import SEGMENT_ATTENTION
+    from training.utils.model.build import unwrap_model
+
+    for model in models:
+        for module in unwrap_model(model).modules():
+            if (hasattr(module, "set_attn_implementation")
+                    and getattr(module.config, "_attn_implementation", None) == SEGMENT_ATTENTION):
+                module.set_attn_implementation("sdpa")
+
+
 def train_row(args, step: str, variant: str) -> dict:
     """Steps 1, 2 and DPO: one warm-up step, then one timed epoch through the step's own code."""
     import torch
 
-    from training.utils import distributed, seeding
+    from training.utils import seeding
     from training.utils.data.collators import PairCollator, SFTCollator
     from training.utils.data.pair_packing import reward_model_inputs, share_prompts
     from training.utils.data.pipeline import PHASE_REWARD, PHASE_SFT, load_supervised_data
@@ -196,7 +222,7 @@ def train_row(args, step: str, variant: str) -> dict:
     recipe = importlib.import_module(STEP_MODULES[step])
     data_file = write_subset(args.source, args.rows, args.data_output_path)
     config = recipe.parse_args(step_argv(args, step, variant, data_file, Path(tempfile.gettempdir()) / "bench_unused"))
-    device = distributed.init_distributed(config.local_rank)
+    device = _start_row(variant)
     _set_threads(args.threads)
     seeding.set_random_seed(config.seed)
     ds_config = train_ds_config(config, config.model, config.per_device_train_batch_size, device)
@@ -209,6 +235,8 @@ def train_row(args, step: str, variant: str) -> dict:
     seeding.set_random_seed(config.seed)
     model = build(config.model.model_name_or_path, tokenizer, ds_config=ds_config, dropout=config.model.dropout,
                   trust_remote_code=config.trust_remote_code)
+    if variant in OLD_KERNELS:
+        _old_attention(model)
     if step == "sft" and config.packing:
         loader = recipe.packed_train_loader(config, data, tokenizer, model, dtype, loader)
     if variant == "dschat-layout":
@@ -219,6 +247,8 @@ def train_row(args, step: str, variant: str) -> dict:
     engine, _ = initialize_train_engine(model, config, config.model, ds_config, device,
                                         math.ceil(len(loader) / config.gradient_accumulation_steps))
     reference = recipe.build_reference(config, tokenizer, ds_config, device) if step == "dpo" else None
+    if variant in OLD_KERNELS and reference is not None:
+        _old_attention(reference)
 
     def train_step(batch: dict) -> tuple[int, int, int]:
         """The recipe's forward, loss, backward and step; (samples, real tokens, computed tokens)."""
@@ -273,7 +303,7 @@ def ppo_row(args, variant: str) -> dict:
     """Step 3: one warm-up PPO step, then --ppo_steps timed steps (one epoch over that many prompt batches)."""
     import torch
 
-    from training.utils import distributed, seeding
+    from training.utils import seeding
     from training.utils.data.chat_format import resolve_prompt_format
     from training.utils.data.collators import PromptCollator
     from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
@@ -286,7 +316,7 @@ def ppo_row(args, variant: str) -> dict:
 
     recipe = importlib.import_module(STEP_MODULES["ppo"])
     data_file = write_subset(args.source, args.rows, args.data_output_path)
-    device = distributed.init_distributed()
+    device = _start_row(variant)
     _set_threads(args.threads)
     seeding.set_random_seed(1234)
     # The critic and reward model: a random-initialised reward model of the actor's shape, saved as step 2 would.
@@ -311,6 +341,8 @@ def ppo_row(args, variant: str) -> dict:
                          length_grouped=config.data.group_by_length)
     actor_steps, critic_steps = recipe.optimizer_steps_per_epoch(config, len(loader))
     engine = build_rlhf_engine(config, tokenizer, device, actor_steps, critic_steps)
+    if variant in OLD_KERNELS:
+        _old_attention(*(e for e in (engine.actor, engine.ref, engine.critic, engine.reward) if e is not None))
     trainer = PPOTrainer(engine, config, prompt_format.stop_token_ids)
     buffer = ExperienceBuffer(config.generation_batches, not config.ppo.no_whiten_advantages, tokenizer.pad_token_id,
                               config.seed)

@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from training.utils.allocator import keep_freed_memory
 from training.utils.errors import UserInputError
 
 # Variables through which torchrun/deepspeed, Open MPI and MPICH/Intel MPI give a process its rank.
@@ -23,7 +24,8 @@ def init_distributed(local_rank: int = -1) -> torch.device:
 
     Plain `python main.py` (no launcher) gets single-process defaults, so DeepSpeed does not go looking
     for MPI. Under mpirun (`deepspeed --launcher openmpi|mpich`) the rank comes from their
-    variables, which DeepSpeed reads itself. On CPU DeepSpeed picks the gloo backend itself.
+    variables, which DeepSpeed reads itself. On CPU DeepSpeed picks the gloo backend itself, and the process
+    keeps the memory it frees (allocator.keep_freed_memory: no page faults on every step's large tensors).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -38,6 +40,8 @@ def init_distributed(local_rank: int = -1) -> torch.device:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device(accelerator.device_name())
+    if device.type == "cpu":
+        keep_freed_memory()
     if not dist.is_initialized():
         deepspeed.init_distributed()
         atexit.register(remove_shm_buffer)

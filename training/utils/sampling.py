@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from training.utils.data.collators import PromptCollator
+from training.utils.model.attention import SEGMENT_ATTENTION
 
 
 @dataclass
@@ -39,11 +40,12 @@ class SamplingConfig:
 def decoding_attention(model):
     """Decode with eager attention where it is faster: a bf16/fp16 model on CPU, whose SDPA kernels are ~1.6x
     slower than eager attention when each step attends one new token to the KV cache (tiny/opt-20m, 8 x (256 +
-    128) tokens, one thread: 4.3 s against 2.7 s; benchmarks/bench_generation.py). Training keeps SDPA (about
-    even there). fp32 and accelerators are left alone; the model is switched back on exit."""
+    128) tokens, one thread: 4.3 s against 2.7 s; benchmarks/bench_generation.py). Full-sequence passes keep their
+    implementation (SDPA, or segment attention: model.attention). fp32 and accelerators are left alone; the model
+    is switched back on exit."""
     current = getattr(model.config, "_attn_implementation", None)
     parameter = next(model.parameters(), None)
-    switch = (current == "sdpa" and parameter is not None and parameter.device.type == "cpu"
+    switch = (current in ("sdpa", SEGMENT_ATTENTION) and parameter is not None and parameter.device.type == "cpu"
               and parameter.dtype in (torch.bfloat16, torch.float16))
     if switch:
         model.set_attn_implementation("eager")

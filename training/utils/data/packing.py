@@ -44,13 +44,14 @@ import torch
 from torch.utils.data import Dataset
 
 from training.utils.losses import IGNORE_INDEX
+from training.utils.model.attention import SEGMENT_ATTENTION
 from training.utils.model.build import unwrap_model
 
 # model_type values whose eager/sdpa attention takes a 4-D additive mask as is and whose positions come
 # from position_ids; each is checked by tests/test_packing.py (packed logits == unpacked logits).
 PACKABLE_MODEL_TYPES = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2",
                                   "gpt_neox", "gptj", "falcon"})
-PACKABLE_ATTENTION = ("eager", "sdpa")
+PACKABLE_ATTENTION = ("eager", "sdpa", SEGMENT_ATTENTION)
 
 
 def pack_samples(lengths: Sequence[int], max_seq_len: int, seed: int = 0) -> list[list[int]]:

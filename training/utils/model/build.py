@@ -13,6 +13,7 @@ import os
 import torch
 
 from training.utils.errors import UserInputError
+from training.utils.model.attention import use_segment_attention
 from training.utils.model.configs import TINY_PREFIX, load_tiny_config
 
 DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop",
@@ -198,6 +199,7 @@ def _build(model_class, model_name_or_path: str, config, tokenizer, trust_remote
         model = model_class.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
                                             local_files_only=local, trust_remote_code=trust_remote_code)
     fit_to_tokenizer(model, tokenizer)
+    use_segment_attention(model)
     return model
 
 

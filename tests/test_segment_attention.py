@@ -1,0 +1,185 @@
+"""Segment attention (training/utils/model/attention.py): per-sample attention equals SDPA under the mask.
+
+The per-segment form runs for bf16/fp16 on CPU; SEGMENT_DTYPES is widened to fp32 in the exactness tests so the
+comparison against SDPA holds to 1e-5 (bf16 rounding would hide a wrong mask of one token)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from training.utils.data.packing import block_causal_mask
+from training.utils.model import attention
+from training.utils.model.attention import (
+    SEGMENT_ATTENTION,
+    SEGMENTS_KWARG,
+    Segments,
+    segment_attention,
+    segments_from_ids,
+    segments_from_mask,
+    use_segment_attention,
+)
+
+OPT_20M = "training/utils/model/configs/opt-20m.json"
+
+
+@pytest.fixture
+def fp32_segments(monkeypatch):
+    monkeypatch.setattr(attention, "SEGMENT_DTYPES", (torch.float32, torch.bfloat16, torch.float16))
+
+
+def test_segments_from_ids_and_from_mask():
+    ids = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    assert segments_from_ids(ids) == Segments(((3, 2, 1), (6,)), ((False, False, True), (False,)))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    assert segments_from_mask(mask) == Segments(((2, 3, 1), (6,), (2, 4)),
+                                                ((True, False, True), (False,), (False, True)))
+    # Tokens with a hole between them attend across it under the mask: no segments, the mask is applied.
+    assert segments_from_mask(torch.tensor([[1, 0, 1, 1]])) is None
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+
+
+def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(fp32_segments):
+    torch.manual_seed(0)
+    segment_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 1 + [-1] * 3, [0] * 16, [0] * 10 + [-1] * 6])
+    heads, kv_heads, width, dim = 4, 2, 16, 8
+    query = torch.randn(3, heads, width, dim, requires_grad=True)
+    key = torch.randn(3, kv_heads, width, dim, requires_grad=True)
+    value = torch.randn(3, kv_heads, width, dim, requires_grad=True)
+    out, _ = segment_attention(_Module(), query, key, value, None, scaling=0.3,
+                               **{SEGMENTS_KWARG: segments_from_ids(segment_ids)})
+    mask = block_causal_mask(segment_ids)
+    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
+                                              attn_mask=mask, scale=0.3).transpose(1, 2)
+    real = segment_ids >= 0
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[~real], torch.zeros_like(out[~real]))  # padding: zeros
+    weights = torch.randn_like(out) * real[:, :, None, None]
+    grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (query, key, value))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(OPT_20M)).to(dtype).eval()
+    assert use_segment_attention(model) and model.config._attn_implementation == SEGMENT_ATTENTION
+    return model
+
+
+def _sdpa_copy(model):
+    import copy
+
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("sdpa")
+    return reference
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_padded_batches_give_sdpa_logits_and_gradients(fp32_segments, family):
+    """Left and right padding, through the model's own pre-hook: logits and weight gradients equal SDPA's."""
+    if family == "opt":
+        model = _model()
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).eval()
+        assert use_segment_attention(model)
+    reference = _sdpa_copy(model)
+    ids = torch.randint(2, 90, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding (a step-3 prompt)
+    mask[1, 7:] = 0  # right padding (an SFT sample)
+    calls = []
+    original = attention.sdpa_attention_forward
+    attention.sdpa_attention_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        attention.sdpa_attention_forward = original
+    assert calls == []  # every layer took the per-segment form
+    expected = reference(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+    (logits[real].logsumexp(-1).sum()).backward()
+    (expected[real].logsumexp(-1).sum()).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_rows_with_segments_give_the_unpacked_logits(fp32_segments):
+    from training.step1_supervised_finetuning.main import model_inputs
+    from training.utils.data.collators import SFTCollator
+    from training.utils.data.packing import PackedSFTCollator
+
+    model = _model()
+    samples = [{"input_ids": torch.randint(2, 4000, (n,)).tolist(), "loss_mask": [1] * n} for n in (6, 9, 4)]
+    packed = PackedSFTCollator(pad_token_id=1, pad_to=22)([samples])
+    inputs = model_inputs(packed)
+    assert inputs[SEGMENTS_KWARG] == Segments(((6, 9, 4, 3),), ((False, False, False, True),))
+    logits = model(**inputs).logits[0]
+    padded = SFTCollator(pad_token_id=1)(samples)
+    alone = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    start = 0
+    for row, n in enumerate((6, 9, 4)):
+        torch.testing.assert_close(logits[start:start + n], alone[row, :n], atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_bf16_is_close_to_sdpa_and_fp32_runs_sdpa_unchanged():
+    model = _model(torch.bfloat16)
+    ids = torch.randint(2, 4000, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits.float()
+        want = _sdpa_copy(model)(input_ids=ids, attention_mask=mask).logits.float()
+        exact = _model().float()(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    # bf16 against the fp32 result: no further from it than bf16 SDPA is
+    assert (got - exact)[real].abs().max() <= 2 * (want - exact)[real].abs().max() + 1e-2
+    fp32 = _model()
+    with torch.no_grad():
+        torch.testing.assert_close(fp32(input_ids=ids, attention_mask=mask).logits,
+                                   _sdpa_copy(fp32)(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+
+
+def test_sdpa_runs_where_segments_do_not_apply(fp32_segments):
+    """A KV cache (generation), attention dropout and a mask with a hole all go to SDPA unchanged."""
+    model = _model()
+    reference = _sdpa_copy(model)
+    ids = torch.randint(2, 4000, (2, 12))
+    holed = torch.ones_like(ids)
+    holed[0, 5] = 0
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=holed).logits,
+                           reference(input_ids=ids, attention_mask=holed).logits)
+        kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 1, "attention_mask": torch.ones_like(ids)}
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    query = torch.randn(1, 2, 6, 4)
+    segments = Segments(((6,),), ((False,),))
+    torch.manual_seed(3)
+    dropped, _ = segment_attention(_Module(), query, query[:, :1], query[:, :1], None, dropout=0.5,
+                                   **{SEGMENTS_KWARG: segments})
+    torch.manual_seed(3)
+    expected = F.scaled_dot_product_attention(query, query[:, :1].expand(1, 2, 6, 4), query[:, :1].expand(1, 2, 6, 4),
+                                              dropout_p=0.5, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(dropped, expected)
+
+
+def test_only_sdpa_models_switch_and_saved_configs_do_not_name_it(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(OPT_20M), attn_implementation="eager")
+    assert not use_segment_attention(eager) and eager.config._attn_implementation == "eager"
+    model = _model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert SEGMENT_ATTENTION not in json.dumps(config)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "sdpa"

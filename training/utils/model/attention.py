@@ -1,0 +1,156 @@
+"""Segment attention: CPU training and scoring passes attend within each sample's own tokens only.
+
+A row of a batch is a run of segments: packed samples (step 1's --packing), or one sample with its padding
+(every other batch). Each token attends causally to the tokens of its own segment; padding attends to nothing and
+its output is zero (no loss reads it, and no real token attends to it). That is exactly what SDPA computes under
+the block-causal / padding mask, but SDPA computes the whole [T, T] square of every row, masked entries included,
+and its bf16 kernel is slow on CPU: per sample, one causal score matrix costs n^2 instead of the row's T^2.
+
+Measured (tiny/opt-20m, bf16, one thread of an AMD EPYC with avx512_bf16; benchmarks/bench_real.py rows): an SFT
+step over 8 packed rows of 512 tokens spends 27% of its time in SDPA, the per-segment form about a third of that.
+
+How it is switched on: `use_segment_attention(model)` (every model builder calls it) registers the attention
+function under SEGMENT_ATTENTION with SDPA's mask builder, and a forward pre-hook that turns a contiguous 2-D
+padding mask into `attention_segments` (the kwarg transformers passes down to every attention call). Packed rows
+pass `attention_segments=segments_from_ids(segment_ids)` themselves, beside their 4-D block mask. Whenever the
+per-segment form does not apply (not CPU, fp32, a KV cache, attention dropout, sliding windows, soft-capping,
+attention sinks or position biases, no segments), the call is SDPA's, unchanged; decoding switches to eager
+attention as before (sampling.decoding_attention).
+"""
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+SEGMENT_ATTENTION = "segment_sdpa"
+SEGMENTS_KWARG = "attention_segments"
+# SDPA stays faster in fp32 on CPU (MKL's fp32 kernels against bf16 emulation in the eager matmuls).
+SEGMENT_DTYPES = (torch.bfloat16, torch.float16)
+# kwargs with which the per-segment form would compute something else than SDPA does: SDPA runs them.
+_UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks", "sliding_window")
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Per row, the lengths of its consecutive segments (summing to the row's width) and which are padding."""
+    lengths: tuple[tuple[int, ...], ...]
+    padding: tuple[tuple[bool, ...], ...]
+
+
+def _runs(values: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row of `values` [B, T]: the lengths of its runs of equal values, and each run's value."""
+    lengths, run_values = [], []
+    for row in values.tolist():
+        starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]]
+        lengths.append([end - start for start, end in zip(starts, starts[1:] + [len(row)])])
+        run_values.append([row[start] for start in starts])
+    return lengths, run_values
+
+
+def segments_from_ids(segment_ids: torch.Tensor) -> Segments:
+    """Packed rows [B, T]: a sample's tokens share an id (its index in the row), padding is -1."""
+    lengths, ids = _runs(segment_ids)
+    return Segments(tuple(map(tuple, lengths)), tuple(tuple(i < 0 for i in row) for row in ids))
+
+
+def segments_from_mask(attention_mask: torch.Tensor) -> Segments | None:
+    """Padded rows [B, T] (1 = token, 0 = padding, on either side): one segment per row plus its padding runs;
+    None when some row's tokens are not contiguous (then the mask itself must be applied)."""
+    lengths, values = _runs(attention_mask)
+    if any(sum(1 for v in row if v) > 1 for row in values):
+        return None
+    return Segments(tuple(map(tuple, lengths)), tuple(tuple(not v for v in row) for row in values))
+
+
+_causal_biases: dict[tuple, torch.Tensor] = {}
+
+
+def _causal_bias(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[n, n] additive causal mask (0 on and below the diagonal, the dtype's minimum above), a view of one cached
+    matrix per dtype and device."""
+    key = (dtype, device)
+    bias = _causal_biases.get(key)
+    if bias is None or bias.size(0) < n:
+        bias = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
+        _causal_biases[key] = bias
+    return bias[:n, :n]
+
+
+def _applies(module, query, key, segments, dropout, is_causal, kwargs) -> bool:
+    return (segments is not None and query.device.type == "cpu" and query.dtype in SEGMENT_DTYPES
+            and query.size(2) == key.size(2) and len(segments.lengths) == query.size(0)
+            and all(sum(row) == query.size(2) for row in segments.lengths)
+            and not dropout and is_causal is not False and getattr(module, "is_causal", True)
+            and not kwargs.get("output_attentions") and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS))
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: query/key/value [B, H, T, D] -> ([B, T, H, D], None).
+
+    Per segment of length n: softmax(scale * q k^T + causal) v with [n, n] scores in the input dtype (as the
+    eager implementation computes them); padding segments give zeros. Otherwise SDPA's forward, unchanged."""
+    segments = kwargs.get(SEGMENTS_KWARG)
+    if not _applies(module, query, key, segments, dropout, is_causal, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.size(-1) ** -0.5
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    rows = []
+    for q_row, k_row, v_row, lengths, padding in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+                                                     segments.lengths, segments.padding):
+        pieces = []
+        for q, k, v, is_padding in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1),
+                                       padding):
+            heads, n = q.shape[:2]
+            if is_padding:
+                pieces.append(q.new_zeros(heads, n, v.size(-1)))
+                continue
+            scores = torch.baddbmm(_causal_bias(n, q.dtype, q.device).expand(heads, n, n), q, k.transpose(1, 2),
+                                   alpha=scale)
+            pieces.append(torch.bmm(scores.softmax(dim=-1), v))
+        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
+
+
+def _segments_from_padding_mask(module, args, kwargs):
+    """Forward pre-hook: a full-sequence pass with a contiguous 2-D padding mask on CPU gets its segments."""
+    mask = kwargs.get("attention_mask")
+    if (SEGMENTS_KWARG in kwargs or mask is None or mask.dim() != 2 or mask.device.type != "cpu"
+            or any(kwargs.get(k) is not None for k in ("past_key_values", "cache"))):
+        return None
+    parameter = next(module.parameters(), None)
+    if parameter is None or parameter.dtype not in SEGMENT_DTYPES:
+        return None
+    segments = segments_from_mask(mask)
+    if segments is None:
+        return None
+    return args, {**kwargs, SEGMENTS_KWARG: segments}
+
+
+def use_segment_attention(model) -> bool:
+    """Switch a transformers model that uses SDPA to segment attention (SDPA wherever segments do not apply);
+    other implementations (eager, flash, flex) are left alone. Returns whether the model now uses it."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == SEGMENT_ATTENTION:
+        return True
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    try:
+        model.set_attn_implementation(SEGMENT_ATTENTION)
+    except (ValueError, ImportError):  # an architecture that takes no registered attention function
+        return False
+    model.register_forward_pre_hook(_segments_from_padding_mask, with_kwargs=True)
+    return True
+
+
+def is_sdpa_like(model) -> bool:
+    """Whether the model attends through SDPA (directly or through segment attention)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", SEGMENT_ATTENTION)
