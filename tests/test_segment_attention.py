@@ -183,3 +183,37 @@ def test_only_sdpa_models_switch_and_saved_configs_do_not_name_it(tmp_path):
     assert SEGMENT_ATTENTION not in json.dumps(config)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.config._attn_implementation == "sdpa"
+
+
+_SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+FAMILIES = {
+    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4),
+    "gptj": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
+    "gpt_neox": _SMALL,
+    "falcon": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "phi3": dict(_SMALL, pad_token_id=0),
+    "qwen2": dict(_SMALL, num_key_value_heads=2),
+    "qwen3": dict(_SMALL, num_key_value_heads=2, head_dim=16),
+    "gemma": dict(_SMALL, num_key_value_heads=2, head_dim=16),
+    "mistral": dict(_SMALL, num_key_value_heads=2, sliding_window=4),  # sliding window: SDPA runs it
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gives_sdpa_results_with_padding(fp32_segments, family):
+    """Scaling, rotary, GQA, query norms, biases: whatever the family does around its attention call, the
+    per-segment form gives SDPA's hidden states on every real token (fp32)."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(family, **FAMILIES[family])).eval()
+    reference = _sdpa_copy(model)
+    assert use_segment_attention(model)
+    ids = torch.randint(3, 120, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
