@@ -8,10 +8,10 @@ per 4 KiB. Measured: tiny/opt-20m, an SFT step over 8 packed rows of 512 tokens 
 
 `keep_freed_memory()` turns mmap off for allocations (they come from the heap) and raises the trim threshold, so
 freed memory is reused by the next step. The cost is memory: the process keeps its peak between steps, and a heap
-that is never given back fragments (peak RSS of the step above: 1586 -> 1663 MiB, +5%). Other allocators (jemalloc or tcmalloc preloaded with
-LD_PRELOAD) already work this way; the calls then do nothing. Accelerator runs are left alone, and
-RLHF_KEEP_FREED_MEMORY=0 in the environment leaves glibc as it is (for a machine short of memory, where giving
-freed memory back matters more than speed).
+that is never given back fragments (peak RSS of the step above: 1586 -> 1663 MiB, +5%). Other allocators
+(jemalloc or tcmalloc preloaded with LD_PRELOAD) already work this way; the calls then do nothing. Accelerator runs
+are left alone, and RLHF_KEEP_FREED_MEMORY=0 in the environment leaves glibc as it is (for a machine short of
+memory, where giving freed memory back matters more than speed).
 """
 import ctypes
 import ctypes.util
