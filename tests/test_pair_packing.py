@@ -1,5 +1,6 @@
 """Pairs with their prompt computed once (training/utils/data/pair_packing.py): the layout, and a reward model's
 values and scores on packed rows equal to those on plain padded rows."""
+import pytest
 import torch
 
 from training.utils.data.collators import PairCollator
@@ -44,7 +45,23 @@ def test_the_packed_row_holds_the_prompt_once_and_both_replies_after_it():
     assert allowed[5].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_reward_model_scores_on_packed_rows_equal_the_plain_rows(tokenizer):
+@pytest.fixture(params=["sdpa", "segments"])
+def attention_path(request, monkeypatch):
+    """'segments': model.attention's per-segment form in fp32 (on CPU it runs for bf16/fp16 only), and SDPA must
+    never be called; 'sdpa': transformers' SDPA under the 4-D mask."""
+    from training.utils.model import attention
+
+    if request.param == "segments":
+        monkeypatch.setattr(attention, "SEGMENT_DTYPES", (torch.float32,))
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("SDPA ran where segments apply")
+
+        monkeypatch.setattr(attention, "sdpa_attention_forward", refuse)
+    return request.param
+
+
+def test_reward_model_scores_on_packed_rows_equal_the_plain_rows(tokenizer, attention_path):
     from training.utils.model.reward_model import create_reward_model
 
     torch.manual_seed(0)
@@ -75,7 +92,8 @@ def test_models_that_cannot_be_packed_keep_plain_rows(tokenizer):
     assert isinstance(loader.collate_fn, SharedPromptPairCollator)
 
 
-def test_dpo_reply_log_probs_on_packed_rows_equal_the_plain_rows(tokenizer):
+def test_dpo_reply_log_probs_on_packed_rows_equal_the_plain_rows(tokenizer, attention_path):
+    from training.utils.data.pair_packing import packed_model_inputs
     from training.utils.losses import packed_sequence_log_probs, sequence_log_probs
     from training.utils.model.build import create_hf_model
 
@@ -92,8 +110,7 @@ def test_dpo_reply_log_probs_on_packed_rows_equal_the_plain_rows(tokenizer):
     with torch.no_grad():
         plain_logits = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
         expected = sequence_log_probs(plain_logits, plain["input_ids"], plain["reply_mask"])
-        logits = model(input_ids=packed["packed_input_ids"], attention_mask=packed["packed_attention_mask"],
-                       position_ids=packed["packed_position_ids"]).logits
+        logits = model(**packed_model_inputs(packed)).logits
         got = packed_sequence_log_probs(logits, packed["packed_source"], packed["input_ids"], packed["reply_mask"])
     assert torch.equal(packed["reply_mask"], plain["reply_mask"])
     assert (got - expected).abs().max() < 1e-4, (got, expected)

@@ -30,6 +30,7 @@ def fp32_segments(monkeypatch):
 def test_segments_from_ids_and_from_mask():
     ids = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
     assert segments_from_ids(ids) == Segments(((3, 2, 1), (6,)), ((False, False, True), (False,)))
+    assert segments_from_ids(ids, shared_segment=0).shared == ((True, False, False), (True,))
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
     assert segments_from_mask(mask) == Segments(((2, 3, 1), (6,), (2, 4)),
                                                 ((True, False, True), (False,), (False, True)))
@@ -42,7 +43,9 @@ class _Module(torch.nn.Module):
     num_key_value_groups = 2
 
 
-def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(fp32_segments):
+@pytest.mark.parametrize("shared_segment", [None, 0])
+def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(fp32_segments, shared_segment):
+    """Packed samples, and (shared_segment=0) a preference pair's prompt that both replies see."""
     torch.manual_seed(0)
     segment_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 1 + [-1] * 3, [0] * 16, [0] * 10 + [-1] * 6])
     heads, kv_heads, width, dim = 4, 2, 16, 8
@@ -50,8 +53,8 @@ def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(
     key = torch.randn(3, kv_heads, width, dim, requires_grad=True)
     value = torch.randn(3, kv_heads, width, dim, requires_grad=True)
     out, _ = segment_attention(_Module(), query, key, value, None, scaling=0.3,
-                               **{SEGMENTS_KWARG: segments_from_ids(segment_ids)})
-    mask = block_causal_mask(segment_ids)
+                               **{SEGMENTS_KWARG: segments_from_ids(segment_ids, shared_segment)})
+    mask = block_causal_mask(segment_ids, shared_segment=shared_segment)
     expected = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
                                               attn_mask=mask, scale=0.3).transpose(1, 2)
     real = segment_ids >= 0

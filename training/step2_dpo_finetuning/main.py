@@ -28,7 +28,7 @@ from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, in_range, option, parse_config, positive
 from training.utils.data.chat_format import PROMPT_FORMAT_FILE
 from training.utils.data.collators import PairCollator
-from training.utils.data.pair_packing import share_prompts
+from training.utils.data.pair_packing import packed_model_inputs, share_prompts
 from training.utils.data.pipeline import PHASE_REWARD, SequenceDataConfig, load_supervised_data, make_loader
 from training.utils.engine import (
     apply_lora,
@@ -99,9 +99,7 @@ def reply_log_probs(engine, batch) -> torch.Tensor:
     packed rows when it has them: --share_prompt), the LM head applied at the positions that predict them only."""
     if "packed_input_ids" in batch:
         keep = packed_reply_positions(batch["packed_source"], batch["reply_mask"], batch["packed_input_ids"].shape)
-        logits = logits_at(engine, keep, input_ids=batch["packed_input_ids"],
-                           attention_mask=batch["packed_attention_mask"], position_ids=batch["packed_position_ids"],
-                           use_cache=False)
+        logits = logits_at(engine, keep, **packed_model_inputs(batch), use_cache=False)
         return packed_sequence_log_probs(logits, batch["packed_source"], batch["input_ids"], batch["reply_mask"], keep)
     logits = logits_at(engine, reply_positions(batch["reply_mask"]), input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"], use_cache=False)

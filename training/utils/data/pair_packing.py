@@ -21,6 +21,7 @@ import torch
 from training.utils.data.collators import PairCollator
 from training.utils.data.packing import block_causal_mask, supports_packing
 from training.utils.data.samplers import LengthGroupedSampler
+from training.utils.model.attention import SEGMENTS_KWARG, segments_from_ids
 
 PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
@@ -37,8 +38,9 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 @dataclass
 class SharedPromptPairCollator:
     """PairCollator's batch (input_ids, attention_mask [2B, L], reply_mask), plus the packed rows the model
-    runs on: packed_input_ids / packed_position_ids [B, W], packed_attention_mask [B, 1, W, W], and
-    packed_source [2B, L] (where each token of the plain batch sits in its packed row; 0 on padding).
+    runs on: packed_input_ids / packed_position_ids / packed_segment_ids [B, W], packed_attention_mask
+    [B, 1, W, W], and packed_source [2B, L] (where each token of the plain batch sits in its packed row; 0 on
+    padding).
     `mask_dtype`: the model's compute dtype (see packing.PackedSFTCollator)."""
     pad_token_id: int
     mask_dtype: torch.dtype = torch.float32
@@ -68,8 +70,19 @@ class SharedPromptPairCollator:
             source[pairs + row, :p] = torch.arange(p)
             source[pairs + row, p:p + r] = torch.arange(p + c, p + c + r)
         batch.update(packed_input_ids=input_ids, packed_position_ids=position_ids, packed_source=source,
+                     packed_segment_ids=segment_ids,
                      packed_attention_mask=block_causal_mask(segment_ids, self.mask_dtype, shared_segment=PREFIX))
         return batch
+
+
+def packed_model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """What the model reads of a shared-prompt batch's packed rows: ids, 4-D mask, positions and, on CPU, the
+    segments (model.attention: each reply attends to the prompt and itself, without the mask's full square)."""
+    inputs = {"input_ids": batch["packed_input_ids"], "attention_mask": batch["packed_attention_mask"],
+              "position_ids": batch["packed_position_ids"]}
+    if batch["packed_segment_ids"].device.type == "cpu":
+        inputs[SEGMENTS_KWARG] = segments_from_ids(batch["packed_segment_ids"], shared_segment=PREFIX)
+    return inputs
 
 
 def unpack_pairs(packed: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -82,8 +95,7 @@ def reward_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """What a RewardModel reads of a pair batch: the packed rows when the batch has them, else the plain ones."""
     if "packed_input_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return {"input_ids": batch["packed_input_ids"], "attention_mask": batch["packed_attention_mask"],
-            "position_ids": batch["packed_position_ids"], "packed_source": batch["packed_source"],
+    return {**packed_model_inputs(batch), "packed_source": batch["packed_source"],
             "unpacked_mask": batch["attention_mask"]}
 
 

@@ -1,8 +1,10 @@
 """Segment attention: CPU training and scoring passes attend within each sample's own tokens only.
 
-A row of a batch is a run of segments: packed samples (step 1's --packing), or one sample with its padding
-(every other batch). Each token attends causally to the tokens of its own segment; padding attends to nothing and
-its output is zero (no loss reads it, and no real token attends to it). That is exactly what SDPA computes under
+A row of a batch is a run of segments: packed samples (step 1's --packing), one sample with its padding (every
+other batch), or a preference pair's shared prompt and its two replies (data.pair_packing). Each token attends
+causally to the tokens of its own segment, and to every token of the row's shared segments before it (the prompt
+that both replies see); padding attends to nothing and its output is zero (no loss reads it, and no real token
+attends to it). That is exactly what SDPA computes under
 the block-causal / padding mask, but SDPA computes the whole [T, T] square of every row, masked entries included,
 and its bf16 kernel is slow on CPU: per sample, one causal score matrix costs n^2 instead of the row's T^2.
 
@@ -34,9 +36,11 @@ _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks", "sliding_wi
 
 @dataclass(frozen=True)
 class Segments:
-    """Per row, the lengths of its consecutive segments (summing to the row's width) and which are padding."""
+    """Per row, the lengths of its consecutive segments (summing to the row's width), which are padding, and which
+    are shared: seen whole by every later segment of the row (empty: none is)."""
     lengths: tuple[tuple[int, ...], ...]
     padding: tuple[tuple[bool, ...], ...]
+    shared: tuple[tuple[bool, ...], ...] = ()
 
 
 def _runs(values: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
@@ -49,10 +53,12 @@ def _runs(values: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
     return lengths, run_values
 
 
-def segments_from_ids(segment_ids: torch.Tensor) -> Segments:
-    """Packed rows [B, T]: a sample's tokens share an id (its index in the row), padding is -1."""
+def segments_from_ids(segment_ids: torch.Tensor, shared_segment: int | None = None) -> Segments:
+    """Packed rows [B, T]: a sample's tokens share an id (its index in the row), padding is -1; tokens of
+    `shared_segment` are seen by every later segment (packing.block_causal_mask's rule)."""
     lengths, ids = _runs(segment_ids)
-    return Segments(tuple(map(tuple, lengths)), tuple(tuple(i < 0 for i in row) for row in ids))
+    shared = () if shared_segment is None else tuple(tuple(i == shared_segment for i in row) for row in ids)
+    return Segments(tuple(map(tuple, lengths)), tuple(tuple(i < 0 for i in row) for row in ids), shared)
 
 
 def segments_from_mask(attention_mask: torch.Tensor) -> Segments | None:
@@ -100,18 +106,26 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
-    for q_row, k_row, v_row, lengths, padding in zip(query.unbind(0), key.unbind(0), value.unbind(0),
-                                                     segments.lengths, segments.padding):
-        pieces = []
-        for q, k, v, is_padding in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1),
-                                       padding):
+    for row, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
+        lengths = segments.lengths[row]
+        shared = segments.shared[row] if segments.shared else (False,) * len(lengths)
+        pieces, seen_keys, seen_values = [], [], []  # the shared segments so far
+        for q, k, v, is_padding, is_shared in zip(q_row.split(lengths, 1), k_row.split(lengths, 1),
+                                                  v_row.split(lengths, 1), segments.padding[row], shared):
             heads, n = q.shape[:2]
             if is_padding:
                 pieces.append(q.new_zeros(heads, n, v.size(-1)))
                 continue
-            scores = torch.baddbmm(_causal_bias(n, q.dtype, q.device).expand(heads, n, n), q, k.transpose(1, 2),
-                                   alpha=scale)
-            pieces.append(torch.bmm(scores.softmax(dim=-1), v))
+            bias = _causal_bias(n, q.dtype, q.device)
+            keys, values = k, v
+            if seen_keys:  # the shared segments' keys first, all visible
+                keys, values = torch.cat([*seen_keys, k], dim=1), torch.cat([*seen_values, v], dim=1)
+                bias = torch.cat([bias.new_zeros(n, keys.size(1) - n), bias], dim=1)
+            scores = torch.baddbmm(bias.expand(heads, *bias.shape), q, keys.transpose(1, 2), alpha=scale)
+            pieces.append(torch.bmm(scores.softmax(dim=-1), values))
+            if is_shared:
+                seen_keys.append(k)
+                seen_values.append(v)
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 

@@ -40,6 +40,7 @@ from torch import nn
 from training.utils.data.pair_packing import unpack_pairs
 from training.utils.errors import UserInputError
 from training.utils.masks import last_real_token_index, positions_from_mask
+from training.utils.model.attention import SEGMENTS_KWARG
 from training.utils.model.build import REWARD_META_FILE, create_hf_model
 from training.utils.model.save import gather_state_dict, write_model_directory
 
@@ -89,12 +90,15 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False,
                 position_ids: torch.Tensor | None = None, packed_source: torch.Tensor | None = None,
-                unpacked_mask: torch.Tensor | None = None) -> RewardOutput:
+                unpacked_mask: torch.Tensor | None = None, attention_segments=None) -> RewardOutput:
         """Values and end scores of padded rows; or, given packed rows (a 4-D mask, their `position_ids`, and
-        the `packed_source` / `unpacked_mask` of data.pair_packing), those of the plain rows they hold."""
+        the `packed_source` / `unpacked_mask` of data.pair_packing), those of the plain rows they hold.
+        `attention_segments` goes to the backbone's attention (model.attention)."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         extra = {"position_ids": position_ids} if self._takes_position_ids else {}
+        if attention_segments is not None:
+            extra[SEGMENTS_KWARG] = attention_segments
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
                                **extra).last_hidden_state
         values = self.v_head(hidden).squeeze(-1).float()
