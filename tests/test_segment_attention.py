@@ -67,9 +67,9 @@ def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _model(dtype=torch.float32):
+def _model(dtype=torch.float32, **config):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(OPT_20M)).to(dtype).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(OPT_20M, **config)).to(dtype).eval()
     assert use_segment_attention(model) and model.config._attn_implementation == SEGMENT_ATTENTION
     return model
 
@@ -220,3 +220,18 @@ def test_every_family_gives_sdpa_results_with_padding(fp32_segments, family):
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
         want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_recomputes_with_the_segments(fp32_segments):
+    """Checkpointed layers get the segments again when they recompute: the gradients equal SDPA's."""
+    model = _model(dropout=0.0).train()  # no dropout: the two models' random masks would differ
+    reference = _sdpa_copy(model)
+    for m in (model, reference):
+        m.gradient_checkpointing_enable()
+    ids = torch.randint(2, 4000, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for m in (model, reference):
+        m(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
