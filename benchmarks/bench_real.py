@@ -22,7 +22,7 @@ Variants (`--variants`; the report divides every row's samples/s by the baseline
     auto-grouped          --dtype auto                         today's default (pairs: prompts shared)
     auto-grouped-packed   --dtype auto --packing               step 1 only
     auto-grouped-unshared --dtype auto --no_share_prompt       reward model and DPO: two padded rows per pair
-    dschat-layout         --dtype bf16 --no_group_by_length    (optional) DeepSpeed-Chat's layout on this code:
+    dschat-layout         --dtype bf16 --no_group_by_length    DeepSpeed-Chat's layout on this code:
                           (+ --no_share_prompt), every sample  the work DeepSpeed-Chat's own step does per sample,
                           padded to --max_seq_len (step 3:     measured beside the other rows on the same machine
                           prompts to --max_prompt_seq_len)
@@ -78,9 +78,10 @@ VARIANT_FLAGS = {
     "dschat-layout": ["--dtype", "bf16", "--no_group_by_length"],
 }
 OLD_KERNELS = (BASELINE, "dschat-layout")  # rows that run transformers' SDPA and glibc's default allocator
-DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed"),
-                    "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped"),
-                    "dpo": (BASELINE, "auto-grouped-unshared", "auto-grouped"), "ppo": (BASELINE, "auto-grouped")}
+DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed", "dschat-layout"),
+                    "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped", "dschat-layout"),
+                    "dpo": (BASELINE, "auto-grouped-unshared", "auto-grouped", "dschat-layout"),
+                    "ppo": (BASELINE, "auto-grouped", "dschat-layout")}
 STEP_MODULES = {"sft": "training.step1_supervised_finetuning.main", "rm": "training.step2_reward_model_finetuning.main",
                 "dpo": "training.step2_dpo_finetuning.main", "ppo": "training.step3_rlhf_finetuning.main"}
 

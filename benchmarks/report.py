@@ -43,11 +43,15 @@ def ppo_table(document: dict) -> list[str]:
     return lines
 
 
-def speedups(rows: list[dict], key: str = "samples_per_s") -> list[float | None]:
-    """Each row's `key` divided by that of the baseline row (`"baseline": True`) of the same step, rounded to
-    two places; None for a step without a baseline row (or a baseline of 0)."""
-    baselines = {row["step"]: row[key] for row in rows if row.get("baseline")}
-    return [round(row[key] / baselines[row["step"]], 2) if baselines.get(row["step"]) else None for row in rows]
+def speedups(rows: list[dict], key: str = "samples_per_s", reference: str | None = None) -> list[float | None]:
+    """Each row's `key` divided by that of the reference row of the same step (the baseline row, `"baseline":
+    True`, or the row of variant `reference`), rounded to two places; None for a step without one (or of 0)."""
+    references = {row["step"]: row[key] for row in rows
+                  if (row["variant"] == reference if reference else row.get("baseline"))}
+    return [round(row[key] / references[row["step"]], 2) if references.get(row["step"]) else None for row in rows]
+
+
+DSCHAT = "dschat-layout"  # bench_real's variant: DeepSpeed-Chat's data layout and kernels on this code
 
 
 def _ratio(value: float | None) -> str:
@@ -57,7 +61,7 @@ def _ratio(value: float | None) -> str:
 def variant_label(row: dict) -> str:
     """What a real-data row ran: its dtype (and whether --dtype auto chose it), batching, packing."""
     dtype = f"auto -> {row['dtype']}" if row["variant"].startswith("auto") else row["dtype"]
-    if row["variant"] == "dschat-layout":
+    if row["variant"] == DSCHAT:
         padded = {"sft": "every sample padded to --max_seq_len", "ppo": "prompts padded to --max_prompt_seq_len"}
         return f"DeepSpeed-Chat's layout: {dtype}, random batches, " + padded.get(
             row["step"], "both rows of a pair padded to --max_seq_len")
@@ -67,15 +71,18 @@ def variant_label(row: dict) -> str:
 
 
 def real_training_table(documents: list[dict]) -> list[str]:
-    lines = ["| step | run | batches | samples/s | speed-up | speed-up by CPU time | real tokens/s | "
-             "padding efficiency | epoch s (CPU s) | model GFLOP/s | MFU (peak of its dtype) | peak RSS MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| step | run | batches | samples/s | speed-up | speed-up by CPU time | vs DeepSpeed-Chat's layout | "
+             "real tokens/s | padding efficiency | epoch s (CPU s) | model GFLOP/s | MFU (peak of its dtype) | "
+             "peak RSS MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for document in documents:
         rows = document["rows"]
-        for row, ratio, cpu_ratio in zip(rows, speedups(rows), speedups(rows, "samples_per_cpu_s")):
+        for row, ratio, cpu_ratio, dschat in zip(rows, speedups(rows), speedups(rows, "samples_per_cpu_s"),
+                                                 speedups(rows, reference=DSCHAT)):
             unit = " pairs/s" if row["step"] in ("rm", "dpo") else ""
             lines.append(f"| {row['step'].upper()} | {variant_label(row)} | {row['batches']} | "
                          f"{row['samples_per_s']:.2f}{unit} | {_ratio(ratio)} | {_ratio(cpu_ratio)} | "
+                         f"{_ratio(dschat)} | "
                          f"{row['real_tokens_per_s']:.0f} | {row['padding_efficiency']:.2f} | "
                          f"{row['elapsed_s']:.1f} ({row['cpu_s']:.1f}) | {row['model_gflops_per_s']:.2f} | "
                          f"{_pct(row['mfu'])} | {row['peak_rss_mib']:.0f} |")
@@ -83,15 +90,17 @@ def real_training_table(documents: list[dict]) -> list[str]:
 
 
 def real_ppo_table(document: dict) -> list[str]:
-    lines = ["| run | steps | answers/s | speed-up | speed-up by CPU time | generated tokens/s | real tokens/s | "
-             "padding efficiency | generation s | experience s | training s | epoch s (CPU s) | "
-             "MFU generation / experience / training / all | peak RSS MiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = ["| run | steps | answers/s | speed-up | speed-up by CPU time | vs DeepSpeed-Chat's layout | "
+             "generated tokens/s | real tokens/s | padding efficiency | generation s | experience s | training s | "
+             "epoch s (CPU s) | MFU generation / experience / training / all | peak RSS MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     rows = document["rows"]
-    for row, ratio, cpu_ratio in zip(rows, speedups(rows), speedups(rows, "samples_per_cpu_s")):
+    for row, ratio, cpu_ratio, dschat in zip(rows, speedups(rows), speedups(rows, "samples_per_cpu_s"),
+                                             speedups(rows, reference=DSCHAT)):
         mfu = " / ".join(_pct(row["mfu"][phase]) for phase in ("generation", "experience", "training", "total"))
         lines.append(f"| {variant_label(row)} | {row['steps']} | {row['samples_per_s']:.2f} | {_ratio(ratio)} | "
-                     f"{_ratio(cpu_ratio)} | {row['generated_tokens_per_s']:.0f} | {row['real_tokens_per_s']:.0f} | "
+                     f"{_ratio(cpu_ratio)} | {_ratio(dschat)} | {row['generated_tokens_per_s']:.0f} | "
+                     f"{row['real_tokens_per_s']:.0f} | "
                      f"{row['padding_efficiency']:.2f} | {row['generation_s']:.1f} | {row['experience_s']:.1f} | "
                      f"{row['training_s']:.1f} | {row['elapsed_s']:.1f} ({row['cpu_s']:.1f}) | {mfu} | "
                      f"{row['peak_rss_mib']:.0f} |")
@@ -117,7 +126,9 @@ def real_markdown(report: dict) -> str:
              "Speed-up: samples/s over the baseline row of the same step (every row of a step trains on the same "
              "samples, so it is also the ratio of epoch times). Speed-up by CPU time: the same with the row "
              "process's CPU seconds instead of wall seconds; with one thread per row it is much less disturbed by "
-             "other jobs on the machine than the wall clock.", "",
+             "other jobs on the machine than the wall clock. vs DeepSpeed-Chat's layout: samples/s over the "
+             "dschat-layout row of the same step (DeepSpeed-Chat's padding, batching and kernels on this code, "
+             "measured in the same run).", "",
              f"MFU: {report['mfu_formula']}", ""]
     if training:
         parts += ["## Steps 1-2: SFT, reward model, DPO", "", *real_training_table(training), ""]

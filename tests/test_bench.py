@@ -226,22 +226,25 @@ def test_real_markdown_shows_the_ratio_per_row_and_the_peaks_per_dtype():
                                       "fp32": {"before": 90.0, "after": 95.0, "used": 95.0}},
               "workload": {"description": "the first 400 rows"}, "mfu_formula": "6 N per token",
               "benchmarks": [{"benchmark": "real_sft", "rows": [_real_row("sft", "fp32-random", 2.0, "fp32"),
-                                                                _real_row("sft", "auto-grouped-packed", 5.0)]},
+                                                                _real_row("sft", "auto-grouped-packed", 5.0),
+                                                                _real_row("sft", "dschat-layout", 4.0)]},
                              {"benchmark": "real_ppo", "rows": ppo}]}
     text = report.markdown(result)
     assert "(avx512_bf16 yes, amx_bf16 no)" in text
     assert "bf16 300.0 GFLOP/s before, 290.0 after; fp32 90.0 GFLOP/s before, 95.0 after" in text
-    assert "| SFT | fp32, random batches (baseline) | 10 | 2.00 | 1.00x | 1.00x | 200 | 0.90 | 40.0 (20.0) | 20.00 | " \
-           "5.0% | 900 |" in text
-    assert "| SFT | auto -> bf16, length-grouped, packed | 10 | 5.00 | 2.50x | 2.50x |" in text
-    assert "| auto -> bf16, length-grouped | 10 | 0.75 | 1.50x | 1.50x | 64 | 75 | 0.90 | 30.0 | 40.0 | 50.0 | " \
+    assert "| SFT | fp32, random batches (baseline) | 10 | 2.00 | 1.00x | 1.00x | 0.50x | 200 | 0.90 | 40.0 (20.0) | " \
+           "20.00 | 5.0% | 900 |" in text
+    assert "| SFT | auto -> bf16, length-grouped, packed | 10 | 5.00 | 2.50x | 2.50x | 1.25x |" in text
+    assert "| SFT | DeepSpeed-Chat's layout: bf16, random batches, every sample padded to --max_seq_len | 10 | " \
+           "4.00 | 2.00x | 2.00x | 1.00x |" in text
+    assert "| auto -> bf16, length-grouped | 10 | 0.75 | 1.50x | 1.50x | n/a | 64 | 75 | 0.90 | 30.0 | 40.0 | 50.0 | " \
            "106.7 (53.3) | 10.0% / 20.0% / 30.0% / 25.0% | 900 |" in text
 
 
 def test_real_variants_are_the_steps_own_flags():
     from benchmarks import bench_real
 
-    assert bench_real.variants_for("sft") == ["fp32-random", "auto-grouped", "auto-grouped-packed"]
+    assert bench_real.variants_for("sft") == ["fp32-random", "auto-grouped", "auto-grouped-packed", "dschat-layout"]
     assert bench_real.variants_for("ppo", ["auto-grouped", "fp32-random"]) == ["fp32-random", "auto-grouped"]
     with pytest.raises(SystemExit, match="step-1"):
         bench_real.variants_for("rm", ["auto-grouped-packed"])
