@@ -171,7 +171,3 @@ def use_segment_attention(model) -> bool:
     model.register_forward_pre_hook(_segments_from_padding_mask, with_kwargs=True)
     return True
 
-
-def is_sdpa_like(model) -> bool:
-    """Whether the model attends through SDPA (directly or through segment attention)."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", SEGMENT_ATTENTION)
