@@ -43,9 +43,14 @@ class _Module(torch.nn.Module):
     num_key_value_groups = 2
 
 
+@pytest.mark.parametrize("long_segments", [False, True])
 @pytest.mark.parametrize("shared_segment", [None, 0])
-def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(fp32_segments, shared_segment):
-    """Packed samples, and (shared_segment=0) a preference pair's prompt that both replies see."""
+def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(fp32_segments, shared_segment,
+                                                                               long_segments, monkeypatch):
+    """Packed samples, and (shared_segment=0) a preference pair's prompt that both replies see; long_segments: the
+    segments over MAX_SCORES_PER_SEGMENT run SDPA's kernel (memory linear in their length)."""
+    if long_segments:
+        monkeypatch.setattr(attention, "MAX_SCORES_PER_SEGMENT", 4 * 6 * 6)
     torch.manual_seed(0)
     segment_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 1 + [-1] * 3, [0] * 16, [0] * 10 + [-1] * 6])
     heads, kv_heads, width, dim = 4, 2, 16, 8

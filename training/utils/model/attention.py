@@ -31,6 +31,9 @@ SEGMENTS_KWARG = "attention_segments"
 # fp32 keeps SDPA: there the per-segment form is no faster (tiny/opt-20m, one thread: training passes 2-4% faster,
 # a step-3 scoring forward 22% slower).
 SEGMENT_DTYPES = (torch.bfloat16, torch.float16)
+# The per-segment form keeps each segment's [heads, n, keys] probabilities for the backward pass (as eager attention
+# does); SDPA's kernel keeps memory linear in n. A segment with more score entries than this runs SDPA (causal).
+MAX_SCORES_PER_SEGMENT = 2**24
 # kwargs with which the per-segment form would compute something else than SDPA does: SDPA runs them.
 _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks", "sliding_window")
 
@@ -104,7 +107,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     """transformers' attention-function signature: query/key/value [B, H, T, D] -> ([B, T, H, D], None).
 
     Per segment of length n: softmax(scale * q k^T + causal) v with [n, n] scores in the input dtype (as the
-    eager implementation computes them); padding segments give zeros. Otherwise SDPA's forward, unchanged."""
+    eager implementation computes them; SDPA's causal kernel for a segment over MAX_SCORES_PER_SEGMENT); padding
+    segments give zeros. Otherwise SDPA's forward, unchanged."""
     segments = kwargs.get(SEGMENTS_KWARG)
     if not _applies(module, query, key, segments, dropout, is_causal, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -123,18 +127,30 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
             if is_padding:
                 pieces.append(q.new_zeros(heads, n, v.size(-1)))
                 continue
-            bias = _causal_bias(n, q.dtype, q.device)
             keys, values = k, v
             if seen_keys:  # the shared segments' keys first, all visible
                 keys, values = torch.cat([*seen_keys, k], dim=1), torch.cat([*seen_values, v], dim=1)
-                bias = torch.cat([bias.new_zeros(n, keys.size(1) - n), bias], dim=1)
-            scores = torch.baddbmm(bias.expand(heads, *bias.shape), q, keys.transpose(1, 2), alpha=scale)
-            pieces.append(torch.bmm(scores.softmax(dim=-1), values))
+            pieces.append(_attend(q, keys, values, scale))
             if is_shared:
                 seen_keys.append(k)
                 seen_values.append(v)
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """[heads, n, D] attention of a segment's n queries to `keys` [heads, p + n, D]: the first p (a shared prompt)
+    all visible, the last n causally."""
+    heads, n = query.shape[:2]
+    shared = keys.size(1) - n
+    bias = _causal_bias(n, query.dtype, query.device)
+    if shared:
+        bias = torch.cat([bias.new_zeros(n, shared), bias], dim=1)
+    if heads * n * keys.size(1) > MAX_SCORES_PER_SEGMENT:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=None if shared == 0 else bias, is_causal=shared == 0, scale=scale)
+    scores = torch.baddbmm(bias.expand(heads, *bias.shape), query, keys.transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.softmax(dim=-1), values)
 
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
