@@ -66,8 +66,11 @@ def variant_label(row: dict) -> str:
         return f"DeepSpeed-Chat's layout: {dtype}, random batches, " + padded.get(
             row["step"], "both rows of a pair padded to --max_seq_len")
     parts = [dtype, "length-grouped" if row["group_by_length"] else "random batches"]
-    parts += ["packed"] if row["packing"] else []
-    return ", ".join(parts) + (" (baseline)" if row.get("baseline") else "")
+    parts += ["packed (--packing)"] if row["packing"] else []
+    if row["step"] in ("rm", "dpo") and row["variant"].startswith("auto"):
+        parts += ["prompt shared" if row["variant"] == "auto-grouped" else "two padded rows per pair"]
+    return ", ".join(parts) + (" (baseline)" if row.get("baseline") else
+                               " (default)" if row["variant"] == "auto-grouped" else "")
 
 
 def real_training_table(documents: list[dict]) -> list[str]:

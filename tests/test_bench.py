@@ -234,10 +234,11 @@ def test_real_markdown_shows_the_ratio_per_row_and_the_peaks_per_dtype():
     assert "bf16 300.0 GFLOP/s before, 290.0 after; fp32 90.0 GFLOP/s before, 95.0 after" in text
     assert "| SFT | fp32, random batches (baseline) | 10 | 2.00 | 1.00x | 1.00x | 0.50x | 200 | 0.90 | 40.0 (20.0) | " \
            "20.00 | 5.0% | 900 |" in text
-    assert "| SFT | auto -> bf16, length-grouped, packed | 10 | 5.00 | 2.50x | 2.50x | 1.25x |" in text
+    assert "| SFT | auto -> bf16, length-grouped, packed (--packing) | 10 | 5.00 | 2.50x | 2.50x | 1.25x |" in text
     assert "| SFT | DeepSpeed-Chat's layout: bf16, random batches, every sample padded to --max_seq_len | 10 | " \
            "4.00 | 2.00x | 2.00x | 1.00x |" in text
-    assert "| auto -> bf16, length-grouped | 10 | 0.75 | 1.50x | 1.50x | n/a | 64 | 75 | 0.90 | 30.0 | 40.0 | 50.0 | " \
+    assert "| auto -> bf16, length-grouped (default) | 10 | 0.75 | 1.50x | 1.50x | n/a | 64 | 75 | 0.90 | 30.0 | " \
+           "40.0 | 50.0 | " \
            "106.7 (53.3) | 10.0% / 20.0% / 30.0% / 25.0% | 900 |" in text
 
 
