@@ -107,6 +107,25 @@ def test_sft_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
     assert logged(tmp_path / "full") == logged(tmp_path / "resumed")
 
 
+def test_sft_killed_and_resumed_matches_in_the_auto_dtype_with_packing(tmp_path):
+    """--dtype auto where it picks bf16 (a CPU with native bf16), with packed rows: segment attention, the kept
+    heap and bf16 mixed precision resume bit for bit too."""
+    from training.utils.precision import resolve_dtype
+
+    if resolve_dtype("auto", "cpu")[0] != "bf16":
+        pytest.skip("--dtype auto is fp32 on this CPU: the fp32 resume test covers it")
+
+    def args(output, *extra):
+        return [a if a != "fp32" else "auto" for a in sft_args(tmp_path, output, "--packing", *extra)]
+
+    full = run_script(STEP1_DIR, args(tmp_path / "full"))
+    assert_ok(full)
+    assert "precision: bf16" in full.stdout and "--packing: 400 samples in" in full.stdout, full.stdout[-2000:]
+    kill_and_resume(STEP1_DIR, args(tmp_path / "resumed", "--save_interval", "10"), tmp_path / "resumed")
+    assert_same_weights(tmp_path / "full", tmp_path / "resumed")
+    assert logged(tmp_path / "full") == logged(tmp_path / "resumed")
+
+
 @pytest.mark.parametrize("step_dir, extra", [
     (STEP2_DIR, ("--eval_interval", "10", "--eval_iters", "2")),  # reward model: periodic evaluations too
     (DPO_DIR, ("--dropout", "0.1", "--beta", "0.5")),
