@@ -85,7 +85,13 @@ def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_is_unharme
         lines.append(line)
         if "saved checkpoint" in line:
             break
-    second, resuming = run_script(STEP1_DIR, args), run_script(STEP1_DIR, args + ["--resume"])
+    # Paused (it still holds the directory), so it cannot finish before the other two have started: the run is
+    # faster than their start-up.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second, resuming = run_script(STEP1_DIR, args), run_script(STEP1_DIR, args + ["--resume"])
+    finally:
+        first.send_signal(signal.SIGCONT)
     lines.append(first.stdout.read())
     assert first.wait(timeout=600) == 0, "".join(lines)[-3000:]
     for refused in (second, resuming):
