@@ -52,13 +52,15 @@ _WRITE_FAILURE_TEXT = ("No space left", "File too large", "Disk quota", "Read-on
                        "os error 27", "os error 122", "file write failed", "unexpected pos")
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text`, or its first `limit` - 3 characters and '...' when it is longer than `limit`."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe_error(err: BaseException, limit: int = 200) -> str:
     """'ValueError: first line of its message' cut to `limit` characters (the type alone when it has no message)."""
     lines = str(err).strip().splitlines()
-    if not lines:
-        return type(err).__name__
-    first = lines[0] if len(lines[0]) <= limit else lines[0][:limit - 3] + "..."
-    return f"{type(err).__name__}: {first}"
+    return f"{type(err).__name__}: {shorten(lines[0], limit)}" if lines else type(err).__name__
 
 
 def is_write_failure(err: BaseException) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from training.utils.data.synthetic import check_answer
-from training.utils.errors import UserInputError, describe_error
+from training.utils.errors import UserInputError, describe_error, shorten
 
 RewardFunction = Callable[[list[str], list[str], list[str | None]], list[float]]
 
@@ -138,7 +138,8 @@ def load_reward_function(spec: str) -> RewardFunction:
     function = getattr(module, name)
     if not callable(function):
         raise UserInputError(f"'{name}' in '{path_text}' is not callable (it is {type(function).__name__} "
-                             f"{_shorten(repr(function))}); name a function fn(prompts, replies, references) -> "
+                             f"{shorten(repr(function), _SHOWN_CHARS)}); name a function "
+                             "fn(prompts, replies, references) -> "
                              f"list[float] in '{spec}'")
     return function
 
@@ -190,8 +191,9 @@ def compute_rule_rewards(fn: RewardFunction, spec: str, prompts: list[str], repl
     for row, value in enumerate(result):
         number = _as_number(value)
         if number is None or not math.isfinite(number):
-            raise UserInputError(f"reward function '{spec}' returned {_shorten(repr(value))} for row {row} "
-                                 f"(prompt {_shorten(prompts[row])!r}): each reward must be a finite number")
+            raise UserInputError(f"reward function '{spec}' returned {shorten(repr(value), _SHOWN_CHARS)} for row "
+                                 f"{row} (prompt {shorten(prompts[row], _SHOWN_CHARS)!r}): each reward must be a "
+                                 "finite number")
         values.append(number)
     return torch.tensor(values, dtype=torch.float32)
 
@@ -219,10 +221,6 @@ def check_references(spec: str, references: Sequence[str | None]) -> None:
         return
     for row, reference in enumerate(references):
         if reference_answer(reference) is None:
-            found = "no reference" if reference is None else f"reference {_shorten(reference)!r}"
+            found = "no reference" if reference is None else f"reference {shorten(reference, _SHOWN_CHARS)!r}"
             raise UserInputError(f"the math reward needs reference answers: data rows need a response/chosen with "
                                  f"'{GSM8K_ANSWER_MARK} <answer>' (row {row} has {found})")
-
-
-def _shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
