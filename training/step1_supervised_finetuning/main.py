@@ -28,7 +28,7 @@ from training.utils.flags import ModelFlags, SupervisedConfig
 from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import causal_lm_loss, count_label_tokens, labelled_positions
 from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
-from training.utils.model.attention import SEGMENTS_KWARG, segments_from_ids
+from training.utils.model.attention import packed_segments
 from training.utils.model.build import create_hf_model
 from training.utils.model.logits import logits_at
 from training.utils.model.save import save_hf_format
@@ -66,9 +66,7 @@ def model_inputs(batch: dict) -> dict:
     """What the model reads of a batch: packed batches add per-sample position_ids, a 4-D mask and, on CPU, their
     segments (model.attention: each sample's attention computed on its own)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "segment_ids" in batch and batch["segment_ids"].device.type == "cpu":
-        inputs[SEGMENTS_KWARG] = segments_from_ids(batch["segment_ids"])
-    return inputs
+    return inputs | (packed_segments(batch["segment_ids"]) if "segment_ids" in batch else {})
 
 
 def sft_loss(engine, batch: dict, compute_fp32: bool, reduction: str = "mean") -> torch.Tensor:

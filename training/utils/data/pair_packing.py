@@ -21,7 +21,7 @@ import torch
 from training.utils.data.collators import PairCollator
 from training.utils.data.packing import block_causal_mask, supports_packing
 from training.utils.data.samplers import LengthGroupedSampler
-from training.utils.model.attention import SEGMENTS_KWARG, segments_from_ids
+from training.utils.model.attention import packed_segments
 
 PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
@@ -78,11 +78,8 @@ class SharedPromptPairCollator:
 def packed_model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """What the model reads of a shared-prompt batch's packed rows: ids, 4-D mask, positions and, on CPU, the
     segments (model.attention: each reply attends to the prompt and itself, without the mask's full square)."""
-    inputs = {"input_ids": batch["packed_input_ids"], "attention_mask": batch["packed_attention_mask"],
-              "position_ids": batch["packed_position_ids"]}
-    if batch["packed_segment_ids"].device.type == "cpu":
-        inputs[SEGMENTS_KWARG] = segments_from_ids(batch["packed_segment_ids"], shared_segment=PREFIX)
-    return inputs
+    return {"input_ids": batch["packed_input_ids"], "attention_mask": batch["packed_attention_mask"],
+            "position_ids": batch["packed_position_ids"], **packed_segments(batch["packed_segment_ids"], PREFIX)}
 
 
 def unpack_pairs(packed: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ tokens spends 27% of its 4.4 s in SDPA; with the per-segment form the step takes
 How it is switched on: `use_segment_attention(model)` (every model builder calls it) registers the attention
 function under SEGMENT_ATTENTION with SDPA's mask builder, and a forward pre-hook that turns a contiguous 2-D
 padding mask into `attention_segments` (the kwarg transformers passes down to every attention call). Packed rows
-pass `attention_segments=segments_from_ids(segment_ids)` themselves, beside their 4-D block mask. Whenever the
+pass `**packed_segments(segment_ids)` themselves, beside their 4-D block mask. Whenever the
 per-segment form does not apply (not CPU, fp32, a KV cache, attention dropout, sliding windows, soft-capping,
 attention sinks or position biases, no segments), the call is SDPA's, unchanged; decoding switches to eager
 attention as before (sampling.decoding_attention).
@@ -78,6 +78,14 @@ def segments_from_mask(attention_mask: torch.Tensor) -> Segments | None:
     if any(sum(1 for v in row if v) > 1 for row in values):
         return None
     return Segments(tuple(map(tuple, lengths)), tuple(tuple(not v for v in row) for row in values))
+
+
+def packed_segments(segment_ids: torch.Tensor, shared_segment: int | None = None) -> dict:
+    """The model-call kwarg that hands packed rows' segments (segments_from_ids) to segment attention: on CPU, the
+    only device it runs on; {} elsewhere (where reading the ids back would only cost a device sync)."""
+    if segment_ids.device.type != "cpu":
+        return {}
+    return {SEGMENTS_KWARG: segments_from_ids(segment_ids, shared_segment)}
 
 
 _causal_biases: dict[tuple, torch.Tensor] = {}
