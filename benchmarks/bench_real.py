@@ -28,8 +28,9 @@ Variants (`--variants`; the report divides every row's samples/s by the baseline
                           prompts to --max_prompt_seq_len)
 
 The baseline and dschat-layout rows also run the old kernels, as the old default and DeepSpeed-Chat's own code
-do: transformers' SDPA attention (not model.attention's segment attention) and glibc's default allocator
-(RLHF_KEEP_FREED_MEMORY=0, see training/utils/allocator.py).
+do: transformers' SDPA attention (not model.attention's segment attention), glibc's default allocator
+(RLHF_KEEP_FREED_MEMORY=0, see training/utils/allocator.py) and F.linear in inference passes
+(RLHF_PACKED_WEIGHTS=0, see training/utils/model/packed_linear.py).
 
 Each row runs in its own process (rows.run_row) through the step's own code: its parse_args (the flags
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
@@ -77,7 +78,7 @@ VARIANT_FLAGS = {
     # --max_seq_len (step 3: prompts to --max_prompt_seq_len; the collators' pad_to), two rows per pair.
     "dschat-layout": ["--dtype", "bf16", "--no_group_by_length"],
 }
-OLD_KERNELS = (BASELINE, "dschat-layout")  # rows that run transformers' SDPA and glibc's default allocator
+OLD_KERNELS = (BASELINE, "dschat-layout")  # rows that run transformers' SDPA, glibc's allocator, unpacked weights
 DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed", "dschat-layout"),
                     "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped", "dschat-layout"),
                     "dpo": (BASELINE, "auto-grouped-unshared", "auto-grouped", "dschat-layout"),
@@ -187,11 +188,12 @@ def _set_threads(threads: int) -> None:
 
 
 def _start_row(variant: str):
-    """This row's process group and device; OLD_KERNELS rows keep glibc's default allocator."""
+    """This row's process group and device; OLD_KERNELS rows keep glibc's default allocator and F.linear."""
     from training.utils import distributed
 
     if variant in OLD_KERNELS:
         os.environ["RLHF_KEEP_FREED_MEMORY"] = "0"
+        os.environ["RLHF_PACKED_WEIGHTS"] = "0"
     return distributed.init_distributed()
 
 

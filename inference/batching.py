@@ -24,7 +24,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from inference.chat import cut_at_turn_marker, unsettled_suffix_length
 from training.utils.data.collators import pad_batch
-from training.utils.sampling import decoding_attention
+from training.utils.sampling import decoding_kernels
 
 STOP, LENGTH, TIMEOUT, CANCELLED = "stop", "length", "timeout", "cancelled"
 
@@ -245,7 +245,7 @@ class Generator:
                                               left=True)
         tracker = RowTracker(self.tokenizer, jobs, self.stop_token_ids, input_ids.size(1))
         self.generate_calls += 1
-        with decoding_attention(self.model):
+        with decoding_kernels(self.model):
             self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 max_new_tokens=max(r.params.max_tokens for r in rows), do_sample=False,
                                 num_beams=1, repetition_penalty=1.0, eos_token_id=self.stop_token_ids,

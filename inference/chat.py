@@ -16,7 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 from training.utils.data.chat_format import HH, PromptFormat
 from training.utils.data.conversation import ASSISTANT, HUMAN
 from training.utils.model.build import position_limit
-from training.utils.sampling import SamplingConfig, decoding_attention
+from training.utils.sampling import SamplingConfig, decoding_kernels
 
 TURN_MARKERS = (HUMAN, ASSISTANT)
 CLEAR_COMMAND = "clear"
@@ -167,7 +167,7 @@ def generate_reply(model, tokenizer, input_ids: list[int], sampling: SamplingCon
     device = next(model.parameters()).device
     prompt = torch.tensor([input_ids], dtype=torch.long, device=device)
     stop_at_marker = StoppingCriteriaList([StopAtTurnMarker(tokenizer, prompt.size(1), markers)] if markers else [])
-    with decoding_attention(model):
+    with decoding_kernels(model):
         output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                 eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id,
                                 stopping_criteria=stop_at_marker, streamer=streamer, **sampling.generate_kwargs())

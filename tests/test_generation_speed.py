@@ -134,13 +134,13 @@ def test_benchmark_row_times_plain_and_rollout_on_the_same_tokens(distributed):
 
 
 def test_bf16_decoding_on_cpu_uses_eager_attention_and_switches_back(tokenizer):
-    """decoding_attention: segment attention (SDPA wherever segments do not apply) -> eager for a bf16 model on CPU,
+    """decoding_kernels: segment attention (SDPA wherever segments do not apply) -> eager for a bf16 model on CPU,
     only while generating; fp32 is left alone."""
     import copy
 
     from training.utils.model.attention import SEGMENT_ATTENTION
     from training.utils.model.build import create_hf_model
-    from training.utils.sampling import decoding_attention
+    from training.utils.sampling import decoding_kernels
 
     torch.manual_seed(0)
     model = create_hf_model("tiny/opt", tokenizer).to(torch.bfloat16).eval()
@@ -148,7 +148,7 @@ def test_bf16_decoding_on_cpu_uses_eager_attention_and_switches_back(tokenizer):
     kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 8, "do_sample": False,
               "pad_token_id": tokenizer.pad_token_id}
     assert model.config._attn_implementation == SEGMENT_ATTENTION
-    with decoding_attention(model):
+    with decoding_kernels(model):
         assert model.config._attn_implementation == "eager"
         answer = model.generate(prompt, **kwargs)
     assert model.config._attn_implementation == SEGMENT_ATTENTION
@@ -157,5 +157,5 @@ def test_bf16_decoding_on_cpu_uses_eager_attention_and_switches_back(tokenizer):
     assert torch.equal(answer, eager.generate(prompt, **kwargs))
 
     fp32 = create_hf_model("tiny/opt", tokenizer)
-    with decoding_attention(fp32):
+    with decoding_kernels(fp32):
         assert fp32.config._attn_implementation == SEGMENT_ATTENTION

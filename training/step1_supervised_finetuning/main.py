@@ -31,6 +31,7 @@ from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.attention import packed_segments
 from training.utils.model.build import create_hf_model
 from training.utils.model.logits import logits_at
+from training.utils.model.packed_linear import packed_linears
 from training.utils.model.save import save_hf_format
 from training.utils.precision import TORCH_DTYPES
 
@@ -88,7 +89,7 @@ def evaluate(engine, loader, device, compute_fp32: bool) -> tuple[float, float] 
     has no reply token to score (an empty eval split): a made-up loss 0 / perplexity 1 would read as perfect."""
     engine.eval()
     loss_sum, tokens = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), packed_linears(engine):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             loss_sum += sft_loss(engine, batch, compute_fp32, reduction="sum").item()

@@ -60,6 +60,7 @@ from training.utils.losses import (
 from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
 from training.utils.model.build import create_hf_model
 from training.utils.model.logits import logits_at
+from training.utils.model.packed_linear import packed_linears
 from training.utils.model.save import save_hf_format
 from training.utils.precision import TORCH_DTYPES
 from training.utils.reference_cache import IndexedCollator, IndexedDataset, ReferenceLogProbs, with_sample_index
@@ -132,7 +133,7 @@ def evaluate(policy, reference, loader, device, config: DPOConfig) -> dict | Non
     """Means over every pair of the eval split, all batches and all ranks together; None for an empty split."""
     policy.eval()
     totals = [0.0] * 6  # pairs, loss, chosen reward, rejected reward, correct, policy log-prob margin
-    with torch.no_grad():
+    with torch.no_grad(), packed_linears(policy), packed_linears(reference):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             losses, chosen, rejected, logp_margin = preference_loss(policy, reference, batch, config)
@@ -184,8 +185,10 @@ def cache_reference_log_probs(reference, data, eval_loader, collator, config: DP
     train_pass = make_loader(IndexedDataset(data.train), config.per_device_eval_batch_size,
                              IndexedCollator(collator), config.seed, shuffle=False,
                              length_grouped=True)
-    train = ReferenceLogProbs.compute(score, train_pass, len(data.train), device, "reference log-probs (train)")
-    evaluation = ReferenceLogProbs.compute(score, eval_loader, len(data.eval), device, "reference log-probs (eval)")
+    with packed_linears(reference):
+        train = ReferenceLogProbs.compute(score, train_pass, len(data.train), device, "reference log-probs (train)")
+        evaluation = ReferenceLogProbs.compute(score, eval_loader, len(data.eval), device,
+                                               "reference log-probs (eval)")
     return train, evaluation
 
 

@@ -33,6 +33,7 @@ from training.utils.flags import ModelFlags, PaddingCompatFlags, PeriodicEvalFla
 from training.utils.loop import TrainLoop, finish_run, start_run
 from training.utils.losses import pairwise_loss, span_pairwise_loss
 from training.utils.metrics_log import NO_EVAL_DATA, MetricsLog
+from training.utils.model.packed_linear import packed_linears
 from training.utils.model.reward_model import create_reward_model, save_reward_model
 from training.utils.output_dir import REWARD_MODEL
 from training.utils.precision import TORCH_DTYPES
@@ -70,7 +71,7 @@ def evaluate(engine, loader, device, max_batches: int = 0) -> dict | None:
     there is no pair to score (an empty eval split): invented numbers would be saved as the reward statistics."""
     engine.eval()
     totals = [0.0] * 6  # pairs, correct, sum chosen, sum rejected, sum of scores, sum of squared scores
-    with torch.no_grad():
+    with torch.no_grad(), packed_linears(engine):
         for step, batch in enumerate(loader):
             if max_batches and step >= max_batches:
                 break

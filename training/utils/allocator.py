@@ -16,24 +16,18 @@ machine short of memory, where giving freed memory back matters more than speed)
 """
 import ctypes
 import ctypes.util
-import os
 
-from training.utils.errors import UserInputError
+from training.utils.errors import env_switch
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_BYTES = 2**31 - 1  # the largest int: the heap's free top is never given back
-_ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 
 
 def keep_freed_memory() -> bool:
     """Ask glibc to serve large allocations from the heap and keep freed memory; False where that is not glibc
     or RLHF_KEEP_FREED_MEMORY turns it off (any other value than 0/1, false/true, no/yes, off/on: UserInputError)."""
-    setting = os.environ.get("RLHF_KEEP_FREED_MEMORY", "1").strip().lower()
-    if setting not in _ON + _OFF:
-        raise UserInputError(f"RLHF_KEEP_FREED_MEMORY={os.environ['RLHF_KEEP_FREED_MEMORY']!r}: use 1 (the default: "
-                             "keep freed memory, faster) or 0 (give it back to the system)")
-    if setting in _OFF:
+    if not env_switch("RLHF_KEEP_FREED_MEMORY", "keep freed memory, faster; 0 gives it back to the system"):
         return False
     name = ctypes.util.find_library("c")
     if name is None:

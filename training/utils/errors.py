@@ -52,6 +52,18 @@ _WRITE_FAILURE_TEXT = ("No space left", "File too large", "Disk quota", "Read-on
                        "os error 27", "os error 122", "file write failed", "unexpected pos")
 
 
+_SWITCH_ON, _SWITCH_OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
+
+
+def env_switch(name: str, what: str) -> bool:
+    """The on/off setting of environment variable `name` (default on: unset or empty). Any value but 0/1,
+    false/true, no/yes, off/on is a UserInputError naming it; `what` says what the default does."""
+    setting = os.environ.get(name, "1").strip().lower()
+    if setting not in _SWITCH_ON + _SWITCH_OFF:
+        raise UserInputError(f"{name}={os.environ[name]!r}: use 1 (the default: {what}) or 0 (off)")
+    return setting in _SWITCH_ON
+
+
 def shorten(text: str, limit: int) -> str:
     """`text`, or its first `limit` - 3 characters and '...' when it is longer than `limit`."""
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -6,6 +6,7 @@ import torch
 
 from training.utils.data.collators import PromptCollator
 from training.utils.model.attention import SEGMENT_ATTENTION
+from training.utils.model.packed_linear import packed_linears
 
 
 @dataclass
@@ -37,12 +38,12 @@ class SamplingConfig:
 
 
 @contextlib.contextmanager
-def decoding_attention(model):
-    """Decode with eager attention where it is faster: a bf16/fp16 model on CPU, whose SDPA kernels are ~1.6x
-    slower than eager attention when each step attends one new token to the KV cache (tiny/opt-20m, 8 x (256 +
-    128) tokens, one thread: 4.3 s against 2.7 s; benchmarks/bench_generation.py). Full-sequence passes keep their
-    implementation (SDPA, or segment attention: model.attention). fp32 and accelerators are left alone; the model
-    is switched back on exit."""
+def decoding_kernels(model, rows_hint: int = 8):
+    """Decode with the kernels that are faster for it, on a bf16/fp16 model on CPU: eager attention, as SDPA's
+    kernels are ~1.6x slower when each step attends one new token to the KV cache (tiny/opt-20m, 8 x (256 + 128)
+    tokens, one thread: 4.3 s against 2.7 s; benchmarks/bench_generation.py), and linear layers on packed weights
+    (model.packed_linear; bf16, the same values). Full-sequence passes keep their implementation (SDPA, or segment
+    attention: model.attention). fp32 and accelerators are left alone; the model is switched back on exit."""
     current = getattr(model.config, "_attn_implementation", None)
     parameter = next(model.parameters(), None)
     switch = (current in ("sdpa", SEGMENT_ATTENTION) and parameter is not None and parameter.device.type == "cpu"
@@ -50,7 +51,8 @@ def decoding_attention(model):
     if switch:
         model.set_attn_implementation("eager")
     try:
-        yield
+        with packed_linears(model, rows_hint):
+            yield
     finally:
         if switch:
             model.set_attn_implementation(current)
@@ -65,7 +67,7 @@ def generate_replies(model, prompt_format, prompts: list[str], sampling: Samplin
     collator = PromptCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     replies = []
-    with decoding_attention(model):
+    with decoding_kernels(model):
         for start in range(0, len(prompts), batch_size):
             items = [{"prompt_ids": prompt_format.encode_prompt(p)} for p in prompts[start:start + batch_size]]
             batch = collator(items)

@@ -17,7 +17,7 @@ padding mask into `attention_segments` (the kwarg transformers passes down to ev
 pass `**packed_segments(segment_ids)` themselves, beside their 4-D block mask. Whenever the
 per-segment form does not apply (not CPU, fp32, a KV cache, attention dropout, sliding windows, soft-capping,
 attention sinks or position biases, no segments), the call is SDPA's, unchanged; decoding switches to eager
-attention as before (sampling.decoding_attention).
+attention as before (sampling.decoding_kernels).
 """
 from dataclasses import dataclass
 

@@ -52,11 +52,12 @@ from training.utils.losses import (
 )
 from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
 from training.utils.model.logits import last_logits, logits_at
+from training.utils.model.packed_linear import packed_linears
 from training.utils.rlhf.config import RLHFConfig
 from training.utils.rlhf.control import make_kl_controller
 from training.utils.rlhf.experience import Experience
 from training.utils.rlhf.scorer import Scorer, Scores
-from training.utils.sampling import SamplingConfig, decoding_attention
+from training.utils.sampling import SamplingConfig, decoding_kernels
 
 
 @dataclass
@@ -115,7 +116,7 @@ class PPOTrainer:
         actor = self.engine.actor
         actor.eval()
         generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
-        with decoding_attention(actor.module):
+        with decoding_kernels(actor.module, len(prompt_ids)):
             output = generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                               eos_token_id=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                               synced_gpus=self.synced_gpus, use_cache=True,
@@ -152,14 +153,13 @@ class PPOTrainer:
         attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         prompt_width = prompt_ids.size(1)
 
-        log_probs = gather_log_probs(self._action_logits(self.engine.actor, sequences, attention_mask, prompt_width),
-                                     answer_ids)
-        ref_log_probs = gather_log_probs(self._action_logits(self.engine.ref, sequences, attention_mask, prompt_width),
-                                         answer_ids)
+        log_probs, ref_log_probs = (self._scored_log_probs(engine, sequences, attention_mask, answer_ids)
+                                    for engine in (self.engine.actor, self.engine.ref))
         group = {}
         if self.engine.critic is not None:  # PPO: GAE over the critic's values
             self.engine.critic.eval()
-            values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
+            with packed_linears(self.engine.critic, len(sequences)):
+                values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
             scores = self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
             end_scores = apply_truncation_penalty(scores.train, ended, self.config.ppo.truncation_penalty)
             rewards, kl = kl_penalty_rewards(log_probs, ref_log_probs, action_mask, end_scores, self.kl_ctl.value,
@@ -232,6 +232,12 @@ class PPOTrainer:
     def score_answers(self, prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references=None) -> Scores:
         """The rewards of finished answers (held-out evaluation)."""
         return self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
+
+    def _scored_log_probs(self, engine, sequences, attention_mask, answer_ids) -> torch.Tensor:
+        """[B, A] log-probabilities of the answer tokens under `engine` (no gradients; packed weights)."""
+        with packed_linears(engine, len(sequences)):
+            logits = self._action_logits(engine, sequences, attention_mask, sequences.size(1) - answer_ids.size(1))
+        return gather_log_probs(logits, answer_ids)
 
     def _action_logits(self, engine, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
         """[B, A, V] logits that score the answer tokens (position P + t - 1 predicts token P + t), at

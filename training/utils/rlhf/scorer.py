@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.utils.model.packed_linear import packed_linears
 from training.utils.rlhf.control import RewardNormalizer
 from training.utils.rlhf.rewards import compute_rule_rewards, load_reward_function
 
@@ -52,8 +53,10 @@ class Scorer:
                  lengths: torch.Tensor, action_mask: torch.Tensor, references: list | None) -> Scores:
         model_scores = rule = None
         if self.reward_engine is not None:
-            model_scores = self.reward_engine(input_ids=torch.cat([prompt_ids, answer_ids], dim=1),
-                                              attention_mask=torch.cat([prompt_mask, action_mask], dim=1)).end_scores
+            sequences = torch.cat([prompt_ids, answer_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
+            with packed_linears(self.reward_engine, len(sequences)):
+                model_scores = self.reward_engine(input_ids=sequences, attention_mask=attention_mask).end_scores
         if self.function is not None:
             prompts, replies = self.texts(prompt_ids, prompt_mask, answer_ids, lengths)
             rule = compute_rule_rewards(self.function, self.spec, prompts, replies,

@@ -1,0 +1,81 @@
+"""Inference passes of a bf16 model on CPU run its linear layers on weights reordered once for oneDNN.
+
+`F.linear` on a bf16 CPU tensor calls oneDNN, which reorders (packs) the weight into its blocked layout on every
+call. A pass without gradients (generation, step 3's scoring passes, evaluation) can pack each weight once and
+call oneDNN's linear on the packed copy: the same kernel on the same layout, so the outputs are bitwise the same
+(tests/test_packed_linear.py), with less memory traffic per call. Measured (tiny/opt-20m, one thread of an AMD EPYC
+with avx512_bf16): the linear layers of one decoding step of 8 rows 8.9 -> 5.0 ms, of a 2,000-token forward 489 ->
+384 ms when weights do not stay in cache; packing all of that model's weights takes ~30 ms.
+
+    with packed_linears(model):        # a no-op where it does not apply
+        output = model.generate(...)   # or any forward under torch.no_grad()
+
+It applies to modules whose type is exactly `nn.Linear` with a materialised bf16 weight on CPU (a ZeRO-3
+partitioned weight, LoRA layers, GPT-2's Conv1D and subclasses keep their own forward), and only while gradients
+are off: a call with gradients on inside the block runs the plain `F.linear`. The packed copies hold one more
+copy of those weights for the duration of the block. fp32 keeps MKL's kernels (oneDNN's give different values
+there). RLHF_PACKED_WEIGHTS=0 (or false / no / off) turns it off.
+"""
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.utils.errors import env_switch
+
+
+@functools.cache
+def _kernels_match() -> bool:
+    """Whether this torch has oneDNN's packed bf16 linear and it gives F.linear's values bit for bit (probed once
+    on a small random layer)."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight") and ops._is_mkldnn_bf16_supported()):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight, bias, x = (torch.randn(*shape, generator=generator).to(torch.bfloat16)
+                       for shape in ((48, 32), (48,), (5, 32)))
+    try:
+        packed = ops._reorder_linear_weight(weight, 8)
+        return torch.equal(ops._linear_pointwise(x, packed, bias, "none", [], ""), F.linear(x, weight, bias))
+    except RuntimeError:
+        return False
+
+
+def _packable(module: nn.Module) -> bool:
+    if type(module) is not nn.Linear or "forward" in vars(module):
+        return False
+    weight = module.weight
+    return weight.dim() == 2 and weight.numel() > 0 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+
+
+def _packed_forward(module: nn.Linear, rows_hint: int):
+    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows_hint)
+    bias = None if module.bias is None else module.bias.detach()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.bfloat16:
+            return F.linear(x, module.weight, module.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return forward
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows_hint: int = 8):
+    """Run `model`'s bf16 CPU linear layers on packed weights inside the block (see the module docstring); a
+    `model` that is not an nn.Module (e.g. DPO's cached reference log-probs) is left alone.
+    `rows_hint`: the rows per call oneDNN's layout is chosen for (the batch of a decoding step); any row count
+    works. The weights must not change inside the block."""
+    modules = []
+    switched_on = env_switch("RLHF_PACKED_WEIGHTS", "pack weights for inference passes")
+    if isinstance(model, nn.Module) and switched_on and _kernels_match():
+        modules = [m for m in model.modules() if _packable(m)]
+    try:
+        for module in modules:
+            module.forward = _packed_forward(module, rows_hint)
+        yield
+    finally:
+        for module in modules:
+            vars(module).pop("forward", None)
