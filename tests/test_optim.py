@@ -149,6 +149,30 @@ def test_adamw_step_decays_a_matrix_but_not_a_norm_gain():
     assert matrix.detach().norm() < matrix_before.norm()
 
 
+def test_cpu_adamw_is_the_fused_kernel_with_the_per_tensor_loops_update():
+    """create_optimizer on CPU: torch's fused AdamW, whose steps match the default per-tensor AdamW (decay and
+    no-decay groups, three steps of the same gradients) to float rounding."""
+    from training.utils.optim import create_optimizer
+
+    model, reference = build("opt"), build("opt")  # the same seeded weights
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = create_optimizer(get_optimizer_grouped_parameters(model, weight_decay=0.1), lr=1e-2, offload=False,
+                                 device="cpu")
+    baseline = torch.optim.AdamW(get_optimizer_grouped_parameters(reference, weight_decay=0.1), lr=1e-2,
+                                 betas=(0.9, 0.95), foreach=False)
+    assert isinstance(optimizer, torch.optim.AdamW) and all(g["fused"] for g in optimizer.param_groups)
+    torch.manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        baseline.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert not torch.equal(p.detach(), before[name]), name
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_zero3_partitioned_parameters_group_by_their_full_shape(distributed):
     """Under ZeRO-3 the local shards are empty 1-D tensors; the decision must use ds_shape."""
     from transformers.integrations import HfDeepSpeedConfig
