@@ -40,12 +40,17 @@ to 216, sampled, every answer to the limit; generated tokens per CPU second, ans
     tiny/opt-20m bf16    246 /  262   247 /  267   244 /  241*   343 /  369*   264 /  258*
     (* tokens differ from plain's)
 
-rollout is plain within the noise (paired medians -1.7% to +4.4%; repeated A/B runs of the tiny/opt fp32
-row give -2% to +3%): what the engine adds per token, DeepSpeed's forward pre/post hooks, costs ~4 us. The
+(That table predates sampling.decoding_kernels.) In fp32 rollout is plain within the noise (paired medians -1.7% to
++4.4%; repeated A/B runs of the tiny/opt fp32 row give -2% to +3%): what the engine adds per token, DeepSpeed's
+forward pre/post hooks, costs ~4 us. In bf16 on CPU rollout decodes with eager attention and linear layers on
+packed weights (model.packed_linear), so rollout_overhead is negative there: measured 2026-12-06 (tiny/opt-20m
+bf16, answers 64 / 128, tokens per CPU second, beside a test run on the other core) plain 254 / 211, eager
+356 / 339, rollout 415 / 380, every variant's tokens equal to plain's: packing adds 17% / 12% to eager attention. The
 static cache wins 0-10% in fp32 (one cell loses 3%) and loses 1-8% in bf16. Compiling took 9-43 s on a cold
 inductor cache (1.5-13 s warm) plus 5-11 s again for each batch wider than any before; a 10-call run with it
 was slower than plain in 6 of 8 cells even on a warm cache. Eager attention is 22-41% faster than SDPA in
-bf16 (one-token SDPA queries are ~5x slower in bf16 than in fp32 on this CPU), but changes tokens.
+bf16 (one-token SDPA queries are ~5x slower in bf16 than in fp32 on this CPU); its tokens differed from SDPA's in
+that table, not in the 2026-12-06 run.
 """
 import argparse
 import json
