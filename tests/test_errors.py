@@ -104,3 +104,25 @@ def test_an_entry_point_ending_in_an_error_tears_down_the_process_group_it_start
     env = clean_env(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     stdout, stderr = run_python(GROUP_LEFT_BEHIND, env=env).communicate(timeout=60)
     assert stdout.strip() == "exit 2, process group left running: False", stderr
+
+
+@pytest.mark.parametrize("name", ["RLHF_PACKED_WEIGHTS", "RLHF_KEEP_FREED_MEMORY"])
+def test_a_bad_environment_switch_stops_every_entry_point_before_it_starts(name):
+    """report_user_errors checks every ENV_SWITCHES value before main runs: one error line, exit 2, main never
+    called. A real entry point too: serve.py with a model directory that does not exist is refused for the
+    switch first."""
+    process = run_python(MAIN, "crash", env=clean_env(**{name: "fast"}))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and "a bug" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: {name}='fast': use 1 (the default: "), stderr
+    serve = subprocess.run([sys.executable, "applications/serve.py", "--path", "/nonexistent/model"], cwd=REPO,
+                           env=clean_env(**{name: "maybe"}), capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 2 and serve.stderr.strip().splitlines()[-1].startswith(f"error: {name}='maybe'")
+
+
+@pytest.mark.parametrize("value, on", [("", True), (" ON ", True), ("yes", True), ("0", False), ("Off", False)])
+def test_switch_values(monkeypatch, value, on):
+    from training.utils.errors import env_switch
+
+    monkeypatch.setenv("RLHF_PACKED_WEIGHTS", value)
+    assert env_switch("RLHF_PACKED_WEIGHTS") is on

@@ -27,7 +27,7 @@ _TRIM_THRESHOLD_BYTES = 2**31 - 1  # the largest int: the heap's free top is nev
 def keep_freed_memory() -> bool:
     """Ask glibc to serve large allocations from the heap and keep freed memory; False where that is not glibc
     or RLHF_KEEP_FREED_MEMORY turns it off (any other value than 0/1, false/true, no/yes, off/on: UserInputError)."""
-    if not env_switch("RLHF_KEEP_FREED_MEMORY", "keep freed memory, faster; 0 gives it back to the system"):
+    if not env_switch("RLHF_KEEP_FREED_MEMORY"):
         return False
     name = ctypes.util.find_library("c")
     if name is None:

@@ -52,15 +52,21 @@ _WRITE_FAILURE_TEXT = ("No space left", "File too large", "Disk quota", "Read-on
                        "os error 27", "os error 122", "file write failed", "unexpected pos")
 
 
+# The project's on/off environment switches (on unless set to 0), with what "on" does. Every entry point checks
+# them before it starts (report_user_errors), so a bad value stops a run before any work, not at first use.
+ENV_SWITCHES = {
+    "RLHF_KEEP_FREED_MEMORY": "CPU processes keep the memory they free, faster (allocator.py)",
+    "RLHF_PACKED_WEIGHTS": "bf16 inference passes on CPU pack their weights once, faster (model/packed_linear.py)",
+}
 _SWITCH_ON, _SWITCH_OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 
 
-def env_switch(name: str, what: str) -> bool:
-    """The on/off setting of environment variable `name` (default on: unset or empty). Any value but 0/1,
-    false/true, no/yes, off/on is a UserInputError naming it; `what` says what the default does."""
+def env_switch(name: str) -> bool:
+    """The setting of ENV_SWITCHES' `name` (unset or empty: on). Any value but 0/1, false/true, no/yes, off/on
+    is a UserInputError naming it."""
     setting = os.environ.get(name, "1").strip().lower()
     if setting not in _SWITCH_ON + _SWITCH_OFF:
-        raise UserInputError(f"{name}={os.environ[name]!r}: use 1 (the default: {what}) or 0 (off)")
+        raise UserInputError(f"{name}={os.environ[name]!r}: use 1 (the default: {ENV_SWITCHES[name]}) or 0 (off)")
     return setting in _SWITCH_ON
 
 
@@ -160,6 +166,7 @@ def _release_process_group() -> None:
 def report_user_errors(main):
     """Wrap an entry point's `main()`:
 
+    - the environment switches (ENV_SWITCHES) are checked first;
     - a UserInputError (exit 2) or a NonFiniteLossError (exit 3) ends the process with one line on stderr and
       no traceback; anything else keeps its traceback and exits 1;
     - stdout and stderr survive a closed pipe (see _PipeSafeStream);
@@ -171,6 +178,8 @@ def report_user_errors(main):
         streams, group_before = (sys.stdout, sys.stderr), _process_group_running()
         sys.stdout, sys.stderr = _PipeSafeStream(sys.stdout), _PipeSafeStream(sys.stderr)
         try:
+            for name in ENV_SWITCHES:
+                env_switch(name)
             return main(*args, **kwargs)
         except UserInputError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -69,8 +69,7 @@ def packed_linears(model, rows_hint: int = 8):
     `rows_hint`: the rows per call oneDNN's layout is chosen for (the batch of a decoding step); any row count
     works. The weights must not change inside the block."""
     modules = []
-    switched_on = env_switch("RLHF_PACKED_WEIGHTS", "pack weights for inference passes")
-    if isinstance(model, nn.Module) and switched_on and _kernels_match():
+    if isinstance(model, nn.Module) and env_switch("RLHF_PACKED_WEIGHTS") and _kernels_match():
         modules = [m for m in model.modules() if _packable(m)]
     try:
         for module in modules:
