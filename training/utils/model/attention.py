@@ -14,10 +14,10 @@ tokens spends 27% of its 4.4 s in SDPA; with the per-segment form the step takes
 How it is switched on: `use_segment_attention(model)` (every model builder calls it) registers the attention
 function under SEGMENT_ATTENTION with SDPA's mask builder, and a forward pre-hook that turns a contiguous 2-D
 padding mask into `attention_segments` (the kwarg transformers passes down to every attention call). Packed rows
-pass `**packed_segments(segment_ids)` themselves, beside their 4-D block mask. Whenever the
-per-segment form does not apply (not CPU, fp32, a KV cache, attention dropout, sliding windows, soft-capping,
-attention sinks or position biases, no segments), the call is SDPA's, unchanged; decoding switches to eager
-attention as before (sampling.decoding_kernels).
+pass `**packed_segments(segment_ids)` themselves, beside their 4-D block mask. Whenever the per-segment form does
+not apply (not CPU, fp32, a KV cache, attention dropout, sliding windows, soft-capping, attention sinks or position
+biases, no segments), the call is SDPA's, unchanged; decoding switches to eager attention as before
+(sampling.decoding_kernels).
 """
 from dataclasses import dataclass
 

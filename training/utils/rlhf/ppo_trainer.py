@@ -154,7 +154,7 @@ class PPOTrainer:
         attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         prompt_width = prompt_ids.size(1)
 
-        log_probs, ref_log_probs = (self._scored_log_probs(engine, sequences, attention_mask, answer_ids)
+        log_probs, ref_log_probs = (self._scored_log_probs(engine, sequences, attention_mask, prompt_width, answer_ids)
                                     for engine in (self.engine.actor, self.engine.ref))
         group = {}
         if self.engine.critic is not None:  # PPO: GAE over the critic's values
@@ -234,10 +234,10 @@ class PPOTrainer:
         """The rewards of finished answers (held-out evaluation)."""
         return self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
 
-    def _scored_log_probs(self, engine, sequences, attention_mask, answer_ids) -> torch.Tensor:
+    def _scored_log_probs(self, engine, sequences, attention_mask, prompt_width: int, answer_ids) -> torch.Tensor:
         """[B, A] log-probabilities of the answer tokens under `engine` (no gradients; packed weights)."""
         with packed_linears(engine, len(sequences)):
-            logits = self._action_logits(engine, sequences, attention_mask, sequences.size(1) - answer_ids.size(1))
+            logits = self._action_logits(engine, sequences, attention_mask, prompt_width)
         return gather_log_probs(logits, answer_ids)
 
     def _action_logits(self, engine, sequences, attention_mask, prompt_width: int) -> torch.Tensor:

@@ -139,8 +139,7 @@ def load_reward_function(spec: str) -> RewardFunction:
     if not callable(function):
         raise UserInputError(f"'{name}' in '{path_text}' is not callable (it is {type(function).__name__} "
                              f"{shorten(repr(function), _SHOWN_CHARS)}); name a function "
-                             "fn(prompts, replies, references) -> "
-                             f"list[float] in '{spec}'")
+                             f"fn(prompts, replies, references) -> list[float] in '{spec}'")
     return function
 
 
