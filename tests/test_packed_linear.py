@@ -136,7 +136,8 @@ def test_step3_experience_is_bitwise_the_same_with_packed_weights(tmp_path, dist
     config = parse_args(["--actor_model_name_or_path", "tiny/opt", "--critic_model_name_or_path",
                          str(tmp_path / "reward"), "--data_path", "synthetic/copy", "--output_dir",
                          str(tmp_path / "unused"), "--dtype", "bf16", "--max_answer_seq_len", "10",
-                         "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4"])
+                         "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
+                         "--separate_scoring_pass"])
     seeding.set_random_seed(0)
     trainer = PPOTrainer(build_rlhf_engine(config, tokenizer, torch.device("cpu"), 10, 10), config)
     generator = torch.Generator().manual_seed(0)

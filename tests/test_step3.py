@@ -232,6 +232,7 @@ def test_ppo_raises_held_out_reward_and_accuracy_over_the_sft_actor(sft_and_rewa
                  "throughput/samples_per_s"):
         assert all(math.isfinite(row[name]) for row in steps), name
     assert "step 24 | reward" in result.stdout and "eval after step 24: reward" in result.stdout
+    assert "scoring: old log-probs and values from the first update's forward" in result.stdout
     assert list((work / "tb" / "step3_rlhf").iterdir())  # TensorBoard events
     from transformers import AutoModelForCausalLM
 
@@ -270,6 +271,9 @@ def test_ppo_epochs_and_generation_batches_train_in_minibatches(ema_epochs_run):
 def test_hybrid_engine_flag_on_cpu_falls_back_once_and_trains(ema_epochs_run):
     _, _, result = ema_epochs_run
     assert result.stdout.count("Hybrid Engine: DeepSpeed has no inference kernels on cpu") == 1
+    assert ("scoring: old log-probs and values in passes of their own (--generation_batches 2: a mini-batch mixes "
+            "generation batches; 8 rows per generation batch in mini-batches of --per_device_training_batch_size 6)"
+            in result.stdout)
 
 
 def test_ema_differs_from_the_sft_and_the_actor_and_lags_behind(ema_epochs_run):

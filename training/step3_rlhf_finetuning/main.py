@@ -97,6 +97,7 @@ def main(argv=None) -> None:
     trainer = PPOTrainer(rlhf_engine, config, prompt_format.stop_token_ids, reward_function)
     distributed.print_rank_0(f"advantages: {config.rl.advantage_estimator}, {config.rl.n_samples_per_prompt} "
                              f"answer(s) per prompt; rewards: {trainer.scorer.describe()}")
+    distributed.print_rank_0(f"scoring: {trainer.scoring_plan}")
     # PPO whitens GAE advantages over the buffer; the critic-free estimators normalise their own (or, Dr. GRPO,
     # on purpose not).
     whiten = not config.rl.critic_free and not config.ppo.no_whiten_advantages

@@ -160,6 +160,18 @@ def set_dropout(config, dropout: float | None) -> None:
             setattr(config, key, dropout)
 
 
+def active_dropout(model) -> list[str]:
+    """What would drop activations in train mode: the config's non-zero dropout probabilities (read by the
+    architecture's functional dropout) and nn.Dropout modules with p > 0 (e.g. LoRA's). Empty: train mode
+    computes what eval mode does."""
+    config = getattr(model, "config", None)
+    found = [f"{key}={getattr(config, key)}" for key in DROPOUT_KEYS
+             if isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) > 0]
+    found += sorted({f"{type(m).__name__}(p={m.p})" for m in model.modules()
+                    if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0})
+    return found
+
+
 def create_hf_model(model_name_or_path: str, tokenizer, *, ds_config: dict | None = None,
                     dropout: float | None = None, trust_remote_code: bool = False,
                     model_class=None):

@@ -192,6 +192,13 @@ class RLHFConfig(TrainingFlags, TokenizerFlags, DeepSpeedFlags, ReferenceOffload
     generation_batches: int = option(1, "Generation batches collected into the experience buffer before PPO trains "
                                         "on it.", check=at_least(1), resume=FIXED)
     ppo_epochs: int = option(1, "Passes of PPO over each experience buffer.", check=at_least(1), resume=FIXED)
+    separate_scoring_pass: bool = option(
+        False, "[new] Compute the old log-probs and values in no-grad forwards of their own, as DeepSpeed-Chat does. "
+               "By default, when a PPO step trains one mini-batch holding its whole generation batch "
+               "(--generation_batches 1 and --per_device_training_batch_size at least the rows generated) and "
+               "neither actor nor critic has dropout, the first update's forward gives them: the same numbers (PPO's "
+               "ratio is exactly 1 there), one actor and one critic forward fewer per step, but both models' "
+               "activations are held from scoring to the update (more memory).")
     enable_ema: bool = option(False, "Keep an exponential moving average of the actor, saved as actor_ema/.",
                               resume=FIXED)
     ema_beta: float = option(0.992, "[new] EMA decay: ema = beta * ema + (1 - beta) * actor after each PPO round.",

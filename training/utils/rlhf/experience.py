@@ -156,12 +156,15 @@ class ExperienceBuffer:
         return self.batches >= self.capacity
 
     def minibatches(self, batch_size: int) -> list[Experience]:
-        """One pass (a PPO epoch) over the buffer in a fresh random order."""
+        """One pass (a PPO epoch) over the buffer in a fresh random order. A buffer that fits one mini-batch
+        keeps its rows in generation order (an order within one mini-batch changes nothing), so that mini-batch
+        is the generation batch PPOTrainer may already have run the update's forward on."""
         if self.whiten and not self.whitened:
             self._whiten_advantages()
-        order = torch.randperm(len(self.rows), generator=self.generator).tolist()
+        n = len(self.rows)
+        order = list(range(n)) if n <= batch_size else torch.randperm(n, generator=self.generator).tolist()
         return [Experience.from_rows([self.rows[i] for i in order[start:start + batch_size]], self.pad_token_id)
-                for start in range(0, len(order), batch_size)]
+                for start in range(0, n, batch_size)]
 
     def _whiten_advantages(self) -> None:
         flat = torch.cat([row["advantages"] for row in self.rows]).unsqueeze(0)

@@ -51,6 +51,7 @@ from training.utils.losses import (
     value_loss,
 )
 from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
+from training.utils.model.build import active_dropout
 from training.utils.model.logits import last_logits, logits_at
 from training.utils.model.packed_linear import packed_linears
 from training.utils.rlhf.config import RLHFConfig
@@ -71,6 +72,55 @@ class Rollout:
     scoring_s: float
     group_std: torch.Tensor | None = None  # [B / n] population std of each prompt's rewards (n >= 2 only)
     dropped: torch.Tensor | None = None  # [B / n] True for a group --drop_equal_reward_groups left out
+
+
+@dataclass
+class UpdateForward:
+    """The first PPO update's forward, run on a generation batch while it is scored (see
+    update_forward_blockers): its outputs keep their autograd graphs until train_rlhf trains on the same rows."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    answer_ids: torch.Tensor
+    action_mask: torch.Tensor
+    log_probs: torch.Tensor  # [B, A] the actor's, with gradients
+    entropy: torch.Tensor  # [B, A] no gradients
+    values: torch.Tensor | None  # [B, A] the critic's, with gradients (None without a critic)
+
+    def outputs_for(self, experience: Experience) -> tuple | None:
+        """(log_probs, entropy, values) cut to `experience`'s answer width when it holds exactly these rows in
+        this order (the buffer's re-padding may only have trimmed all-pad columns), else None."""
+        cut = self.prompt_ids.size(1) - experience.prompt_ids.size(1)
+        width = experience.answer_ids.size(1)
+        if len(experience.answer_ids) != len(self.answer_ids) or cut < 0 or width > self.answer_ids.size(1):
+            return None
+        pairs = ((self.prompt_ids[:, cut:], experience.prompt_ids), (self.prompt_mask[:, cut:], experience.prompt_mask),
+                 (self.answer_ids[:, :width], experience.answer_ids),
+                 (self.action_mask[:, :width], experience.action_mask))
+        trimmed_pad_only = not (self.prompt_mask[:, :cut].any() or self.action_mask[:, width:].any())
+        if not trimmed_pad_only or not all(torch.equal(mine.to(theirs.dtype), theirs) for mine, theirs in pairs):
+            return None
+        return (self.log_probs[:, :width], self.entropy[:, :width],
+                None if self.values is None else self.values[:, :width])
+
+
+def update_forward_blockers(config: RLHFConfig, rlhf_engine) -> list[str]:
+    """Why the first update's forward cannot also give the old log-probs and values of a generation batch (empty:
+    it does, --separate_scoring_pass aside). It can when the update trains on exactly the generated rows before
+    any optimizer step, and its train-mode forward computes what a no-grad scoring pass would (no dropout)."""
+    if config.separate_scoring_pass:
+        return ["--separate_scoring_pass"]
+    blockers = []
+    rows = config.per_device_generation_batch_size * config.rl.n_samples_per_prompt
+    if config.generation_batches > 1:
+        blockers.append(f"--generation_batches {config.generation_batches}: a mini-batch mixes generation batches")
+    if rows > config.per_device_training_batch_size:
+        blockers.append(f"{rows} rows per generation batch in mini-batches of --per_device_training_batch_size "
+                        f"{config.per_device_training_batch_size}")
+    for name, engine in (("actor", rlhf_engine.actor), ("critic", rlhf_engine.critic)):
+        dropout = active_dropout(engine.module) if engine is not None else []
+        if dropout:
+            blockers.append(f"the {name} has dropout ({', '.join(dropout)}; --{name}_dropout 0 removes it)")
+    return blockers
 
 
 class PPOTrainer:
@@ -96,6 +146,11 @@ class PPOTrainer:
         self._positions = {id(e): "position_ids" in inspect.signature(e.module.forward).parameters
                            for e in (rlhf_engine.actor, rlhf_engine.ref)}
         self._warned_fp32_overflow = False
+        blockers = update_forward_blockers(config, rlhf_engine)
+        self.score_in_update = not blockers
+        self.scoring_plan = ("old log-probs and values from the first update's forward" if self.score_in_update else
+                             f"old log-probs and values in passes of their own ({'; '.join(blockers)})")
+        self.pending_update: UpdateForward | None = None
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -145,22 +200,34 @@ class PPOTrainer:
         references = prompt_batch.get("references")
         if references is not None:
             references = [reference for reference in references for _ in range(n)]
+        self.pending_update = None  # an unused one's activations are freed before this batch's passes
         start = time.perf_counter()
         answer_ids = self.generate(prompt_ids, prompt_mask)
         generated = time.perf_counter()
+        baseline = None
+        if self.config.rl.advantage_estimator == "remax":  # a greedy answer per prompt is the baseline
+            # (generated before the update's forward below: nothing may touch the actor's weights in between)
+            baseline = self.greedy_scores(prompt_batch, references)
 
         answer_ids, lengths, ended, action_mask = self.close_answers(answer_ids)
         sequences = torch.cat([prompt_ids, answer_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         prompt_width = prompt_ids.size(1)
 
-        log_probs, ref_log_probs = (self._scored_log_probs(engine, sequences, attention_mask, prompt_width, answer_ids)
-                                    for engine in (self.engine.actor, self.engine.ref))
+        if self.score_in_update:
+            self.pending_update = self._update_forward(prompt_ids, prompt_mask, answer_ids, action_mask)
+            log_probs = self.pending_update.log_probs.detach()
+        else:
+            log_probs = self._scored_log_probs(self.engine.actor, sequences, attention_mask, prompt_width, answer_ids)
+        ref_log_probs = self._scored_log_probs(self.engine.ref, sequences, attention_mask, prompt_width, answer_ids)
         group = {}
         if self.engine.critic is not None:  # PPO: GAE over the critic's values
-            self.engine.critic.eval()
-            with packed_linears(self.engine.critic, len(sequences)):
-                values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
+            if self.pending_update is not None:
+                values = self.pending_update.values.detach()
+            else:
+                self.engine.critic.eval()
+                with packed_linears(self.engine.critic, len(sequences)):
+                    values = self._action_values(self.engine.critic, sequences, attention_mask, prompt_width)
             scores = self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
             end_scores = apply_truncation_penalty(scores.train, ended, self.config.ppo.truncation_penalty)
             rewards, kl = kl_penalty_rewards(log_probs, ref_log_probs, action_mask, end_scores, self.kl_ctl.value,
@@ -171,9 +238,6 @@ class PPOTrainer:
         else:
             scores = self.scorer(prompt_ids, prompt_mask, answer_ids, lengths, action_mask, references)
             end_scores = self._clipped(scores, ended)
-            baseline = None
-            if self.config.rl.advantage_estimator == "remax":  # a greedy answer per prompt is the baseline
-                baseline = self.greedy_scores(prompt_batch, references)
             advantages, loss_mask, group = self.critic_free_advantages(end_scores, scores.raw, log_probs,
                                                                        ref_log_probs, action_mask, baseline)
             kl = (log_probs - ref_log_probs) * action_mask
@@ -240,6 +304,28 @@ class PPOTrainer:
             logits = self._action_logits(engine, sequences, attention_mask, prompt_width)
         return gather_log_probs(logits, answer_ids)
 
+    def _update_forward(self, prompt_ids, prompt_mask, answer_ids, action_mask) -> UpdateForward:
+        """The first update's forward of the actor (and critic) on a generation batch, graphs kept for train_rlhf;
+        its detached outputs are the batch's old log-probs and values."""
+        actor, critic = self.engine.actor, self.engine.critic
+        sequences = torch.cat([prompt_ids, answer_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
+        prompt_width, values = prompt_ids.size(1), None
+        with torch.enable_grad():
+            with training_pass(actor, self.config.actor.gradient_checkpointing):
+                log_probs, entropy = self._policy_forward(actor, sequences, attention_mask, prompt_width, answer_ids)
+            if critic is not None:
+                with training_pass(critic, self.config.critic.gradient_checkpointing):
+                    values = self._action_values(critic, sequences, attention_mask, prompt_width)
+        return UpdateForward(prompt_ids, prompt_mask, answer_ids, action_mask, log_probs, entropy, values)
+
+    def _policy_forward(self, actor, sequences, attention_mask, prompt_width: int, answer_ids) -> tuple:
+        """([B, A] log-probs of the answer tokens, with gradients; [B, A] entropy of each position, without)."""
+        logits = self._action_logits(actor, sequences, attention_mask, prompt_width)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
+        return gather_log_probs(logits, answer_ids), entropy
+
     def _action_logits(self, engine, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
         """[B, A, V] logits that score the answer tokens (position P + t - 1 predicts token P + t), at
         the sampling temperature so log-probabilities are those of the distribution sampled from."""
@@ -270,10 +356,15 @@ class PPOTrainer:
         mask = experience.action_mask if critic is not None else experience.loss_mask
         low, high = config.clip_range
         extra = {}
+        pending, self.pending_update = self.pending_update, None
+        reused = pending.outputs_for(experience) if pending is not None else None  # scoring ran this forward
 
         with training_pass(actor, config.actor.gradient_checkpointing):
-            logits = self._action_logits(actor, sequences, attention_mask, prompt_width)
-            log_probs = gather_log_probs(logits, experience.answer_ids)
+            if reused is None:
+                log_probs, entropy = self._policy_forward(actor, sequences, attention_mask, prompt_width,
+                                                          experience.answer_ids)
+            else:
+                log_probs, entropy, _ = reused
             actor_loss, stats = policy_loss(log_probs, experience.log_probs, experience.advantages, mask, low, high,
                                             config.rl.loss_agg_mode or "token_mean", config.max_answer_seq_len)
             if self.kl_in_loss:
@@ -281,15 +372,15 @@ class PPOTrainer:
                                                mask, config.rl.loss_agg_mode, config.max_answer_seq_len)
                 extra["kl_loss"] = kl_loss.item()
                 actor_loss = actor_loss + self.kl_ctl.value * kl_loss
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits), experience.action_mask)
+            entropy = masked_mean(entropy, experience.action_mask)
             actor.backward(actor_loss)
         if critic is None:
             actor.step()
             skipped = False
         else:
             with training_pass(critic, config.critic.gradient_checkpointing):
-                values = self._action_values(critic, sequences, attention_mask, prompt_width)
+                values = self._action_values(critic, sequences, attention_mask, prompt_width) if reused is None else (
+                    reused[2])
                 critic_loss = value_loss(values, experience.values, experience.returns, experience.action_mask,
                                          config.ppo.cliprange_value)
                 critic.backward(critic_loss)
