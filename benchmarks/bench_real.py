@@ -162,7 +162,11 @@ def step_argv(args, step: str, variant: str, data_file: str | Path, output_dir: 
     common = ["--data_path", str(data_file), "--data_split", args.data_split, "--data_output_path",
               args.data_output_path, "--output_dir", str(output_dir), "--num_train_epochs", "1", "--seed", "1234"]
     if step == "ppo":
+        # No dropout in step 3, as every DeepSpeed-Chat step-3 script runs it (--actor_dropout 0.0; its critic is a
+        # step-2 model trained with --dropout 0.0). The old default and DeepSpeed-Chat score in passes of their own.
+        separate = ["--separate_scoring_pass"] if variant in OLD_KERNELS else []
         return common + ["--actor_model_name_or_path", args.model, "--critic_model_name_or_path", str(critic_dir),
+                         "--actor_dropout", "0.0", "--critic_dropout", "0.0", *separate,
                          "--actor_zero_stage", "0", "--critic_zero_stage", "0",
                          "--per_device_generation_batch_size", str(args.batch_size),
                          "--per_device_training_batch_size", str(args.batch_size),
