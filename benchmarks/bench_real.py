@@ -22,6 +22,8 @@ Variants (`--variants`; the report divides every row's samples/s by the baseline
     auto-grouped          --dtype auto                         today's default (pairs: prompts shared)
     auto-grouped-packed   --dtype auto --packing               step 1 only
     auto-grouped-unshared --dtype auto --no_share_prompt       reward model and DPO: two padded rows per pair
+    auto-grouped-separate --dtype auto --separate_scoring_pass step 3: old log-probs and values in passes of their
+                                                               own (the default takes them from the update's forward)
     dschat-layout         --dtype bf16 --no_group_by_length    DeepSpeed-Chat's layout on this code:
                           (+ --no_share_prompt), every sample  the work DeepSpeed-Chat's own step does per sample,
                           padded to --max_seq_len (step 3:     measured beside the other rows on the same machine
@@ -74,6 +76,7 @@ VARIANT_FLAGS = {
     "auto-grouped": ["--dtype", "auto"],
     "auto-grouped-packed": ["--dtype", "auto", "--packing"],
     "auto-grouped-unshared": ["--dtype", "auto", "--no_share_prompt"],  # reward model and DPO
+    "auto-grouped-separate": ["--dtype", "auto", "--separate_scoring_pass"],  # step 3 only
     # DeepSpeed-Chat's data layout on this project's code: bf16, random batches, every sample padded to
     # --max_seq_len (step 3: prompts to --max_prompt_seq_len; the collators' pad_to), two rows per pair.
     "dschat-layout": ["--dtype", "bf16", "--no_group_by_length"],
@@ -82,7 +85,7 @@ OLD_KERNELS = (BASELINE, "dschat-layout")  # rows that run transformers' SDPA, g
 DEFAULT_VARIANTS = {"sft": (BASELINE, "auto-grouped", "auto-grouped-packed", "dschat-layout"),
                     "rm": (BASELINE, "auto-grouped-unshared", "auto-grouped", "dschat-layout"),
                     "dpo": (BASELINE, "auto-grouped-unshared", "auto-grouped", "dschat-layout"),
-                    "ppo": (BASELINE, "auto-grouped", "dschat-layout")}
+                    "ppo": (BASELINE, "auto-grouped-separate", "auto-grouped", "dschat-layout")}
 STEP_MODULES = {"sft": "training.step1_supervised_finetuning.main", "rm": "training.step2_reward_model_finetuning.main",
                 "dpo": "training.step2_dpo_finetuning.main", "ppo": "training.step3_rlhf_finetuning.main"}
 
@@ -118,6 +121,9 @@ def variants_for(step: str, requested=None) -> list[str]:
     bad = [v for v in chosen if "packed" in v and step != "sft"]
     if bad:
         raise SystemExit(f"--variants {' '.join(bad)}: --packing is a step-1 (sft) flag only")
+    bad = [v for v in chosen if v.endswith("-separate") and step != "ppo"]
+    if bad:
+        raise SystemExit(f"--variants {' '.join(bad)}: --separate_scoring_pass is a step-3 (ppo) flag only")
     return sorted(dict.fromkeys(chosen), key=lambda v: v != BASELINE)
 
 

@@ -69,6 +69,9 @@ def variant_label(row: dict) -> str:
     parts += ["packed (--packing)"] if row["packing"] else []
     if row["step"] in ("rm", "dpo") and row["variant"].startswith("auto"):
         parts += ["prompt shared" if row["variant"] == "auto-grouped" else "two padded rows per pair"]
+    if row["step"] == "ppo" and row["variant"].startswith("auto"):
+        parts += ["separate scoring passes" if row["variant"].endswith("-separate") else
+                  "scored in the update's forward"]
     return ", ".join(parts) + (" (baseline)" if row.get("baseline") else
                                " (default)" if row["variant"] == "auto-grouped" else "")
 

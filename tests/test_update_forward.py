@@ -64,15 +64,19 @@ def prompt_batch(tokenizer):
         [{"prompt_ids": torch.randint(10, 4000, (n,), generator=generator).tolist()} for n in (6, 11, 3, 9)])
 
 
+def trained_weights(trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for e in (trainer.engine.actor, trainer.engine.critic) if e is not None
+            for p in e.module.parameters()]
+
+
 def ppo_step(trainer, tokenizer):
     torch.manual_seed(7)
     experience, rollout = trainer.generate_experience(prompt_batch(tokenizer))
-    buffer = ExperienceBuffer(1, True, tokenizer.pad_token_id, seed=0)
+    buffer = ExperienceBuffer(1, not trainer.config.rl.critic_free, tokenizer.pad_token_id, seed=0)
     buffer.add(experience)
-    [minibatch] = buffer.minibatches(4)
+    [minibatch] = buffer.minibatches(trainer.config.per_device_training_batch_size)
     stats = trainer.train_rlhf(minibatch)
-    weights = [p.detach().clone() for e in (trainer.engine.actor, trainer.engine.critic) for p in e.module.parameters()]
-    return experience, rollout, stats, weights
+    return experience, rollout, stats, trained_weights(trainer)
 
 
 @pytest.mark.parametrize("variant", [
@@ -84,7 +88,7 @@ def test_first_update_forward_scores_the_batch_and_trains_as_separate_passes_do(
     separate = counted_trainer(reward_dir, tokenizer, *variant, "--separate_scoring_pass")
     assert fused.score_in_update and not separate.score_in_update
     assert separate.scoring_plan.endswith("(--separate_scoring_pass)")
-    initial = [p.detach().clone() for e in (fused.engine.actor, fused.engine.critic) for p in e.module.parameters()]
+    initial = trained_weights(fused)
 
     fused_experience, fused_rollout, fused_stats, fused_weights = ppo_step(fused, tokenizer)
     assert fused.pending_update is None  # consumed by the update, its activations freed
@@ -184,3 +188,23 @@ def test_active_dropout_reads_the_config_and_dropout_modules():
     assert active_dropout(model_with(0.0)) == []
     assert active_dropout(model_with(0.1)) == ["dropout=0.1"]
     assert active_dropout(model_with(0.0, lora_dropout=0.05)) == ["Dropout(p=0.05)"]
+
+
+def test_critic_free_estimators_take_the_old_log_probs_from_the_update_too(reward_dir, tokenizer, distributed):
+    """GRPO, two answers per prompt (8 rows in one mini-batch of 8): the actor's scoring pass is the update's."""
+    grpo = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "2", "--per_device_training_batch_size", "8"]
+    fused = counted_trainer(reward_dir, tokenizer, *grpo)
+    separate = counted_trainer(reward_dir, tokenizer, *grpo, "--separate_scoring_pass")
+    assert fused.score_in_update and fused.engine.critic is None
+    fused_experience, _, fused_stats, fused_weights = ppo_step(fused, tokenizer)
+    separate_experience, _, separate_stats, separate_weights = ppo_step(separate, tokenizer)
+    assert fused.calls == {"_policy_forward": 1, "_scored_log_probs": 1}
+    assert separate.calls == {"_policy_forward": 1, "_scored_log_probs": 2}
+    assert fused_experience.answer_ids.size(0) == 8
+    for name in ("log_probs", "advantages", "ref_log_probs"):
+        torch.testing.assert_close(getattr(fused_experience, name), getattr(separate_experience, name), rtol=1e-5,
+                                   atol=1e-5, msg=name)
+    assert fused_experience.advantages.abs().sum() > 0
+    assert fused_stats["actor_loss"] == pytest.approx(separate_stats["actor_loss"], rel=1e-5, abs=1e-6)
+    for mine, theirs in zip(fused_weights, separate_weights):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

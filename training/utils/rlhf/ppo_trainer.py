@@ -171,8 +171,8 @@ class PPOTrainer:
         in bf16)."""
         actor = self.engine.actor
         actor.eval()
-        generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
         with decoding_kernels(actor.module, len(prompt_ids)):
+            generate = actor.generate if self.engine.hybrid_generation else actor.module.generate
             output = generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                               eos_token_id=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                               synced_gpus=self.synced_gpus, use_cache=True,

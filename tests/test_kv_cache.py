@@ -1,0 +1,102 @@
+"""model.kv_cache: decoding with a KV cache grown in blocks gives the tokens and logits of transformers' DynamicCache
+for every architecture it is used for, and sampling.decoding_kernels hands it to generate (bf16/fp16 on CPU only)."""
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from training.utils.model.kv_cache import BLOCK, BLOCK_CACHE_MODEL_TYPES, BlockKVLayer, block_kv_cache, cache_kwarg
+
+
+def tiny_model(name: str, tokenizer, dtype=torch.bfloat16, eager: bool = True):
+    from training.utils.model.build import create_hf_model
+
+    torch.manual_seed(0)
+    model = create_hf_model(name, tokenizer, dropout=0.0).to(dtype).eval()
+    if eager:
+        model.set_attn_implementation("eager")  # what decoding_kernels decodes with
+    return model
+
+
+def left_padded_prompts(tokenizer, lengths=(30, 7, 19)):
+    generator = torch.Generator().manual_seed(1)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), tokenizer.pad_token_id)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(10, 4000, (length,), generator=generator)
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["tiny/opt", "tiny/llama", "tiny/qwen2"])
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_block_cache_decodes_the_tokens_and_logits_of_the_dynamic_cache(name, do_sample, tokenizer):
+    model = tiny_model(name, tokenizer)
+    assert model.config.model_type in BLOCK_CACHE_MODEL_TYPES
+    ids, mask = left_padded_prompts(tokenizer)
+    # 30 prompt positions + 45 new tokens: the buffers grow past 32 and 64 while decoding
+    kwargs = {"attention_mask": mask, "max_new_tokens": 45, "min_new_tokens": 45, "do_sample": do_sample,
+              "top_k": 0, "pad_token_id": tokenizer.pad_token_id, "output_logits": True,
+              "return_dict_in_generate": True}
+    outputs = {}
+    for kind, cache in (("dynamic", DynamicCache()), ("block", block_kv_cache(model))):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outputs[kind] = model.generate(ids, **{cache_kwarg(model): cache}, **kwargs)
+    dynamic, block = outputs["dynamic"], outputs["block"]
+    assert torch.equal(dynamic.sequences, block.sequences)
+    assert max((a.float() - b.float()).abs().max().item() for a, b in zip(dynamic.logits, block.logits)) == 0.0
+    layer = block.past_key_values.layers[0]
+    assert layer.get_seq_length() == 30 + 45 - 1 and layer.keys.size(2) == 3 * BLOCK  # the last token is not cached
+
+
+def test_block_layer_grows_in_blocks_keeps_the_tail_zero_and_crops():
+    layer = BlockKVLayer()
+    steps = [torch.randn(2, 3, 5, 4)] + [torch.randn(2, 3, 1, 4) for _ in range(30)]
+    for step in steps:
+        assert layer.get_mask_sizes(step.size(2)) == (-(-(layer.get_seq_length() + step.size(2)) // BLOCK) * BLOCK, 0)
+        keys, values = layer.update(step, -step)
+    cached = torch.cat(steps, dim=2)
+    assert layer.get_seq_length() == 35 and keys.shape == (2, 3, 2 * BLOCK, 4)
+    assert torch.equal(keys[:, :, :35], cached) and torch.equal(values[:, :, :35], -cached)
+    assert not keys[:, :, 35:].any() and not values[:, :, 35:].any()
+    layer.crop(-3)
+    assert layer.get_seq_length() == 32 and not layer.keys[:, :, 32:].any()
+    assert torch.equal(layer.keys[:, :, :32], cached[:, :, :32])
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(2)
+
+
+def test_other_architectures_and_sliding_windows_keep_the_dynamic_cache(tokenizer):
+    from types import SimpleNamespace
+
+    def model_with(**config):
+        settings = {"model_type": "llama", "num_hidden_layers": 2} | config
+        text_config = SimpleNamespace(**settings)
+        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text_config))
+
+    assert len(block_kv_cache(model_with()).layers) == 2
+    assert block_kv_cache(model_with(model_type="gpt2")) is None
+    assert block_kv_cache(model_with(layer_types=["full_attention", "sliding_attention"])) is None
+
+
+def test_decoding_kernels_give_generate_a_block_cache_in_bf16_only(tokenizer, monkeypatch):
+    from training.utils.sampling import decoding_kernels
+
+    updates = []
+    real_update = BlockKVLayer.update
+    monkeypatch.setattr(BlockKVLayer, "update", lambda self, *a, **k: updates.append(1) or real_update(self, *a, **k))
+    ids, mask = left_padded_prompts(tokenizer)
+    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    for dtype, used in ((torch.bfloat16, True), (torch.float32, False)):
+        model = tiny_model("tiny/opt", tokenizer, dtype, eager=False)
+        updates.clear()
+        with torch.no_grad(), decoding_kernels(model):
+            model.generate(ids, **kwargs)
+            assert bool(updates) == used, dtype
+            updates.clear()
+            model.generate(ids, **{cache_kwarg(model): DynamicCache()}, **kwargs)  # the caller's own cache is kept
+            assert not updates
+        assert "generate" not in vars(model)  # the class's generate again
+        model.generate(ids, **kwargs)
+        assert not updates
