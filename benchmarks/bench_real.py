@@ -252,6 +252,8 @@ def train_row(args, step: str, variant: str) -> dict:
         _old_attention(model)
     if step == "sft" and config.packing:
         loader = recipe.packed_train_loader(config, data, tokenizer, model, dtype, loader)
+    elif step == "sft":
+        recipe.unpad_batches(loader, model, tokenizer.pad_token_id, TORCH_DTYPES[dtype], device)
     if variant == "dschat-layout":
         loader.collate_fn = dataclasses.replace(loader.collate_fn, pad_to=config.data.max_seq_len)
     if step in ("rm", "dpo") and config.share_prompt:

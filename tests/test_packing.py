@@ -237,3 +237,64 @@ def test_listed_architectures_pack_exactly(model_type, attention):
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
     assert supports_packing(model)
     assert packing_mismatch(model) < 1e-5
+
+
+# ---------------------------------------------------------------- unpadded batches (step 1's default on CPU bf16)
+
+def test_unpadded_batch_is_the_padded_batch_in_one_row():
+    from training.utils.data.packing import UnpaddedBatchCollator
+
+    samples = [{"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, {"input_ids": [8, 9], "loss_mask": [1, 1]}]
+    batch = UnpaddedBatchCollator(PAD)(samples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]  # 8 is not predicted from 7
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1]]
+    assert batch["attention_mask"].shape == (1, 1, 5, 5)
+    # Over max_tokens the batch is padded as usual (its mask would be too big).
+    padded = UnpaddedBatchCollator(PAD, max_tokens=4)(samples)
+    assert padded.keys() == SFTCollator(PAD)(samples).keys() and padded["input_ids"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpadded_sft_loss_and_gradients_equal_the_padded_ones(tokenizer, dtype):
+    """fp32: SDPA under the block mask; bf16 on CPU: segment attention (each sample on its own tokens)."""
+    from training.step1_supervised_finetuning.main import real_samples_and_tokens, sft_loss
+    from training.utils.data.packing import UnpaddedBatchCollator
+
+    torch.manual_seed(0)
+    model = create_hf_model("tiny/opt", tokenizer, dropout=0.0).to(dtype)
+    samples = sft_samples([23, 7, 41, 12, 30], seed=3)
+    results = []
+    for batch in (SFTCollator(PAD)(samples), UnpaddedBatchCollator(PAD, dtype)(samples)):
+        model.zero_grad()
+        loss = sft_loss(model, batch, compute_fp32=True)
+        loss.backward()
+        results.append((loss.item(), [p.grad.float().clone() for p in model.parameters()],
+                        real_samples_and_tokens(batch)))
+    (padded_loss, padded_grads, padded_counts), (unpadded_loss, unpadded_grads, unpadded_counts) = results
+    assert padded_counts == unpadded_counts == (5, 113)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert unpadded_loss == pytest.approx(padded_loss, rel=tolerance)
+    scale = max(grad.abs().max() for grad in padded_grads)
+    for padded_grad, unpadded_grad in zip(padded_grads, unpadded_grads):
+        torch.testing.assert_close(unpadded_grad, padded_grad, rtol=tolerance, atol=tolerance * scale)
+
+
+def test_batches_are_unpadded_only_where_segment_attention_runs(tokenizer):
+    from training.utils.data.packing import UnpaddedBatchCollator, unpad_batches
+
+    cpu = torch.device("cpu")
+
+    def switched(model, dtype=torch.bfloat16, device=cpu) -> bool:
+        loader = types.SimpleNamespace(collate_fn=SFTCollator(PAD))
+        done = unpad_batches(loader, model, PAD, dtype, device)
+        assert isinstance(loader.collate_fn, UnpaddedBatchCollator if done else SFTCollator)
+        return done
+
+    model = create_hf_model("tiny/opt", tokenizer, dropout=0.0)
+    assert switched(model)
+    assert not switched(model, torch.float32)  # fp32 runs SDPA: the whole row's square would cost more
+    assert not switched(model, device=torch.device("cuda"))
+    assert not switched(create_hf_model("tiny/opt", tokenizer, dropout=0.1))  # attention dropout -> SDPA
+    model.set_attn_implementation("sdpa")
+    assert not switched(model)

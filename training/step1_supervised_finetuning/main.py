@@ -14,7 +14,7 @@ from training.utils.checkpoint import Checkpointer
 from training.utils.config import FIXED, configuration, flag_values, group, option, parse_config
 from training.utils.data.chat_format import PROMPT_FORMAT_FILE
 from training.utils.data.collators import SFTCollator
-from training.utils.data.packing import make_packed_loader, supports_packing
+from training.utils.data.packing import make_packed_loader, supports_packing, unpad_batches
 from training.utils.data.pipeline import PHASE_SFT, SFTDataConfig, load_supervised_data
 from training.utils.engine import (
     apply_lora,
@@ -125,6 +125,10 @@ def main(argv=None) -> None:
     apply_lora(model, config.model, config.only_optimize_lora)
     if config.packing:
         train_loader = packed_train_loader(config, data, tokenizer, model, training_dtype(config, device), train_loader)
+    elif unpad_batches(train_loader, model, tokenizer.pad_token_id, TORCH_DTYPES[training_dtype(config, device)],
+                       device):
+        distributed.print_rank_0("batches: each batch's samples in one row, no padding computed (segment attention "
+                                 "on CPU; the same samples and loss as the padded batch)")
     steps_per_epoch = supervised_steps_per_epoch(config, len(train_loader), "rows" if config.packing else "samples")
     engine, lr_scheduler = initialize_train_engine(model, config, config.model, ds_config, device, steps_per_epoch)
 

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from training.utils.losses import IGNORE_INDEX
-from training.utils.model.attention import SEGMENT_ATTENTION
+from training.utils.model.attention import SEGMENT_ATTENTION, SEGMENT_DTYPES
 from training.utils.model.build import unwrap_model
 
 # model_type values whose eager/sdpa attention takes a 4-D additive mask as is and whose positions come
@@ -52,6 +52,8 @@ from training.utils.model.build import unwrap_model
 PACKABLE_MODEL_TYPES = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2",
                                   "gpt_neox", "gptj", "falcon"})
 PACKABLE_ATTENTION = ("eager", "sdpa", SEGMENT_ATTENTION)
+# Config keys of attention-probability dropout: with it on, segment attention hands the call to SDPA.
+ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
 
 def pack_samples(lengths: Sequence[int], max_seq_len: int, seed: int = 0) -> list[list[int]]:
@@ -180,6 +182,39 @@ class PackedSFTCollator:
             position_ids[r, start:] = torch.arange(length - start)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids,
                 "attention_mask": block_causal_mask(segment_ids, self.mask_dtype)}
+
+
+@dataclass
+class UnpaddedBatchCollator:
+    """A batch of SFT samples as one row, none of its padding computed: PackedSFTCollator over [samples]
+    (positions restart per sample, a block-causal mask keeps samples apart), so samples, labels and loss are those
+    of the padded batch (SFTCollator). A batch of more than `max_tokens` tokens is right-padded as usual: its
+    [1, 1, L, L] mask would hold more than max_tokens^2 entries."""
+    pad_token_id: int
+    mask_dtype: torch.dtype = torch.float32
+    max_tokens: int = 4096
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        from training.utils.data.collators import SFTCollator
+
+        if sum(len(sample["input_ids"]) for sample in samples) > self.max_tokens:
+            return SFTCollator(self.pad_token_id)(samples)
+        return PackedSFTCollator(self.pad_token_id, mask_dtype=self.mask_dtype)([samples])
+
+
+def unpad_batches(loader, model, pad_token_id: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Switch an SFT loader of padded batches to UnpaddedBatchCollator where that is cheaper: `model` packs exactly
+    and its training passes run segment attention (model.attention: CPU, bf16/fp16, no attention dropout), so each
+    sample attends within itself and one row costs what its samples cost. Elsewhere attention would run over the
+    row's whole [L, L] square, more than the padding saves. Returns whether it switched."""
+    model = unwrap_model(model)
+    config = model.config
+    attention_dropout = any(getattr(config, key, 0) or 0 for key in ATTENTION_DROPOUT_KEYS)
+    if (device.type != "cpu" or dtype not in SEGMENT_DTYPES or attention_dropout
+            or getattr(config, "_attn_implementation", None) != SEGMENT_ATTENTION or not supports_packing(model)):
+        return False
+    loader.collate_fn = UnpaddedBatchCollator(pad_token_id, dtype)
+    return True
 
 
 def make_packed_loader(dataset, rows_per_batch: int, max_seq_len: int, pad_token_id: int, seed: int,
