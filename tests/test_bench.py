@@ -237,8 +237,8 @@ def test_real_markdown_shows_the_ratio_per_row_and_the_peaks_per_dtype():
     assert "| SFT | auto -> bf16, length-grouped, packed (--packing) | 10 | 5.00 | 2.50x | 2.50x | 1.25x |" in text
     assert "| SFT | DeepSpeed-Chat's layout: bf16, random batches, every sample padded to --max_seq_len | 10 | " \
            "4.00 | 2.00x | 2.00x | 1.00x |" in text
-    assert "| auto -> bf16, length-grouped (default) | 10 | 0.75 | 1.50x | 1.50x | n/a | 64 | 75 | 0.90 | 30.0 | " \
-           "40.0 | 50.0 | " \
+    assert "| auto -> bf16, length-grouped, scored in the update's forward (default) | 10 | 0.75 | 1.50x | 1.50x | " \
+           "n/a | 64 | 75 | 0.90 | 30.0 | 40.0 | 50.0 | " \
            "106.7 (53.3) | 10.0% / 20.0% / 30.0% / 25.0% | 900 |" in text
 
 
