@@ -395,6 +395,8 @@ def ppo_row(args, variant: str) -> dict:
     phase_flops = {"generation": flops.forward_flops(n_actor, sequence_tokens),
                    "experience": flops.forward_flops(n_actor + n_ref + n_critic + n_reward, sequence_tokens),
                    "training": flops.train_flops(n_actor + n_critic, sequence_tokens)}
+    if trainer.score_in_update:  # the actor's and critic's forwards ran in the experience phase: training is backward
+        phase_flops["training"] -= flops.forward_flops(n_actor + n_critic, sequence_tokens)
     return {"step": "ppo", "variant": variant, "baseline": variant == BASELINE, "model": args.model,
             "critic_model": args.model, "params": params, "critic_params": critic_params,
             "matmul_params": {"actor": n_actor, "critic": n_critic}, "dtype": dtype,
