@@ -31,8 +31,10 @@ Variants (`--variants`; the report divides every row's samples/s by the baseline
 
 The baseline and dschat-layout rows also run the old kernels, as the old default and DeepSpeed-Chat's own code
 do: transformers' SDPA attention (not model.attention's segment attention), glibc's default allocator
-(RLHF_KEEP_FREED_MEMORY=0, see training/utils/allocator.py) and F.linear in inference passes
-(RLHF_PACKED_WEIGHTS=0, see training/utils/model/packed_linear.py).
+(RLHF_KEEP_FREED_MEMORY=0, see training/utils/allocator.py), F.linear in inference passes
+(RLHF_PACKED_WEIGHTS=0, see training/utils/model/packed_linear.py), torch's dropout (RLHF_FAST_DROPOUT=0, see
+training/utils/model/dropout.py) and DeepSpeed's gradient all-reduce of a lone rank (RLHF_LONE_RANK_NO_ALLREDUCE=0,
+see training/utils/engine.py).
 
 Each row runs in its own process (rows.run_row) through the step's own code: its parse_args (the flags
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
@@ -198,12 +200,13 @@ def _set_threads(threads: int) -> None:
 
 
 def _start_row(variant: str):
-    """This row's process group and device; OLD_KERNELS rows keep glibc's default allocator and F.linear."""
+    """This row's process group and device; OLD_KERNELS rows switch off every ENV_SWITCHES speed-up (glibc's
+    default allocator, F.linear, torch's dropout, DeepSpeed's all-reduce)."""
     from training.utils import distributed
+    from training.utils.errors import ENV_SWITCHES
 
     if variant in OLD_KERNELS:
-        os.environ["RLHF_KEEP_FREED_MEMORY"] = "0"
-        os.environ["RLHF_PACKED_WEIGHTS"] = "0"
+        os.environ.update(dict.fromkeys(ENV_SWITCHES, "0"))
     return distributed.init_distributed()
 
 

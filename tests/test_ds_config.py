@@ -162,3 +162,33 @@ def test_deepspeed_zero2_step_on_cpu(distributed):
     engine.backward(loss)
     engine.step()
     assert torch.isfinite(loss) and not torch.equal(left.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_lone_rank_without_zero_skips_the_all_reduce_with_the_same_weights(distributed, dtype, monkeypatch):
+    """engine.skip_lone_allreduce: one rank, ZeRO 0 -> DeepSpeed's all-reduce is off, and three steps give bit for bit
+    the weights of an engine that all-reduces; ZeRO 1-2 and RLHF_LONE_RANK_NO_ALLREDUCE=0 keep it."""
+    from training.utils.engine import skip_lone_allreduce
+
+    def trained(skip: bool, stage: int = 0):
+        model = tiny_opt()
+        optimizer = create_optimizer(get_optimizer_grouped_parameters(model, weight_decay=0.1), lr=1e-2,
+                                     offload=False, device="cpu")
+        config = train_config(stage=stage, dtype=dtype, train_batch_size=2, micro_batch_size=2,
+                              gradient_accumulation_steps=1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        assert skip_lone_allreduce(engine) is (skip and stage == 0)
+        assert engine.enable_backward_allreduce is not (skip and stage == 0)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            input_ids = torch.randint(0, 128, (2, 8), generator=generator)
+            engine.backward(engine(input_ids=input_ids, labels=input_ids).loss)
+            engine.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    skipped = trained(skip=True)
+    monkeypatch.setenv("RLHF_LONE_RANK_NO_ALLREDUCE", "0")
+    reduced = trained(skip=False)
+    assert all(torch.equal(a, b) for a, b in zip(skipped, reduced))
+    monkeypatch.delenv("RLHF_LONE_RANK_NO_ALLREDUCE")
+    trained(skip=True, stage=1)

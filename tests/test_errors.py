@@ -8,6 +8,8 @@ import pytest
 
 from conftest import REPO, clean_env
 
+from training.utils.errors import ENV_SWITCHES
+
 MAIN = textwrap.dedent("""
     import sys
 
@@ -106,7 +108,7 @@ def test_an_entry_point_ending_in_an_error_tears_down_the_process_group_it_start
     assert stdout.strip() == "exit 2, process group left running: False", stderr
 
 
-@pytest.mark.parametrize("name", ["RLHF_PACKED_WEIGHTS", "RLHF_KEEP_FREED_MEMORY"])
+@pytest.mark.parametrize("name", sorted(ENV_SWITCHES))
 def test_a_bad_environment_switch_stops_every_entry_point_before_it_starts(name):
     """report_user_errors checks every ENV_SWITCHES value before main runs: one error line, exit 2, main never
     called. A real entry point too: serve.py with a model directory that does not exist is refused for the

@@ -72,6 +72,39 @@ def test_segment_attention_equals_sdpa_with_the_block_mask_values_and_gradients(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("shared_segment", [None, 0])
+def test_score_matrices_are_rounded_to_the_length_bucket(fp32_segments, shared_segment, monkeypatch):
+    """oneDNN compiles a kernel per new matrix shape: every segment's scores are computed over lengths rounded up to
+    LENGTH_BUCKET (a shared prompt's keys too, the extra ones masked out), with SDPA's values and gradients."""
+    shapes = []
+    baddbmm = torch.baddbmm
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(args[0].shape))
+        return baddbmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "baddbmm", spy)
+    torch.manual_seed(1)
+    segment_ids = torch.tensor([[0] * 45 + [1] * 37 + [2] * 70 + [-1] * 8])
+    query, key, value = (torch.randn(1, 2, 160, 8, requires_grad=True) for _ in range(3))
+    module = _Module()
+    module.num_key_value_groups = 1
+    out, _ = segment_attention(module, query, key, value, None, scaling=0.5,
+                               **{SEGMENTS_KWARG: segments_from_ids(segment_ids, shared_segment)})
+    bucket = attention.LENGTH_BUCKET
+    assert shapes and all(rows % bucket == 0 and keys % bucket == 0 for _, rows, keys in shapes), shapes
+    if shared_segment == 0:  # the replies see the prompt's 45 keys rounded to 64, then their own
+        assert shapes[1:] == [(2, 64, 64 + 64), (2, 96, 64 + 96)]
+    mask = block_causal_mask(segment_ids, shared_segment=shared_segment)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.5).transpose(1, 2)
+    real = segment_ids >= 0
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(out) * real[:, :, None, None]
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), (query, key, value)),
+                         torch.autograd.grad((expected * weights).sum(), (query, key, value))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
 def _model(dtype=torch.float32, **config):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(OPT_20M, **config)).to(dtype).eval()

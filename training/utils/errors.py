@@ -57,6 +57,9 @@ _WRITE_FAILURE_TEXT = ("No space left", "File too large", "Disk quota", "Read-on
 ENV_SWITCHES = {
     "RLHF_KEEP_FREED_MEMORY": "CPU processes keep the memory they free, faster (allocator.py)",
     "RLHF_PACKED_WEIGHTS": "bf16 inference passes on CPU pack their weights once, faster (model/packed_linear.py)",
+    "RLHF_FAST_DROPOUT": "bf16 dropout on CPU draws its mask from 16-bit random integers, faster (model/dropout.py)",
+    "RLHF_LONE_RANK_NO_ALLREDUCE": "a one-process run without ZeRO skips DeepSpeed's gradient all-reduce with itself "
+                                   "(engine.py)",
 }
 _SWITCH_ON, _SWITCH_OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 

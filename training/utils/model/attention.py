@@ -22,6 +22,7 @@ biases, no segments), the call is SDPA's, unchanged; decoding switches to eager 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -34,6 +35,11 @@ SEGMENT_DTYPES = (torch.bfloat16, torch.float16)
 # The per-segment form keeps each segment's [heads, n, keys] probabilities for the backward pass (as eager attention
 # does); SDPA's kernel keeps memory linear in n. A segment with more score entries than this runs SDPA (causal).
 MAX_SCORES_PER_SEGMENT = 2**24
+# Segment lengths are rounded up to a multiple of this for their matmuls. oneDNN compiles a kernel for every new
+# matrix shape (~1.4 ms per attention bmm on a Xeon with AMX, more than the bmm itself), and samples of every length
+# would each compile their own; rounded, a run meets at most 512 / 32 lengths. The extra query rows are dropped,
+# and the extra keys come after every real query, so the causal mask hides them.
+LENGTH_BUCKET = 32
 # kwargs with which the per-segment form would compute something else than SDPA does: SDPA runs them.
 _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks", "sliding_window")
 
@@ -146,19 +152,31 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
+def _bucket(length: int) -> int:
+    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """[heads, n, D] attention of a segment's n queries to `keys` [heads, p + n, D]: the first p (a shared prompt)
-    all visible, the last n causally."""
+    all visible, the last n causally; computed with p and n each padded to a LENGTH_BUCKET multiple."""
     heads, n = query.shape[:2]
     shared = keys.size(1) - n
-    bias = _causal_bias(n, query.dtype, query.device)
-    if shared:
-        bias = torch.cat([bias.new_zeros(n, shared), bias], dim=1)
     if heads * n * keys.size(1) > MAX_SCORES_PER_SEGMENT:
+        bias = None if shared == 0 else torch.cat([query.new_zeros(n, shared),
+                                                   _causal_bias(n, query.dtype, query.device)], dim=1)
         return torch.nn.functional.scaled_dot_product_attention(
-            query, keys, values, attn_mask=None if shared == 0 else bias, is_causal=shared == 0, scale=scale)
+            query, keys, values, attn_mask=bias, is_causal=shared == 0, scale=scale)
+    extra, shared_extra = _bucket(n) - n, _bucket(shared) - shared
+    query = F.pad(query, (0, 0, 0, extra))
+    # keys: the shared ones, zeros up to a bucket (masked out), the segment's own, zeros up to a bucket (causal)
+    keys, values = (torch.cat([t[:, :shared], t.new_zeros(heads, shared_extra, t.size(-1)), t[:, shared:],
+                               t.new_zeros(heads, extra, t.size(-1))], dim=1) for t in (keys, values))
+    bias = _causal_bias(n + extra, query.dtype, query.device)
+    if shared:
+        bias = torch.cat([bias.new_zeros(n + extra, shared),
+                          bias.new_full((n + extra, shared_extra), torch.finfo(bias.dtype).min), bias], dim=1)
     scores = torch.baddbmm(bias.expand(heads, *bias.shape), query, keys.transpose(1, 2), alpha=scale)
-    return torch.bmm(scores.softmax(dim=-1), values)
+    return torch.bmm(scores.softmax(dim=-1), values)[:, :n]
 
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)

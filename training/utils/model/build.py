@@ -15,6 +15,7 @@ import torch
 from training.utils.errors import UserInputError
 from training.utils.model.attention import use_segment_attention
 from training.utils.model.configs import TINY_PREFIX, load_tiny_config
+from training.utils.model.dropout import install_fast_dropout
 
 DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop",
                 "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -212,6 +213,7 @@ def _build(model_class, model_name_or_path: str, config, tokenizer, trust_remote
                                             local_files_only=local, trust_remote_code=trust_remote_code)
     fit_to_tokenizer(model, tokenizer)
     use_segment_attention(model)
+    install_fast_dropout()
     return model
 
 
