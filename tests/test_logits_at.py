@@ -14,8 +14,15 @@ from training.utils.losses import (
     reply_positions,
     sequence_log_probs,
 )
+from training.utils.model import logits
 from training.utils.model.build import create_hf_model
 from training.utils.model.logits import _logits_to_keep_support, last_logits, logits_at
+
+
+@pytest.fixture(autouse=True)
+def exact_head_rows(monkeypatch):
+    """These tests count the head's rows: no rounding up for oneDNN (test_head_rows_round_up_on_cpu checks it)."""
+    monkeypatch.setattr(logits, "HEAD_ROWS_MULTIPLE", 1)
 
 
 def head_rows(model):
@@ -133,3 +140,32 @@ def test_models_without_logits_to_keep_get_their_full_logits_indexed():
     full = model(ids).logits
     assert torch.equal(logits_at(model, keep, input_ids=ids), full[keep])
     assert torch.equal(last_logits(model, 2, input_ids=ids), full[:, -2:])
+
+
+@pytest.mark.parametrize("multiple", [8, 64])
+def test_head_rows_round_up_on_cpu(tokenizer, monkeypatch, multiple):
+    """In bf16/fp16 on CPU the head computes a multiple of HEAD_ROWS_MULTIPLE rows (oneDNN compiles kernels per row
+    count): the first unkept positions are added, their logits dropped, the kept logits and gradients unchanged;
+    with fewer positions than that in the batch, every position. fp32 computes the kept rows only."""
+    torch.manual_seed(0)
+    model = create_hf_model("tiny/opt", tokenizer, dropout=0.0).eval()
+    batch = sft_batch(tokenizer)
+    keep = labelled_positions(batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    exact = logits_at(model, keep, **inputs)
+    exact_grads = torch.autograd.grad(causal_lm_loss(exact, batch["labels"]), list(model.parameters()))
+    monkeypatch.setattr(logits, "HEAD_ROWS_MULTIPLE", multiple)
+    monkeypatch.setattr(logits, "ONEDNN_DTYPES", (torch.float32,))  # fp32 here, so the comparison holds to 1e-6
+    rows = head_rows(model)
+    rounded = logits_at(model, keep, **inputs)
+    assert rows == [16 if multiple == 8 else keep.numel()]  # 12 kept -> 16; 36 positions in all < 64
+    torch.testing.assert_close(rounded, exact, atol=1e-6, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(causal_lm_loss(rounded, batch["labels"]), list(model.parameters())),
+                         exact_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    widened, originally_kept = logits._rounded_up(keep)
+    assert int(widened.sum()) == rows[0] and widened[keep].all() and int(originally_kept.sum()) == 12
+    monkeypatch.setattr(logits, "ONEDNN_DTYPES", (torch.bfloat16, torch.float16))
+    rows.clear()
+    logits_at(model, keep, **inputs)
+    assert rows == [12]

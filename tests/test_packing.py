@@ -245,11 +245,18 @@ def test_unpadded_batch_is_the_padded_batch_in_one_row():
     from training.utils.data.packing import UnpaddedBatchCollator
 
     samples = [{"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, {"input_ids": [8, 9], "loss_mask": [1, 1]}]
-    batch = UnpaddedBatchCollator(PAD)(samples)
+    batch = UnpaddedBatchCollator(PAD, width_multiple=1)(samples)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]  # 8 is not predicted from 7
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1]]
     assert batch["attention_mask"].shape == (1, 1, 5, 5)
+    # By default the row is rounded up to 64 tokens (oneDNN's kernels stay cached): padding with no label, no segment
+    rounded = UnpaddedBatchCollator(PAD)(samples)
+    assert rounded["input_ids"].tolist() == [[5, 6, 7, 8, 9] + [PAD] * 59]
+    assert rounded["labels"][0, 5:].eq(IGNORE_INDEX).all() and rounded["segment_ids"][0, 5:].eq(-1).all()
+    assert rounded["labels"][0, :5].tolist() == batch["labels"][0].tolist()
+    assert rounded["attention_mask"].shape == (1, 1, 64, 64)
+    assert UnpaddedBatchCollator(PAD)(samples * 13)["input_ids"].shape == (1, 128)  # 65 tokens
     # Over max_tokens the batch is padded as usual (its mask would be too big).
     padded = UnpaddedBatchCollator(PAD, max_tokens=4)(samples)
     assert padded.keys() == SFTCollator(PAD)(samples).keys() and padded["input_ids"].shape == (2, 3)

@@ -186,20 +186,27 @@ class PackedSFTCollator:
 
 @dataclass
 class UnpaddedBatchCollator:
-    """A batch of SFT samples as one row, none of its padding computed: PackedSFTCollator over [samples]
+    """A batch of SFT samples as one row, almost none of its padding computed: PackedSFTCollator over [samples]
     (positions restart per sample, a block-causal mask keeps samples apart), so samples, labels and loss are those
-    of the padded batch (SFTCollator). A batch of more than `max_tokens` tokens is right-padded as usual: its
-    [1, 1, L, L] mask would hold more than max_tokens^2 entries."""
+    of the padded batch (SFTCollator). The row is padded to a multiple of `width_multiple` tokens: oneDNN compiles
+    its matmul kernels for every new row count it meets (~6 ms each, a dozen per step), and its cache (1,024
+    kernels) cannot hold one set per possible width; rounded to 64, a run meets at most max_tokens / 64 widths, whose
+    kernels stay cached, for at most 63 padding tokens a batch (the padding attends to nothing and has no label).
+    A batch of more than `max_tokens` tokens is right-padded as usual: its [1, 1, L, L] mask would hold more than
+    max_tokens^2 entries."""
     pad_token_id: int
     mask_dtype: torch.dtype = torch.float32
     max_tokens: int = 4096
+    width_multiple: int = 64
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         from training.utils.data.collators import SFTCollator
 
-        if sum(len(sample["input_ids"]) for sample in samples) > self.max_tokens:
+        tokens = sum(len(sample["input_ids"]) for sample in samples)
+        if tokens > self.max_tokens:
             return SFTCollator(self.pad_token_id)(samples)
-        return PackedSFTCollator(self.pad_token_id, mask_dtype=self.mask_dtype)([samples])
+        width = -(-tokens // self.width_multiple) * self.width_multiple
+        return PackedSFTCollator(self.pad_token_id, pad_to=width, mask_dtype=self.mask_dtype)([samples])
 
 
 def unpad_batches(loader, model, pad_token_id: int, dtype: torch.dtype, device: torch.device) -> bool:
