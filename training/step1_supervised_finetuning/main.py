@@ -127,8 +127,8 @@ def main(argv=None) -> None:
         train_loader = packed_train_loader(config, data, tokenizer, model, training_dtype(config, device), train_loader)
     elif unpad_batches(train_loader, model, tokenizer.pad_token_id, TORCH_DTYPES[training_dtype(config, device)],
                        device):
-        distributed.print_rank_0("batches: each batch's samples in one row, no padding computed (segment attention "
-                                 "on CPU; the same samples and loss as the padded batch)")
+        distributed.print_rank_0("batches: each batch's samples in one row, padded to a multiple of 64 tokens only "
+                                 "(segment attention on CPU; the same samples and loss as the padded batch)")
     steps_per_epoch = supervised_steps_per_epoch(config, len(train_loader), "rows" if config.packing else "samples")
     engine, lr_scheduler = initialize_train_engine(model, config, config.model, ds_config, device, steps_per_epoch)
 
