@@ -28,6 +28,18 @@ def test_keep_fraction_values_and_gradient(p):
     upstream = torch.randn_like(out)
     out.backward(upstream)
     assert torch.equal(x.grad, torch.where(kept, (upstream.float() / (1 - p)).to(torch.bfloat16), 0))
+    # bit for bit aten's own dropout arithmetic, given the mask, both ways
+    assert torch.equal(out, torch.ops.aten.native_dropout_backward(x.detach(), kept, 1 / (1 - p)))
+    assert torch.equal(x.grad, torch.ops.aten.native_dropout_backward(upstream, kept, 1 / (1 - p)))
+
+
+def test_keep_mask_in_any_dtype():
+    torch.manual_seed(2)
+    as_bool = fast.keep_mask(torch.Size([3, 50]), 0.25, torch.device("cpu"))
+    torch.manual_seed(2)
+    as_bf16 = fast.keep_mask(torch.Size([3, 50]), 0.25, torch.device("cpu"), torch.bfloat16)
+    assert as_bool.dtype == torch.bool and as_bf16.dtype == torch.bfloat16
+    assert torch.equal(as_bf16, as_bool.to(torch.bfloat16)) and set(as_bf16.unique().tolist()) == {0.0, 1.0}
 
 
 def test_the_default_generator_decides_the_mask():

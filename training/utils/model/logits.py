@@ -41,8 +41,8 @@ ONEDNN_DTYPES = (torch.bfloat16, torch.float16)  # fp32 runs MKL's kernels, comp
 def logits_at(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
     """[N, V] logits at the True positions of `keep` [B, T] (N = keep.sum(), row-major order), from `model(**inputs)`
     with the LM head applied at those positions only when the model allows it (in bf16/fp16 on CPU at a few more,
-    to a multiple of HEAD_ROWS_MULTIPLE rows, whose logits are dropped). Equal to `model(**inputs).logits[keep]` (to the rounding
-    of a matmul over fewer rows)."""
+    to a multiple of HEAD_ROWS_MULTIPLE rows, whose logits are dropped). Equal to `model(**inputs).logits[keep]`
+    (to the rounding of a matmul over fewer rows)."""
     if _logits_to_keep_support(type(unwrap_model(model))) != "mask":
         return model(**inputs).logits[keep]
     head = unwrap_model(model).get_output_embeddings()
