@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from training.utils.losses import IGNORE_INDEX
+from training.utils.model import round_up
 from training.utils.model.attention import SEGMENT_ATTENTION, SEGMENT_DTYPES
 from training.utils.model.build import unwrap_model
 
@@ -205,8 +206,8 @@ class UnpaddedBatchCollator:
         tokens = sum(len(sample["input_ids"]) for sample in samples)
         if tokens > self.max_tokens:
             return SFTCollator(self.pad_token_id)(samples)
-        width = -(-tokens // self.width_multiple) * self.width_multiple
-        return PackedSFTCollator(self.pad_token_id, pad_to=width, mask_dtype=self.mask_dtype)([samples])
+        return PackedSFTCollator(self.pad_token_id, pad_to=round_up(tokens, self.width_multiple),
+                                 mask_dtype=self.mask_dtype)([samples])
 
 
 def unpad_batches(loader, model, pad_token_id: int, dtype: torch.dtype, device: torch.device) -> bool:

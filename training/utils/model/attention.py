@@ -27,6 +27,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from training.utils.model import round_up
+
 SEGMENT_ATTENTION = "segment_sdpa"
 SEGMENTS_KWARG = "attention_segments"
 # fp32 keeps SDPA: there the per-segment form is no faster (tiny/opt-20m, one thread: training passes 2-4% faster,
@@ -141,10 +143,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
             if is_padding:
                 pieces.append(q.new_zeros(heads, n, v.size(-1)))
                 continue
-            keys, values = k, v
-            if seen_keys:  # the shared segments' keys first, all visible
-                keys, values = torch.cat([*seen_keys, k], dim=1), torch.cat([*seen_values, v], dim=1)
-            pieces.append(_attend(q, keys, values, scale))
+            pieces.append(_attend(q, k, v, seen_keys, seen_values, scale))
             if is_shared:
                 seen_keys.append(k)
                 seen_values.append(v)
@@ -152,25 +151,24 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
-def _bucket(length: int) -> int:
-    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
-
-
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """[heads, n, D] attention of a segment's n queries to `keys` [heads, p + n, D]: the first p (a shared prompt)
-    all visible, the last n causally; computed with p and n each padded to a LENGTH_BUCKET multiple."""
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared_keys: list[torch.Tensor],
+            shared_values: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """[heads, n, D] attention of a segment's n queries to the shared segments' keys before it (a shared prompt, all
+    visible) and to its own n keys (causally); computed with both lengths padded to a LENGTH_BUCKET multiple."""
     heads, n = query.shape[:2]
-    shared = keys.size(1) - n
-    if heads * n * keys.size(1) > MAX_SCORES_PER_SEGMENT:
+    shared = sum(k.size(1) for k in shared_keys)
+    if heads * n * (shared + n) > MAX_SCORES_PER_SEGMENT:
+        keys, values = torch.cat([*shared_keys, key], dim=1), torch.cat([*shared_values, value], dim=1)
         bias = None if shared == 0 else torch.cat([query.new_zeros(n, shared),
                                                    _causal_bias(n, query.dtype, query.device)], dim=1)
         return torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=bias, is_causal=shared == 0, scale=scale)
-    extra, shared_extra = _bucket(n) - n, _bucket(shared) - shared
+    extra, shared_extra = round_up(n, LENGTH_BUCKET) - n, round_up(shared, LENGTH_BUCKET) - shared
     query = F.pad(query, (0, 0, 0, extra))
     # keys: the shared ones, zeros up to a bucket (masked out), the segment's own, zeros up to a bucket (causal)
-    keys, values = (torch.cat([t[:, :shared], t.new_zeros(heads, shared_extra, t.size(-1)), t[:, shared:],
-                               t.new_zeros(heads, extra, t.size(-1))], dim=1) for t in (keys, values))
+    keys, values = (torch.cat([*before, t.new_zeros(heads, shared_extra, t.size(-1)), t,
+                               t.new_zeros(heads, extra, t.size(-1))], dim=1)
+                    for before, t in ((shared_keys, key), (shared_values, value)))
     bias = _causal_bias(n + extra, query.dtype, query.device)
     if shared:
         bias = torch.cat([bias.new_zeros(n + extra, shared),

@@ -11,17 +11,18 @@ Used by sampling.decoding_kernels for the architectures in BLOCK_CACHE_MODEL_TYP
 mask from transformers' builders; tests/test_kv_cache.py checks each gives the same tokens as DynamicCache).
 """
 import inspect
-import math
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from training.utils.model import round_up
 
 BLOCK = 32
 BLOCK_CACHE_MODEL_TYPES = frozenset({"opt", "llama", "qwen2"})
 
 
 def block_ceil(length: int) -> int:
-    return math.ceil(length / BLOCK) * BLOCK
+    return round_up(length, BLOCK)
 
 
 class BlockKVLayer(DynamicLayer):

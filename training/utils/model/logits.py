@@ -15,6 +15,7 @@ import inspect
 
 import torch
 
+from training.utils.model import round_up
 from training.utils.model.build import unwrap_model
 
 
@@ -57,7 +58,7 @@ def _rounded_up(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`keep` with its first False positions turned True until it holds a multiple of HEAD_ROWS_MULTIPLE (or every
     position), and which of the rounded mask's positions `keep` had (None when nothing was added)."""
     count = int(keep.sum())
-    target = min(-(-count // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE, keep.numel())
+    target = min(round_up(count, HEAD_ROWS_MULTIPLE), keep.numel())
     if target == count:
         return keep, None
     flat = keep.flatten()
