@@ -17,6 +17,7 @@ from training.utils.lora import (
     only_optimize_lora_parameters,
 )
 from training.utils.optim import create_lr_scheduler, create_optimizer, get_optimizer_grouped_parameters
+from training.utils.optimizer_step import use_lean_step
 from training.utils.precision import resolve_dtype
 
 _logged_dtypes: set = set()
@@ -116,6 +117,7 @@ def initialize_train_engine(model, config, model_flags: ModelFlags, ds_config: d
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       config=ds_config, dist_init_required=False)
     skip_lone_allreduce(engine)
+    use_lean_step(engine)
     if model_flags.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing:
         engine.module.gradient_checkpointing_enable()
     return engine, lr_scheduler

@@ -60,6 +60,8 @@ ENV_SWITCHES = {
     "RLHF_FAST_DROPOUT": "bf16 dropout on CPU draws its mask from 16-bit random integers, faster (model/dropout.py)",
     "RLHF_LONE_RANK_NO_ALLREDUCE": "a one-process run without ZeRO skips DeepSpeed's gradient all-reduce with itself "
                                    "(engine.py)",
+    "RLHF_LEAN_OPTIMIZER_STEP": "DeepSpeed's bf16 optimizer step without ZeRO copies each gradient to fp32 once and "
+                                "skips its separate overflow pass, faster (optimizer_step.py)",
 }
 _SWITCH_ON, _SWITCH_OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 
