@@ -133,15 +133,21 @@ def test_benchmark_row_times_plain_and_rollout_on_the_same_tokens(distributed):
     assert row["torch_threads"] == 1 and isinstance(answers["rollout_overhead"], float)
 
 
-def test_bf16_decoding_on_cpu_uses_eager_attention_and_switches_back(tokenizer):
-    """decoding_kernels: segment attention (SDPA wherever segments do not apply) -> eager for a bf16 model on CPU,
-    only while generating; fp32 is left alone."""
+@pytest.mark.parametrize("amx, attention", [(False, "eager"), (True, "sdpa")])
+def test_bf16_decoding_on_cpu_uses_the_attention_chosen_for_the_cpu_and_switches_back(tokenizer, monkeypatch, amx,
+                                                                                      attention):
+    """decoding_kernels: segment attention (SDPA wherever segments do not apply) -> eager attention for a bf16
+    model on CPU, SDPA where the CPU has AMX-BF16, only while generating; fp32 and RLHF_DECODING_KERNELS=0 are left
+    alone."""
     import copy
 
+    from training.utils import precision
     from training.utils.model.attention import SEGMENT_ATTENTION
     from training.utils.model.build import create_hf_model
+    from training.utils.model.kv_cache import block_kv_cache, cache_kwarg
     from training.utils.sampling import decoding_kernels
 
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: amx)
     torch.manual_seed(0)
     model = create_hf_model("tiny/opt", tokenizer).to(torch.bfloat16).eval()
     prompt = torch.randint(4, 200, (2, 12))
@@ -149,12 +155,17 @@ def test_bf16_decoding_on_cpu_uses_eager_attention_and_switches_back(tokenizer):
               "pad_token_id": tokenizer.pad_token_id}
     assert model.config._attn_implementation == SEGMENT_ATTENTION
     with decoding_kernels(model):
-        assert model.config._attn_implementation == "eager"
+        assert model.config._attn_implementation == attention
         answer = model.generate(prompt, **kwargs)
     assert model.config._attn_implementation == SEGMENT_ATTENTION
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    assert torch.equal(answer, eager.generate(prompt, **kwargs))
+    plain = copy.deepcopy(model)
+    plain.set_attn_implementation(attention)
+    assert torch.equal(answer, plain.generate(prompt, **{cache_kwarg(plain): block_kv_cache(plain)}, **kwargs))
+
+    monkeypatch.setenv("RLHF_DECODING_KERNELS", "0")
+    with decoding_kernels(model):
+        assert model.config._attn_implementation == SEGMENT_ATTENTION and "generate" not in vars(model)
+    monkeypatch.delenv("RLHF_DECODING_KERNELS")
 
     fp32 = create_hf_model("tiny/opt", tokenizer)
     with decoding_kernels(fp32):

@@ -50,6 +50,31 @@ def test_block_cache_decodes_the_tokens_and_logits_of_the_dynamic_cache(name, do
     assert layer.get_seq_length() == 30 + 45 - 1 and layer.keys.size(2) == 3 * BLOCK  # the last token is not cached
 
 
+@pytest.mark.parametrize("name", ["tiny/opt", "tiny/llama", "tiny/qwen2"])
+def test_sdpa_over_a_block_cache_gives_the_unused_tail_no_weight(name, tokenizer):
+    """Decoding with SDPA (decode_attention on a CPU with AMX): the buffer's unused tail is masked, so filling it with
+    large keys and values changes no bit of the next token's logits; and those logits are the dynamic cache's up to
+    bf16 rounding (SDPA's kernel sums over the longer buffer in another order, so not bit for bit)."""
+    model = tiny_model(name, tokenizer, eager=False)
+    model.set_attn_implementation("sdpa")
+    ids, mask = left_padded_prompts(tokenizer)  # 30 positions: the buffers hold 32
+    step_ids, step_mask = torch.tensor([[11], [12], [13]]), torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    logits = {}
+    for kind in ("dynamic", "block", "poisoned"):
+        cache = DynamicCache() if kind == "dynamic" else block_kv_cache(model)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+            if kind == "poisoned":
+                for layer in cache.layers:
+                    assert layer.keys.size(2) == BLOCK and layer.get_seq_length() == 30
+                    layer.keys[:, :, 30:] = 300.0
+                    layer.values[:, :, 30:] = -500.0
+            logits[kind] = model(step_ids, attention_mask=step_mask, **{cache_kwarg(model): cache}).logits.float()
+    assert torch.equal(logits["block"], logits["poisoned"])
+    scale = logits["dynamic"].abs().max().item()
+    assert (logits["block"] - logits["dynamic"]).abs().max().item() <= 0.02 * scale
+
+
 def test_block_layer_grows_in_blocks_keeps_the_tail_zero_and_crops():
     layer = BlockKVLayer()
     steps = [torch.randn(2, 3, 5, 4)] + [torch.randn(2, 3, 1, 4) for _ in range(30)]

@@ -47,6 +47,11 @@ def cpu_has_native_bf16(path: str = CPUINFO) -> bool:
     return bool(read_cpu_flags(path) & NATIVE_BF16_CPU_FLAGS)
 
 
+def cpu_has_amx_bf16(path: str = CPUINFO) -> bool:
+    """Whether this CPU has AMX-BF16 tile matmuls (Intel Xeon from Sapphire Rapids on), from /proc/cpuinfo."""
+    return "amx_bf16" in read_cpu_flags(path)
+
+
 def cuda_has_native_bf16() -> bool:
     """Whether the current CUDA (or ROCm) device computes bf16 natively; emulated bf16 does not count."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
