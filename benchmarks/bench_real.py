@@ -327,9 +327,10 @@ def ppo_row(args, variant: str) -> dict:
     from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
     from training.utils.engine import training_dtype
     from training.utils.model.reward_model import create_reward_model, save_reward_model
+    from training.utils.precision import TORCH_DTYPES
     from training.utils.rlhf.engine import build_rlhf_engine
     from training.utils.rlhf.experience import CappedPrompts, ExperienceBuffer
-    from training.utils.rlhf.ppo_trainer import PPOTrainer
+    from training.utils.rlhf.ppo_trainer import PPOTrainer, sequence_width_multiple
     from training.utils.tokenizer import load_tokenizer
 
     recipe = importlib.import_module(STEP_MODULES["ppo"])
@@ -355,8 +356,9 @@ def ppo_row(args, variant: str) -> dict:
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos,
                             args.ppo_steps * batch_size)
     pad_to = config.max_prompt_seq_len if variant == "dschat-layout" else None
-    loader = make_loader(prompts, batch_size, PromptCollator(tokenizer.pad_token_id, pad_to), config.seed, shuffle=True,
-                         length_grouped=config.data.group_by_length)
+    width_multiple = 1 if variant in OLD_KERNELS else sequence_width_multiple(device.type, TORCH_DTYPES[dtype])
+    loader = make_loader(prompts, batch_size, PromptCollator(tokenizer.pad_token_id, pad_to, width_multiple),
+                         config.seed, shuffle=True, length_grouped=config.data.group_by_length)
     actor_steps, critic_steps = recipe.optimizer_steps_per_epoch(config, len(loader))
     engine = build_rlhf_engine(config, tokenizer, device, actor_steps, critic_steps)
     if variant in OLD_KERNELS:

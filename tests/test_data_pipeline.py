@@ -242,6 +242,15 @@ def test_prompts_are_left_padded():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+def test_prompt_width_is_rounded_up_to_the_multiple():
+    """width_multiple (step 3 on CPU in bf16): the longest prompt's 5 tokens -> 8, every row left-padded."""
+    batch = PromptCollator(pad_token_id=1, width_multiple=4)([{"prompt_ids": [7, 8, 9, 10, 11]}, {"prompt_ids": [5]}])
+    assert batch["input_ids"].tolist() == [[1, 1, 1, 7, 8, 9, 10, 11], [1, 1, 1, 1, 1, 1, 1, 5]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 7 + [1]]
+    exact = PromptCollator(pad_token_id=1, width_multiple=4)([{"prompt_ids": [7, 8, 9, 10]}])
+    assert exact["input_ids"].tolist() == [[7, 8, 9, 10]]
+
+
 def test_ragged_dataset_round_trip(tmp_path):
     dataset = pipeline.RaggedDataset({"a": [[1, 2], [], [3]], "b": [[4], [5, 6], [7, 8, 9]]})
     dataset.save(str(tmp_path / "x.npz"))

@@ -92,6 +92,32 @@ def test_rollout_decodes_one_token_per_forward_over_the_kv_cache(rollout, tokeni
     assert torch.equal(answers, expected[:, prompt_ids.size(1):])
 
 
+def test_rollout_answers_are_padded_to_the_width_multiple(rollout, tokenizer, monkeypatch):
+    """sequence_width_multiple (bf16 on CPU: 32): the answers are plain generate's, padded after every row's end to a
+    multiple of the width (never past the answer limit); fp32 and accelerators keep the exact width."""
+    from training.utils.rlhf.ppo_trainer import sequence_width_multiple
+
+    assert [sequence_width_multiple(device, dtype) for device, dtype in (
+        ("cpu", torch.bfloat16), ("cpu", torch.float16), ("cpu", torch.float32), ("cuda", torch.bfloat16))] == [32, 32,
+                                                                                                               1, 1]
+    trainer, plain = rollout
+    monkeypatch.setattr(trainer, "sampling", SAMPLINGS["sampled"])
+    prompt_ids, prompt_mask = left_padded_prompts(tokenizer)
+    torch.manual_seed(1)
+    expected = plain.generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **SAMPLINGS["sampled"].generate_kwargs())
+    expected = expected[:, prompt_ids.size(1):]
+    for multiple, width in ((8, -(-expected.size(1) // 8) * 8), (ANSWER_LEN + 8, ANSWER_LEN)):
+        monkeypatch.setattr(trainer, "width_multiple", multiple)
+        torch.manual_seed(1)
+        answers = trainer.generate(prompt_ids, prompt_mask)
+        assert answers.size(1) == width > expected.size(1)
+        assert torch.equal(answers[:, :expected.size(1)], expected)
+        assert (answers[:, expected.size(1):] == tokenizer.pad_token_id).all()
+        assert torch.equal(answer_lengths(answers, tokenizer.eos_token_id)[0],
+                           answer_lengths(expected, tokenizer.eos_token_id)[0])
+
+
 # ---------------------------------------------------------------- benchmarks/bench_generation.py
 
 def test_benchmark_prompts_are_left_padded_and_of_the_asked_lengths(tokenizer):

@@ -26,17 +26,19 @@ from training.utils.data.chat_format import PROMPT_FORMAT_FILE, resolve_prompt_f
 from training.utils.data.collators import PromptCollator
 from training.utils.data.pipeline import PHASE_RLHF, build_phase_data, make_loader
 from training.utils.data.unsupervised import build_unsupervised_dataset, make_unsupervised_loader
+from training.utils.engine import training_dtype
 from training.utils.errors import report_user_errors
 from training.utils.loop import Position, finish_run, start_run
 from training.utils.metrics_log import MetricsLog
 from training.utils.model.reward_model import save_reward_model
 from training.utils.model.save import save_hf_format, saving_set
 from training.utils.output_dir import RLHF_SUBDIRS
+from training.utils.precision import TORCH_DTYPES
 from training.utils.rlhf.config import RLHFConfig, check_input_models
 from training.utils.rlhf.engine import build_rlhf_engine, optimizer_steps_per_epoch
 from training.utils.rlhf.experience import CappedPrompts, EndlessBatches, ExperienceBuffer
 from training.utils.rlhf.metrics import describe_evaluation, describe_step, evaluate_policy, show_answer, step_metrics
-from training.utils.rlhf.ppo_trainer import PPOTrainer
+from training.utils.rlhf.ppo_trainer import PPOTrainer, sequence_width_multiple
 from training.utils.rlhf.rewards import check_references, load_reward_function
 from training.utils.rlhf.run_state import RLHFRunState
 from training.utils.tokenizer import load_tokenizer
@@ -72,7 +74,8 @@ def main(argv=None) -> None:
     bos = prompt_format.bos_id
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos)
     eval_prompts = CappedPrompts(data.eval, config.max_prompt_seq_len, config.prompt_overflow, bos, config.eval_prompts)
-    collator = PromptCollator(tokenizer.pad_token_id)
+    collator = PromptCollator(tokenizer.pad_token_id, width_multiple=sequence_width_multiple(
+        device.type, TORCH_DTYPES[training_dtype(config, device)]))
     # Length-grouped prompts: one generation batch pads its prompts less (answers end where they end).
     prompt_loader = make_loader(prompts, config.per_device_generation_batch_size, collator, config.seed, shuffle=True,
                                 length_grouped=config.data.group_by_length)

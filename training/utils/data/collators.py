@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from training.utils.losses import IGNORE_INDEX
+from training.utils.model import round_up
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, length: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +59,17 @@ class PairCollator:
 
 @dataclass
 class PromptCollator:
-    """Prompts left-padded to the batch's longest prompt, so generation continues every row at the end.
-    `pad_to` pads to that length instead (DeepSpeed-Chat's layout, for benchmarks)."""
+    """Prompts left-padded to the batch's longest prompt rounded up to a multiple of `width_multiple` (step 3 on
+    CPU: rlhf.ppo_trainer.sequence_width_multiple), so generation continues every row at the end. `pad_to` pads to
+    that length instead (DeepSpeed-Chat's layout, for benchmarks)."""
     pad_token_id: int
     pad_to: int | None = None
+    width_multiple: int = 1
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [item["prompt_ids"] for item in items]
-        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, self.pad_to or max(map(len, seqs)), left=True)
+        width = self.pad_to or round_up(max(map(len, seqs)), self.width_multiple)
+        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, width, left=True)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "reference" in items[0]:  # step 3's reference answers (text) for a rule reward
             batch["references"] = [item["reference"] for item in items]

@@ -51,6 +51,7 @@ from training.utils.losses import (
     value_loss,
 )
 from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
+from training.utils.model import round_up
 from training.utils.model.build import active_dropout
 from training.utils.model.logits import last_logits, logits_at
 from training.utils.model.packed_linear import packed_linears
@@ -59,6 +60,15 @@ from training.utils.rlhf.control import make_kl_controller
 from training.utils.rlhf.experience import Experience
 from training.utils.rlhf.scorer import Scorer, Scores
 from training.utils.sampling import SamplingConfig, decoding_kernels
+
+
+def sequence_width_multiple(device_type: str, dtype: torch.dtype) -> int:
+    """What step 3 rounds the widths of a batch's prompts (PromptCollator) and answers (PPOTrainer.generate) up
+    to: 32 tokens for a bf16/fp16 model on CPU, where oneDNN compiles a kernel for every new matrix shape (~25 ms
+    for one linear layer's forward and backward) and every rollout batch would otherwise bring new ones (8 rows x
+    (prompt + answer) tokens), ~0.3 s of such a step of tiny/opt-20m; 1 (exact widths) elsewhere. The padding
+    is masked like any other."""
+    return 32 if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
 
 
 @dataclass
@@ -133,6 +143,8 @@ class PPOTrainer:
         self.tokenizer = rlhf_engine.tokenizer
         self.stop_token_ids = stop_token_ids or [self.tokenizer.eos_token_id]
         self.device = rlhf_engine.actor.device
+        actor_dtype = next(rlhf_engine.actor.module.parameters()).dtype
+        self.width_multiple = sequence_width_multiple(self.device.type, actor_dtype)
         # One controller for whichever KL term the run has: the reward's penalty (--kl_ctl) or the loss's.
         self.kl_in_loss = bool(config.rl.use_kl_loss)
         initial_kl = config.rl.kl_loss_coef if self.kl_in_loss else config.ppo.kl_ctl
@@ -157,7 +169,8 @@ class PPOTrainer:
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  sampling: SamplingConfig | None = None) -> torch.Tensor:
         """[B, A] answers to left-padded prompts, sampled with the rollout settings, stopped at EOS (what
-        follows an answer's EOS is padding).
+        follows an answer's EOS is padding; A is rounded up to a multiple of self.width_multiple, at most the
+        answer limit).
 
         Exactly the model's own `generate`, so the same tokens as a plain call from the same seed
         (tests/test_generation_speed.py): one forward per token over the KV cache, sampled on the model's
@@ -181,7 +194,11 @@ class PPOTrainer:
         # training forward (so PPO's ratio starts at 1) with dropout off.
         actor.train()
         actor.module.eval()
-        return output[:, prompt_ids.size(1):]
+        answers = output[:, prompt_ids.size(1):]
+        # Narrower than the limit only when every row has ended (generate stops at the limit otherwise).
+        width = min(round_up(answers.size(1), self.width_multiple), (sampling or self.sampling).max_new_tokens)
+        return torch.nn.functional.pad(answers, (0, width - answers.size(1)), value=self.tokenizer.pad_token_id) \
+            if width > answers.size(1) else answers
 
     def close_answers(self, answer_ids: torch.Tensor):
         """(answers ending with the scored end token and padded after it, lengths, ended, action mask)."""
