@@ -42,8 +42,9 @@ to 216, sampled, every answer to the limit; generated tokens per CPU second, ans
 
 (That table predates sampling.decoding_kernels.) In fp32 rollout is plain within the noise (paired medians -1.7% to
 +4.4%; repeated A/B runs of the tiny/opt fp32 row give -2% to +3%): what the engine adds per token, DeepSpeed's
-forward pre/post hooks, costs ~4 us. In bf16 on CPU rollout decodes with eager attention and linear layers on
-packed weights (model.packed_linear), so rollout_overhead is negative there: measured 2026-12-06 (tiny/opt-20m
+forward pre/post hooks, costs ~4 us. In bf16 on CPU rollout decodes with the attention chosen for the CPU
+(sampling.decode_attention: eager on that AMD EPYC, SDPA on a CPU with AMX-BF16) and linear layers on packed
+weights (model.packed_linear), so rollout_overhead is negative there: measured 2026-12-06 (tiny/opt-20m
 bf16, answers 64 / 128, tokens per CPU second, beside a test run on the other core) plain 254 / 211, eager
 356 / 339, rollout 415 / 380, every variant's tokens equal to plain's: packing adds 17% / 12% to eager attention. The
 static cache wins 0-10% in fp32 (one cell loses 3%) and loses 1-8% in bf16. Compiling took 9-43 s on a cold

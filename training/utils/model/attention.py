@@ -16,7 +16,7 @@ function under SEGMENT_ATTENTION with SDPA's mask builder, and a forward pre-hoo
 padding mask into `attention_segments` (the kwarg transformers passes down to every attention call). Packed rows
 pass `**packed_segments(segment_ids)` themselves, beside their 4-D block mask. Whenever the per-segment form does
 not apply (not CPU, fp32, a KV cache, attention dropout, sliding windows, soft-capping, attention sinks or position
-biases, no segments), the call is SDPA's, unchanged; decoding switches to eager attention as before
+biases, no segments), the call is SDPA's, unchanged; decoding picks its attention for the CPU
 (sampling.decoding_kernels).
 """
 from dataclasses import dataclass
