@@ -175,9 +175,9 @@ class PPOTrainer:
         Exactly the model's own `generate`, so the same tokens as a plain call from the same seed
         (tests/test_generation_speed.py): one forward per token over the KV cache, sampled on the model's
         device, the loop ends once every row has its EOS (or, under ZeRO-3 with several ranks, once every rank
-        is done), and the answers are a view of its output. In bf16 on CPU it decodes with the faster kernels of
-        sampling.decoding_kernels (the attention chosen for the CPU, linear layers on packed weights, a KV cache
-        grown in blocks).
+        is done), and the answers are its output's new tokens (padded on when A is rounded up). In bf16 on CPU
+        it decodes with the faster kernels of sampling.decoding_kernels (the attention chosen for the CPU, linear
+        layers on packed weights, a KV cache grown in blocks).
         The KV cache is asked for explicitly: a checkpoint whose config says `use_cache: false` (as trainers
         with activation checkpointing save it) and that has no generation_config.json would otherwise re-read
         the whole sequence for every token. Measured and left out on CPU: a static KV cache and
