@@ -356,7 +356,7 @@ def ppo_row(args, variant: str) -> dict:
     prompts = CappedPrompts(data.train, config.max_prompt_seq_len, config.prompt_overflow, bos,
                             args.ppo_steps * batch_size)
     pad_to = config.max_prompt_seq_len if variant == "dschat-layout" else None
-    width_multiple = 1 if variant in OLD_KERNELS else sequence_width_multiple(device.type, TORCH_DTYPES[dtype])
+    width_multiple = sequence_width_multiple(device.type, TORCH_DTYPES[dtype])
     loader = make_loader(prompts, batch_size, PromptCollator(tokenizer.pad_token_id, pad_to, width_multiple),
                          config.seed, shuffle=True, length_grouped=config.data.group_by_length)
     actor_steps, critic_steps = recipe.optimizer_steps_per_epoch(config, len(loader))

@@ -13,7 +13,7 @@ from training.utils.optim import create_optimizer, get_optimizer_grouped_paramet
 from training.utils.optimizer_step import use_lean_step
 
 
-def engine_for(dtype: str, lean: bool, stage: int = 0, fp16_loss_scale: float | None = None):
+def engine_for(dtype: str, lean: bool, stage: int = 0):
     model = tiny_opt()
     model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))  # trained, but never gets a gradient
     optimizer = create_optimizer(get_optimizer_grouped_parameters(model, weight_decay=0.1), lr=1e-2,
@@ -21,8 +21,7 @@ def engine_for(dtype: str, lean: bool, stage: int = 0, fp16_loss_scale: float | 
     config = train_config(stage=stage, dtype="bf16" if dtype == "bf16" else "fp32", train_batch_size=2,
                           micro_batch_size=2, gradient_accumulation_steps=1)
     if dtype == "fp16":  # DeepSpeed's fp16 on CPU: our configs refuse it (slow), the optimizer wrapper is the same
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8} if fp16_loss_scale is None \
-            else {"enabled": True, "loss_scale": fp16_loss_scale}
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}  # dynamic loss scale
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     skip_lone_allreduce(engine)  # as every run builds it: `unused` then keeps no gradient at all
     if lean:

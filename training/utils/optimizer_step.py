@@ -14,6 +14,7 @@ gradient with an inf or a NaN has an inf or NaN norm, which DeepSpeed's step tre
 both. Every value the step computes (norms, clip factor, master and model weights, optimizer state, overflow
 flag, loss scale) is the one DeepSpeed's own step computes: tests/test_optimizer_step.py compares them bitwise.
 """
+import math
 import types
 
 import torch
@@ -48,8 +49,7 @@ def lean_step(optimizer: FP16_UnfusedOptimizer, closure=None) -> bool:
         norm_groups.append(_group_norm([m.grad for m, p in zip(master, low_precision) if p.grad is not None]))
     optimizer._global_grad_norm = get_global_norm(norm_list=norm_groups)
     if is_invalid_grad_norm(optimizer._global_grad_norm):
-        optimizer.overflow = True
-        return optimizer._skip_invalid_grad_norm()
+        return optimizer._skip_invalid_grad_norm()  # sets `overflow`, lowers the loss scale, drops the gradients
     optimizer.overflow = False
     optimizer._update_scale(False)
     combined_scale = optimizer.unscale_and_clip_grads(optimizer._global_grad_norm, apply_scale=False)
@@ -73,5 +73,5 @@ def _group_norm(grads: list[torch.Tensor]) -> float:
     total = 0.0
     for norm in torch._foreach_norm(grads, 2.0):
         total += norm ** 2.0
-    total = torch.tensor([float(total)], dtype=torch.float32)[0].item() ** 0.5
-    return -1 if total in (float("inf"), -float("inf")) or total != total else total
+    total = float(total) ** 0.5
+    return total if math.isfinite(total) else -1

@@ -53,7 +53,7 @@ from training.utils.losses import (
 from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
 from training.utils.model import round_up
 from training.utils.model.build import active_dropout
-from training.utils.model.logits import last_logits, logits_at
+from training.utils.model.logits import ONEDNN_DTYPES, last_logits, logits_at
 from training.utils.model.packed_linear import packed_linears
 from training.utils.rlhf.config import RLHFConfig
 from training.utils.rlhf.control import make_kl_controller
@@ -68,7 +68,7 @@ def sequence_width_multiple(device_type: str, dtype: torch.dtype) -> int:
     for one linear layer's forward and backward) and every rollout batch would otherwise bring new ones (8 rows x
     (prompt + answer) tokens), ~0.3 s of such a step of tiny/opt-20m; 1 (exact widths) elsewhere. The padding
     is masked like any other."""
-    return 32 if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
+    return 32 if device_type == "cpu" and dtype in ONEDNN_DTYPES else 1
 
 
 @dataclass
