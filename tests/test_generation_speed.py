@@ -177,7 +177,10 @@ def test_bf16_decoding_on_cpu_uses_the_attention_chosen_for_the_cpu_and_switches
     torch.manual_seed(0)
     model = create_hf_model("tiny/opt", tokenizer).to(torch.bfloat16).eval()
     prompt = torch.randint(4, 200, (2, 12))
-    kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 8, "do_sample": False,
+    # a left-padded row: transformers' own decoding over the block cache is masked then (model.lean_decode)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False,
               "pad_token_id": tokenizer.pad_token_id}
     assert model.config._attn_implementation == SEGMENT_ATTENTION
     with decoding_kernels(model):

@@ -9,6 +9,7 @@ from training.utils.data.collators import PromptCollator
 from training.utils.errors import env_switch
 from training.utils.model.attention import SEGMENT_ATTENTION
 from training.utils.model.kv_cache import block_kv_cache, cache_kwarg
+from training.utils.model.lean_decode import lean_forward
 from training.utils.model.packed_linear import packed_linears
 
 
@@ -46,22 +47,31 @@ def decoding_kernels(model, rows_hint: int = 8):
     CPU (decode_attention), linear layers on packed weights (model.packed_linear; bf16, the same values), and a KV
     cache grown in blocks (model.kv_cache: transformers' cache copies every layer's keys and values at every token;
     the block cache made decoding ~6% faster with eager attention on an AMD EPYC, ~20% with SDPA on a Xeon with
-    AMX): inside the block, `model.generate` gets one unless the call passes its own cache or searches beams.
+    AMX): inside the block, `model.generate` gets one unless the call passes its own cache or searches beams; and
+    decoding steps over that cache without transformers' per-call machinery (model.lean_decode).
     Full-sequence passes keep their implementation (SDPA, or segment attention: model.attention). fp32,
     accelerators and RLHF_DECODING_KERNELS=0 are left alone; the model is switched back on exit."""
     current = getattr(model.config, "_attn_implementation", None)
     parameter = next(model.parameters(), None)
     switch = (current in ("sdpa", SEGMENT_ATTENTION) and parameter is not None and parameter.device.type == "cpu"
               and parameter.dtype in (torch.bfloat16, torch.float16) and env_switch("RLHF_DECODING_KERNELS"))
+    lean = lean_forward(model) if switch else None
+    own_forward = vars(model).get("forward")  # an instance's own forward (already patched) is put back on exit
     if switch:
         model.set_attn_implementation(decode_attention(parameter.dtype))
         model.generate = _with_block_cache(model, model.generate)
+        if lean is not None:
+            model.forward = lean
     try:
         with packed_linears(model, rows_hint):
             yield
     finally:
         if switch:
             del model.generate  # the class's own again
+            if lean is not None:
+                del model.forward
+                if own_forward is not None:
+                    model.forward = own_forward
             model.set_attn_implementation(current)
 
 
