@@ -165,8 +165,12 @@ def test_other_calls_run_the_model_forward_and_an_own_forward_is_put_back(tokeni
     assert model.forward is own_forward
 
 
-def test_architectures_without_a_lean_step_keep_their_forward(tokenizer):
+def test_architectures_without_a_lean_step_and_zero3_models_keep_their_forward(tokenizer):
     model = tiny_model("tiny/opt", tokenizer, eager=False)
+    parameter = next(model.parameters())
+    parameter.ds_id = 0  # what ZeRO-3 marks a partitioned parameter with (its hooks gather them module by module)
+    assert lean_decode.lean_forward(model) is None
+    del parameter.ds_id
     model.config.model_type = "gpt2"  # any architecture lean_decode has no step for
     assert lean_decode.lean_forward(model) is None
     with sampling.decoding_kernels(model):

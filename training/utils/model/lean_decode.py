@@ -36,9 +36,11 @@ LEAN_MODEL_TYPES = LLAMA_FAMILY | {"opt"}
 
 def lean_forward(model):
     """A `forward` for `model` (a causal LM) that runs decoding steps itself and hands every other call to the
-    model's own forward; None for an architecture without a lean step. It has the model forward's signature, as
-    generate reads it to decide what to pass (position ids, the mask)."""
+    model's own forward; None for an architecture without a lean step or a ZeRO-3 partitioned model. It has the
+    model forward's signature, as generate reads it to decide what to pass (position ids, the mask)."""
     model_type = model.config.model_type
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        return None  # ZeRO-3 gathers partitioned parameters module by module, in the order it traced them
     if model_type == "opt":
         layer_step, embed = _opt_layer, _opt_embed
     elif model_type in LLAMA_FAMILY:
