@@ -9,7 +9,7 @@ from training.utils import sampling
 from training.utils.model import lean_decode
 from training.utils.model.kv_cache import BLOCK_CACHE_MODEL_TYPES, block_kv_cache, cache_kwarg
 
-ARCHITECTURES = ["tiny/opt", "tiny/llama", "tiny/qwen2", "opt-projected"]
+ARCHITECTURES = ["tiny/opt", "tiny/llama", "tiny/llama3", "tiny/qwen2", "opt-projected"]  # llama3: grouped KV heads
 
 
 def _model(name: str, tokenizer, attention: str = "sdpa"):
