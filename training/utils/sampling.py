@@ -68,10 +68,10 @@ def decoding_kernels(model, rows_hint: int = 8):
     finally:
         if switch:
             del model.generate  # the class's own again
-            if lean is not None:
-                del model.forward
-                if own_forward is not None:
-                    model.forward = own_forward
+            if lean is not None and own_forward is not None:
+                model.forward = own_forward
+            elif lean is not None:
+                del model.forward  # the class's own again
             model.set_attn_implementation(current)
 
 

@@ -5,7 +5,9 @@ at every step (~15% of a bf16 decoding step on CPU, tiny/opt-20m, 8 rows, 128 ne
 each layer's keys and values in a buffer [B, H, capacity, D] whose capacity is a multiple of BLOCK: a new
 token is written in place, and the buffer is copied only when it fills. The attention reads the whole
 buffer: the cache reports its capacity as the mask length (get_mask_sizes), so transformers' mask builder
-masks the unused tail (zeros) like padding, and each softmax gives it weight exactly 0.
+masks the unused tail (zeros) like padding, and each softmax gives it weight exactly 0. That needs a mask: when
+nothing is padded, generate drops the 2-D mask and transformers' SDPA path gives a one-token query none, so every
+call over this cache must carry one (model.lean_decode's forward, which decoding_kernels installs beside it, does).
 
 Used by sampling.decoding_kernels for the architectures in BLOCK_CACHE_MODEL_TYPES (their attention takes the
 mask from transformers' builders; tests/test_kv_cache.py checks each gives the same tokens as DynamicCache).
