@@ -60,8 +60,8 @@ ENV_SWITCHES = {
     "RLHF_FAST_DROPOUT": "bf16 dropout on CPU draws its mask from 16-bit random integers, faster (model/dropout.py)",
     "RLHF_LONE_RANK_NO_ALLREDUCE": "a one-process run without ZeRO skips DeepSpeed's gradient all-reduce with itself "
                                    "(engine.py)",
-    "RLHF_DECODING_KERNELS": "bf16 decoding on CPU uses the attention chosen for the CPU and a KV cache grown in "
-                             "blocks, faster (sampling.py)",
+    "RLHF_DECODING_KERNELS": "bf16 decoding on CPU uses the attention chosen for the CPU, a KV cache grown in "
+                             "blocks and lean one-token steps, faster (sampling.py)",
     "RLHF_LEAN_OPTIMIZER_STEP": "DeepSpeed's bf16 optimizer step without ZeRO copies each gradient to fp32 once and "
                                 "skips its separate overflow pass, faster (optimizer_step.py)",
 }
