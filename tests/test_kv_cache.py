@@ -125,3 +125,60 @@ def test_decoding_kernels_give_generate_a_block_cache_in_bf16_only(tokenizer, mo
         assert "generate" not in vars(model)  # the class's generate again
         model.generate(ids, **kwargs)
         assert not updates
+
+
+@pytest.mark.parametrize("name", ["tiny/opt", "tiny/llama"])
+def test_a_reserved_cache_allocates_once_and_decodes_the_grown_caches_tokens_and_logits(name, tokenizer, monkeypatch):
+    model = tiny_model(name, tokenizer, eager=False)
+    model.set_attn_implementation("sdpa")
+    ids, mask = left_padded_prompts(tokenizer)  # 30 positions + 45 new ones: a grown cache copies at 32 and 64
+    kwargs = {"attention_mask": mask, "max_new_tokens": 45, "min_new_tokens": 45, "do_sample": True, "top_k": 0,
+              "pad_token_id": tokenizer.pad_token_id, "output_logits": True, "return_dict_in_generate": True}
+    grown = []
+    real_grown = BlockKVLayer._grown
+    monkeypatch.setattr(BlockKVLayer, "_grown", lambda self, *a: grown.append(1) or real_grown(self, *a))
+    outputs, allocations = {}, {}
+    for reserve in (0, 30 + 45):
+        grown.clear()
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outputs[reserve] = model.generate(ids, **{cache_kwarg(model): block_kv_cache(model, reserve)}, **kwargs)
+        allocations[reserve] = len(grown) // (2 * model.config.num_hidden_layers)
+    assert allocations == {0: 3, 75: 1}  # 32, 64, 96 positions; or 96 at once
+    assert torch.equal(outputs[0].sequences, outputs[75].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0].logits, outputs[75].logits))
+    layer = outputs[75].past_key_values.layers[0]
+    assert layer.keys.size(2) == 3 * BLOCK and not layer.keys[:, :, layer.get_seq_length():].any()
+
+
+def test_a_reservation_is_capped_and_the_buffer_still_grows_past_it(monkeypatch):
+    from training.utils.model import kv_cache
+
+    monkeypatch.setattr(kv_cache, "RESERVE_BYTES", 2 * BLOCK * 2 * 3 * 4 * 4)  # two blocks of [2, 3, ., 4] fp32
+    layer = BlockKVLayer(reserve=10_000)
+    keys, _ = layer.update(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4))
+    assert layer.keys.size(2) == 2 * BLOCK and keys.shape == (2, 3, BLOCK, 4)  # a view up to the next block
+    steps = [torch.randn(2, 3, 1, 4) for _ in range(2 * BLOCK)]
+    for step in steps:
+        keys, values = layer.update(step, -step)
+    assert layer.get_seq_length() == 5 + 2 * BLOCK and layer.keys.size(2) == 3 * BLOCK
+    assert torch.equal(keys[:, :, 5:5 + 2 * BLOCK], torch.cat(steps, dim=2))
+
+
+def test_decoding_kernels_reserve_the_positions_generate_asks_for(tokenizer, monkeypatch):
+    from training.utils import sampling
+
+    reserves = []
+    real_cache = sampling.block_kv_cache
+    monkeypatch.setattr(sampling, "block_kv_cache", lambda model, reserve=0: reserves.append(reserve)
+                        or real_cache(model, reserve))
+    model = tiny_model("tiny/opt", tokenizer, eager=False)
+    ids, mask = left_padded_prompts(tokenizer)
+    common = {"attention_mask": mask, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad(), sampling.decoding_kernels(model):
+        model.generate(ids, max_new_tokens=7, **common)
+        model.generate(input_ids=ids, max_new_tokens=5, **common)
+        model.generate(ids, max_length=40, **common)
+        model.generation_config.max_new_tokens = 3
+        model.generate(ids, **common)
+    assert reserves == [30 + 7, 30 + 5, 40, 30 + 3]

@@ -92,11 +92,24 @@ def _with_block_cache(model, generate):
         beams = kwargs.get("num_beams") or model.generation_config.num_beams or 1
         own_cache = any(kwargs.get(key) is not None for key in ("cache", "past_key_values"))
         if not own_cache and kwargs.get("use_cache", True) and beams == 1:
-            cache = block_kv_cache(model)
+            cache = block_kv_cache(model, _positions_needed(model, args, kwargs))
             if cache is not None:
                 kwargs[name] = cache
         return generate(*args, **kwargs)
     return generate_with_block_cache
+
+
+def _positions_needed(model, args: tuple, kwargs: dict) -> int:
+    """The most positions a `generate(*args, **kwargs)` call caches (prompt width + max_new_tokens, or max_length),
+    or 0 where the call does not say."""
+    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    config = kwargs.get("generation_config") or model.generation_config
+    new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+        return 0
+    if new_tokens is not None:
+        return prompt.size(1) + int(new_tokens)
+    return int(kwargs.get("max_length", config.max_length) or 0)
 
 
 @torch.no_grad()
