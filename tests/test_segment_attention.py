@@ -105,6 +105,46 @@ def test_score_matrices_are_rounded_to_the_length_bucket(fp32_segments, shared_s
                          torch.autograd.grad((expected * weights).sum(), (query, key, value))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_of_one_sample_attends_over_a_window_of_its_own_row(fp32_segments, dtype, monkeypatch):
+    """Unpacked rows (one sample and its padding) round the sample's scores up to LENGTH_BUCKET with the row's own
+    neighbouring positions (views): after the sample (hidden by the causal mask) or, in a left-padded row, before it
+    (keys masked). Values and gradients are SDPA's under the mask (fp32 to 1e-5); padding gives zeros; the
+    right-extended window is bit for bit the zero-padded per-segment form, in bf16 too."""
+    lone = []
+    real_lone = attention._lone_sample
+    monkeypatch.setattr(attention, "_lone_sample", lambda *a: lone.append(real_lone(*a)) or lone[-1])
+    torch.manual_seed(3)
+    width, heads, dim = 96, 2, 8
+    rows = [(20, 76), (0, 45), (10, 45), (40, 45), (0, 96)]  # (padding before, sample length): padding after
+    segment_ids = torch.full((len(rows), width), -1)
+    for row, (before, n) in enumerate(rows):
+        segment_ids[row, before:before + n] = 0
+    query, key, value = (torch.randn(len(rows), heads, width, dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    module = _Module()
+    module.num_key_value_groups = 1
+    segments = segments_from_ids(segment_ids)
+    out, _ = segment_attention(module, query, key, value, None, scaling=0.4, **{SEGMENTS_KWARG: segments})
+    assert len(lone) == len(rows) and all(row is not None for row in lone)
+    real = segment_ids >= 0
+    assert torch.equal(out[~real], torch.zeros_like(out[~real]))
+    mask = block_causal_mask(segment_ids)
+    exact = [t.detach().float().requires_grad_() for t in (query, key, value)]
+    expected = F.scaled_dot_product_attention(*exact, attn_mask=mask, scale=0.4).transpose(1, 2)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out[real].float(), expected[real], **tolerance)
+    weights = torch.randn(out.shape) * real[:, :, None, None]
+    grads = torch.autograd.grad((out.float() * weights).sum(), (query, key, value))
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), exact)):
+        torch.testing.assert_close(got.float(), want, **(tolerance if dtype == torch.float32
+                                                          else {"atol": 5e-2, "rtol": 5e-2}))
+    with torch.no_grad():  # rows whose window extends after the sample: the zero-padded form's bits
+        for row, (before, n) in enumerate(rows):
+            if before + -(-n // attention.LENGTH_BUCKET) * attention.LENGTH_BUCKET <= width:  # 3 of the 5 rows
+                q, k, v = (t[row, :, before:before + n] for t in (query, key, value))
+                assert torch.equal(out[row, before:before + n].transpose(0, 1), attention._attend(q, k, v, [], [], 0.4))
+
+
 def _model(dtype=torch.float32, **config):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(OPT_20M, **config)).to(dtype).eval()

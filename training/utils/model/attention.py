@@ -40,7 +40,8 @@ MAX_SCORES_PER_SEGMENT = 2**24
 # Segment lengths are rounded up to a multiple of this for their matmuls. oneDNN compiles a kernel for every new
 # matrix shape (~1.4 ms per attention bmm on a Xeon with AMX, more than the bmm itself), and samples of every length
 # would each compile their own; rounded, a run meets at most 512 / 32 lengths. The extra query rows are dropped,
-# and the extra keys come after every real query, so the causal mask hides them.
+# and the extra keys come after every real query, so the causal mask hides them (a row of one sample takes them from
+# its own neighbouring positions, see _lone_sample: a no-grad pass of 8 x 384 tokens 4% faster than copying zeros).
 LENGTH_BUCKET = 32
 # kwargs with which the per-segment form would compute something else than SDPA does: SDPA runs them.
 _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks", "sliding_window")
@@ -99,15 +100,19 @@ def packed_segments(segment_ids: torch.Tensor, shared_segment: int | None = None
 _causal_biases: dict[tuple, torch.Tensor] = {}
 
 
-def _causal_bias(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _causal_bias(n: int, dtype: torch.dtype, device: torch.device, masked: int = 0) -> torch.Tensor:
     """[n, n] additive causal mask (0 on and below the diagonal, the dtype's minimum above), a view of one cached
-    matrix per dtype and device."""
+    matrix per dtype and device; `masked`: its first columns are the minimum in every row too (a new matrix)."""
     key = (dtype, device)
     bias = _causal_biases.get(key)
     if bias is None or bias.size(0) < n:
         bias = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
         _causal_biases[key] = bias
-    return bias[:n, :n]
+    if not masked:
+        return bias[:n, :n]
+    bias = bias[:n, :n].clone()  # not cached: a matrix per (n, masked) pair would add up to gigabytes for long rows
+    bias[:, :masked] = torch.finfo(dtype).min
+    return bias
 
 
 def _applies(module, query, key, segments, dropout, is_causal, kwargs) -> bool:
@@ -136,6 +141,10 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     for row, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
         lengths = segments.lengths[row]
         shared = segments.shared[row] if segments.shared else (False,) * len(lengths)
+        lone = _lone_sample(q_row, k_row, v_row, lengths, segments.padding[row], shared, scale)
+        if lone is not None:
+            rows.append(lone)
+            continue
         pieces, seen_keys, seen_values = [], [], []  # the shared segments so far
         for q, k, v, is_padding, is_shared in zip(q_row.split(lengths, 1), k_row.split(lengths, 1),
                                                   v_row.split(lengths, 1), segments.padding[row], shared):
@@ -149,6 +158,31 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
                 seen_values.append(v)
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: tuple[int, ...],
+                 padding: tuple[bool, ...], shared: tuple[bool, ...], scale: float) -> torch.Tensor | None:
+    """[heads, T, D] attention of a row [heads, T, D] holding one sample and padding (every unpacked batch), or None
+    where the row is not that or its bucketed window does not fit. The sample's scores are rounded up to a
+    LENGTH_BUCKET multiple with the row's own neighbouring positions instead of zero rows copied around it (views, no
+    copies): positions after the sample are hidden from its queries by the causal mask, positions before it (a
+    left-padded row) by masking their keys. The padding's output is zeros, as _attend's caller gives it."""
+    real = [index for index, is_padding in enumerate(padding) if not is_padding]
+    if len(real) != 1 or any(shared):
+        return None
+    start, n = sum(lengths[:real[0]]), lengths[real[0]]
+    heads, width = query.shape[:2]
+    window = round_up(n, LENGTH_BUCKET)
+    if heads * window * window > MAX_SCORES_PER_SEGMENT or window > width:
+        return None
+    masked = max(start + window - width, 0)  # the window's first positions, before the sample: keys masked
+    low = start - masked
+    q, k, v = (t[:, low:low + window] for t in (query, key, value))
+    bias = _causal_bias(window, query.dtype, query.device, masked)
+    scores = torch.baddbmm(bias.expand(heads, *bias.shape), q, k.transpose(1, 2), alpha=scale)
+    out = torch.bmm(scores.softmax(dim=-1), v)[:, masked:masked + n]
+    before, after = query.new_zeros(heads, start, out.size(-1)), query.new_zeros(heads, width - start - n, out.size(-1))
+    return torch.cat([before, out, after], dim=1)
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared_keys: list[torch.Tensor],
