@@ -57,14 +57,19 @@ def test_packed_kernel_is_the_one_that_runs(bf16_model, tokenizer, monkeypatch):
     real = torch.ops.mkldnn._linear_pointwise
 
     def counting(*args):
-        calls.append(args[0].shape)
+        calls.append(args[3])
         return real(*args)
 
     monkeypatch.setattr(packed_linear.torch.ops.mkldnn, "_linear_pointwise", counting)
     ids, mask = batch(tokenizer)
+    layers = bf16_model.model.decoder.layers
+    activations = [layer.activation_fn for layer in layers]
     with torch.no_grad(), packed_linears(bf16_model):
+        assert all(type(layer.activation_fn) is nn.Identity for layer in layers)  # the ReLU runs in fc1's call
         bf16_model(input_ids=ids, attention_mask=mask)
     assert len(calls) == len([m for m in bf16_model.modules() if type(m) is nn.Linear])
+    assert calls.count("relu") == len(layers) and set(calls) == {"none", "relu"}
+    assert all(layer.activation_fn is activation for layer, activation in zip(layers, activations))
 
 
 def test_with_gradients_on_inside_the_block_the_plain_linear_runs_and_gradients_flow(bf16_model, tokenizer):
@@ -83,6 +88,7 @@ def test_modules_are_restored_when_the_block_raises(bf16_model):
     with pytest.raises(KeyError), packed_linears(bf16_model):
         raise KeyError("inside")
     assert patched(bf16_model) == []
+    assert all(type(layer.activation_fn) is nn.ReLU for layer in bf16_model.model.decoder.layers)
 
 
 def test_left_alone_fp32_other_layer_types_and_partitioned_weights(tokenizer):
