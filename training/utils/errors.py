@@ -64,6 +64,8 @@ ENV_SWITCHES = {
                              "blocks and lean one-token steps, faster (sampling.py)",
     "RLHF_LEAN_OPTIMIZER_STEP": "DeepSpeed's bf16 optimizer step without ZeRO copies each gradient to fp32 once and "
                                 "skips its separate overflow pass, faster (optimizer_step.py)",
+    "RLHF_LAST_LAYER_SUFFIX": "step 3's passes compute the last layer after its attention only where they read it, "
+                              "faster (model/last_layer.py)",
 }
 _SWITCH_ON, _SWITCH_OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 

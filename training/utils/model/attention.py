@@ -137,36 +137,36 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    rows = []
+    zero = query.new_zeros(())
+    pieces = []  # every row's segments in order, [heads, n, D] each: one copy into the [B, T, H, D] output
     for row, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
         lengths = segments.lengths[row]
         shared = segments.shared[row] if segments.shared else (False,) * len(lengths)
         lone = _lone_sample(q_row, k_row, v_row, lengths, segments.padding[row], shared, scale)
         if lone is not None:
-            rows.append(lone)
+            pieces += lone
             continue
-        pieces, seen_keys, seen_values = [], [], []  # the shared segments so far
+        seen_keys, seen_values = [], []  # the shared segments so far
         for q, k, v, is_padding, is_shared in zip(q_row.split(lengths, 1), k_row.split(lengths, 1),
                                                   v_row.split(lengths, 1), segments.padding[row], shared):
-            heads, n = q.shape[:2]
             if is_padding:
-                pieces.append(q.new_zeros(heads, n, v.size(-1)))
+                pieces.append(zero.expand(q.size(0), q.size(1), v.size(-1)))
                 continue
             pieces.append(_attend(q, k, v, seen_keys, seen_values, scale))
             if is_shared:
                 seen_keys.append(k)
                 seen_values.append(v)
-        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+    out = torch.cat([piece.transpose(0, 1) for piece in pieces])
+    return out.view(query.size(0), query.size(2), query.size(1), value.size(-1)), None
 
 
 def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: tuple[int, ...],
-                 padding: tuple[bool, ...], shared: tuple[bool, ...], scale: float) -> torch.Tensor | None:
-    """[heads, T, D] attention of a row [heads, T, D] holding one sample and padding (every unpacked batch), or None
-    where the row is not that or its bucketed window does not fit. The sample's scores are rounded up to a
-    LENGTH_BUCKET multiple with the row's own neighbouring positions instead of zero rows copied around it (views, no
-    copies): positions after the sample are hidden from its queries by the causal mask, positions before it (a
-    left-padded row) by masking their keys. The padding's output is zeros, as _attend's caller gives it."""
+                 padding: tuple[bool, ...], shared: tuple[bool, ...], scale: float) -> list[torch.Tensor] | None:
+    """The attention of a row [heads, T, D] holding one sample and padding (every unpacked batch), as pieces [heads,
+    n, D] covering the row in order, or None where the row is not that or its bucketed window does not fit. The
+    sample's scores are rounded up to a LENGTH_BUCKET multiple with the row's own neighbouring positions instead of
+    zero rows copied around it (views, no copies): positions after the sample are hidden from its queries by the
+    causal mask, positions before it (a left-padded row) by masking their keys. The padding's output is zeros."""
     real = [index for index, is_padding in enumerate(padding) if not is_padding]
     if len(real) != 1 or any(shared):
         return None
@@ -181,8 +181,8 @@ def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, le
     bias = _causal_bias(window, query.dtype, query.device, masked)
     scores = torch.baddbmm(bias.expand(heads, *bias.shape), q, k.transpose(1, 2), alpha=scale)
     out = torch.bmm(scores.softmax(dim=-1), v)[:, masked:masked + n]
-    before, after = query.new_zeros(heads, start, out.size(-1)), query.new_zeros(heads, width - start - n, out.size(-1))
-    return torch.cat([before, out, after], dim=1)
+    zero = query.new_zeros(())
+    return [zero.expand(heads, start, out.size(-1)), out, zero.expand(heads, width - start - n, out.size(-1))]
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared_keys: list[torch.Tensor],

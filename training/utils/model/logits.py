@@ -17,6 +17,7 @@ import torch
 
 from training.utils.model import round_up
 from training.utils.model.build import unwrap_model
+from training.utils.model.last_layer import last_layer_from
 
 
 @functools.cache
@@ -68,8 +69,10 @@ def _rounded_up(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def last_logits(model, count: int, **inputs) -> torch.Tensor:
-    """[B, count, V] logits of the last `count` positions of every row, from `model(**inputs)`."""
-    if _logits_to_keep_support(type(unwrap_model(model))) is not None:
-        return model(**inputs, logits_to_keep=count).logits
-    return model(**inputs).logits[:, -count:]
+    """[B, count, V] logits of the last `count` positions of every row, from `model(**inputs)` (its last layer
+    computed after its attention at those positions only: model.last_layer)."""
+    with last_layer_from(model, inputs["input_ids"].size(1) - count if "input_ids" in inputs else 0):
+        if _logits_to_keep_support(type(unwrap_model(model))) is not None:
+            return model(**inputs, logits_to_keep=count).logits
+        return model(**inputs).logits[:, -count:]
 

@@ -53,6 +53,7 @@ from training.utils.losses import (
 from training.utils.masks import answer_lengths, close_answers, mask_from_lengths, positions_from_mask
 from training.utils.model import round_up
 from training.utils.model.build import active_dropout
+from training.utils.model.last_layer import last_layer_from
 from training.utils.model.logits import ONEDNN_DTYPES, last_logits, logits_at
 from training.utils.model.packed_linear import packed_linears
 from training.utils.rlhf.config import RLHFConfig
@@ -361,7 +362,8 @@ class PPOTrainer:
     @staticmethod
     def _action_values(critic, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
         """[B, A] V(s_t): the critic's value at the position right before each answer token."""
-        return critic(input_ids=sequences, attention_mask=attention_mask).values[:, prompt_width - 1:-1]
+        with last_layer_from(critic, prompt_width - 1):
+            return critic(input_ids=sequences, attention_mask=attention_mask).values[:, prompt_width - 1:-1]
 
     # ------------------------------------------------------------------ training
     def train_rlhf(self, experience: Experience) -> dict[str, float]:

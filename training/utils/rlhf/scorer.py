@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.utils.masks import last_real_token_index
+from training.utils.model.last_layer import last_layer_from
 from training.utils.model.packed_linear import packed_linears
 from training.utils.rlhf.control import RewardNormalizer
 from training.utils.rlhf.rewards import compute_rule_rewards, load_reward_function
@@ -55,7 +57,8 @@ class Scorer:
         if self.reward_engine is not None:
             sequences = torch.cat([prompt_ids, answer_ids], dim=1)
             attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
-            with packed_linears(self.reward_engine, len(sequences)):
+            first_end = int(last_real_token_index(attention_mask).min())  # the scores are read there and after
+            with packed_linears(self.reward_engine, len(sequences)), last_layer_from(self.reward_engine, first_end):
                 model_scores = self.reward_engine(input_ids=sequences, attention_mask=attention_mask).end_scores
         if self.function is not None:
             prompts, replies = self.texts(prompt_ids, prompt_mask, answer_ids, lengths)
