@@ -33,8 +33,9 @@ The baseline and dschat-layout rows also run the old kernels, as the old default
 do: transformers' SDPA attention (not model.attention's segment attention), glibc's default allocator
 (RLHF_KEEP_FREED_MEMORY=0, see training/utils/allocator.py), F.linear in inference passes
 (RLHF_PACKED_WEIGHTS=0, see training/utils/model/packed_linear.py), torch's dropout (RLHF_FAST_DROPOUT=0, see
-training/utils/model/dropout.py) and DeepSpeed's gradient all-reduce of a lone rank (RLHF_LONE_RANK_NO_ALLREDUCE=0,
-see training/utils/engine.py).
+training/utils/model/dropout.py), DeepSpeed's gradient all-reduce of a lone rank (RLHF_LONE_RANK_NO_ALLREDUCE=0,
+see training/utils/engine.py), and every other ENV_SWITCHES entry (decoding kernels, the lean optimizer step, step
+3's last layer computed only where it is read).
 
 Each row runs in its own process (rows.run_row) through the step's own code: its parse_args (the flags
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
