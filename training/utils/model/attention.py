@@ -179,8 +179,7 @@ def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, le
     low = start - masked
     q, k, v = (t[:, low:low + window] for t in (query, key, value))
     bias = _causal_bias(window, query.dtype, query.device, masked)
-    scores = torch.baddbmm(bias.expand(heads, *bias.shape), q, k.transpose(1, 2), alpha=scale)
-    out = torch.bmm(scores.softmax(dim=-1), v)[:, masked:masked + n]
+    out = _biased_attention(q, k, v, bias, scale)[:, masked:masked + n]
     zero = query.new_zeros(())
     return [zero.expand(heads, start, out.size(-1)), out, zero.expand(heads, width - start - n, out.size(-1))]
 
@@ -207,8 +206,15 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared_
     if shared:
         bias = torch.cat([bias.new_zeros(n + extra, shared),
                           bias.new_full((n + extra, shared_extra), torch.finfo(bias.dtype).min), bias], dim=1)
-    scores = torch.baddbmm(bias.expand(heads, *bias.shape), query, keys.transpose(1, 2), alpha=scale)
-    return torch.bmm(scores.softmax(dim=-1), values)[:, :n]
+    return _biased_attention(query, keys, values, bias, scale)[:, :n]
+
+
+def _biased_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + bias) v over [heads, rows, D] / [heads, keys, D] tensors and a [rows, keys] bias, the
+    scores in the input dtype."""
+    scores = torch.baddbmm(bias.expand(query.size(0), *bias.shape), query, keys.transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.softmax(dim=-1), values)
 
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
