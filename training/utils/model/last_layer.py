@@ -30,8 +30,9 @@ from training.utils.model.build import unwrap_model
 LAYER_TYPES = (OPTDecoderLayer, LlamaDecoderLayer, Qwen2DecoderLayer)
 
 
-def _opt_rest(layer: OPTDecoderLayer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """OPT's layer after its attention (dropout off), on the kept positions."""
+def opt_after_attention(layer: OPTDecoderLayer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """OPT's layer after its attention (dropout off): `residual` its input, `attended` its attention's output, at the
+    same positions (also lean_decode's decoding steps)."""
     hidden = residual + attended
     if not layer.do_layer_norm_before:
         hidden = layer.self_attn_layer_norm(hidden)
@@ -44,8 +45,8 @@ def _opt_rest(layer: OPTDecoderLayer, residual: torch.Tensor, attended: torch.Te
     return hidden if layer.do_layer_norm_before else layer.final_layer_norm(hidden)
 
 
-def _llama_rest(layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Llama's / Qwen2's layer after its attention, on the kept positions."""
+def llama_after_attention(layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Llama's / Qwen2's layer after its attention, as opt_after_attention."""
     hidden = residual + attended
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -64,7 +65,7 @@ def _suffix_forward(layer, start: int):
         else:
             normed = layer.input_layernorm(hidden_states)
         attended, _ = layer.self_attn(hidden_states=normed, **kwargs)
-        rest = _opt_rest if is_opt else _llama_rest
+        rest = opt_after_attention if is_opt else llama_after_attention
         kept = rest(layer, hidden_states[:, start:], attended[:, start:])
         return torch.cat([hidden_states[:, :start], kept], dim=1)
     return forward

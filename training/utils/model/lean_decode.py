@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from training.utils.model.kv_cache import BlockKVLayer, cache_kwarg
+from training.utils.model.last_layer import llama_after_attention, opt_after_attention
 
 # The kwargs generate passes to a decoding step (anything else goes to the model's own forward).
 _STEP_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "logits_to_keep", "use_cache", "return_dict",
@@ -141,18 +142,7 @@ def _opt_layer(layer, hidden, cache_layer: BlockKVLayer, mask, attention, contex
     key, value = (proj(hidden).view(heads).transpose(1, 2) for proj in (attn.k_proj, attn.v_proj))
     keys, values = cache_layer.update(key, value)
     out, _ = attention(attn, query, keys, values, mask, dropout=0.0, scaling=1.0)
-    hidden = residual + attn.out_proj(out.reshape(batch, width, -1).contiguous())
-    if not layer.do_layer_norm_before:
-        hidden = layer.self_attn_layer_norm(hidden)
-    shape = hidden.shape
-    hidden = hidden.reshape(-1, hidden.size(-1))
-    residual = hidden
-    if layer.do_layer_norm_before:
-        hidden = layer.final_layer_norm(hidden)
-    hidden = (residual + layer.fc2(layer.activation_fn(layer.fc1(hidden)))).view(shape)
-    if not layer.do_layer_norm_before:
-        hidden = layer.final_layer_norm(hidden)
-    return hidden
+    return opt_after_attention(layer, residual, attn.out_proj(out.reshape(batch, width, -1).contiguous()))
 
 
 def _llama_embed(model, input_ids, attention_mask, positions, past: int, modeling):
@@ -175,5 +165,4 @@ def _llama_layer(layer, hidden, cache_layer: BlockKVLayer, mask, attention, cont
     keys, values = cache_layer.update(key, value)
     extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
     out, _ = attention(attn, query, keys, values, mask, dropout=0.0, scaling=attn.scaling, **extra)
-    hidden = residual + attn.o_proj(out.reshape(*hidden.shape[:-1], -1).contiguous())
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return llama_after_attention(layer, residual, attn.o_proj(out.reshape(*hidden.shape[:-1], -1).contiguous()))
