@@ -142,7 +142,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     for row, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
         lengths = segments.lengths[row]
         shared = segments.shared[row] if segments.shared else (False,) * len(lengths)
-        lone = _lone_sample(q_row, k_row, v_row, lengths, segments.padding[row], shared, scale)
+        lone = _lone_sample(q_row, k_row, v_row, lengths, segments.padding[row], shared, scale, zero)
         if lone is not None:
             pieces += lone
             continue
@@ -161,12 +161,14 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
 
 def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: tuple[int, ...],
-                 padding: tuple[bool, ...], shared: tuple[bool, ...], scale: float) -> list[torch.Tensor] | None:
+                 padding: tuple[bool, ...], shared: tuple[bool, ...], scale: float,
+                 zero: torch.Tensor) -> list[torch.Tensor] | None:
     """The attention of a row [heads, T, D] holding one sample and padding (every unpacked batch), as pieces [heads,
     n, D] covering the row in order, or None where the row is not that or its bucketed window does not fit. The
     sample's scores are rounded up to a LENGTH_BUCKET multiple with the row's own neighbouring positions instead of
     zero rows copied around it (views, no copies): positions after the sample are hidden from its queries by the
-    causal mask, positions before it (a left-padded row) by masking their keys. The padding's output is zeros."""
+    causal mask, positions before it (a left-padded row) by masking their keys. The padding's output is `zero` (a
+    0-d zero of the output's dtype) expanded."""
     real = [index for index, is_padding in enumerate(padding) if not is_padding]
     if len(real) != 1 or any(shared):
         return None
@@ -180,7 +182,6 @@ def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, le
     q, k, v = (t[:, low:low + window] for t in (query, key, value))
     bias = _causal_bias(window, query.dtype, query.device, masked)
     out = _biased_attention(q, k, v, bias, scale)[:, masked:masked + n]
-    zero = query.new_zeros(())
     return [zero.expand(heads, start, out.size(-1)), out, zero.expand(heads, width - start - n, out.size(-1))]
 
 
