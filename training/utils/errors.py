@@ -66,6 +66,10 @@ ENV_SWITCHES = {
                                 "skips its separate overflow pass, faster (optimizer_step.py)",
     "RLHF_LAST_LAYER_SUFFIX": "step 3's passes compute the last layer after its attention only where they read it, "
                               "faster (model/last_layer.py)",
+    "RLHF_DECODE_ATTENTION_KERNEL": "bf16 decoding steps on a CPU with AMX run their attention in a small C++ kernel "
+                                    "built on first use, faster (model/decode_attention.py)",
+    "RLHF_LEAN_WEIGHT_GRAD": "bf16 linear layers on CPU compute their weight gradient from a contiguous transpose of "
+                             "the narrower operand, faster (model/linear_grad.py)",
 }
 _SWITCH_ON, _SWITCH_OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 

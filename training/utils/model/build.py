@@ -16,6 +16,7 @@ from training.utils.errors import UserInputError
 from training.utils.model.attention import use_segment_attention
 from training.utils.model.configs import TINY_PREFIX, load_tiny_config
 from training.utils.model.dropout import install_fast_dropout
+from training.utils.model.linear_grad import install_lean_weight_grad
 
 DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop",
                 "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -214,6 +215,7 @@ def _build(model_class, model_name_or_path: str, config, tokenizer, trust_remote
     fit_to_tokenizer(model, tokenizer)
     use_segment_attention(model)
     install_fast_dropout()
+    install_lean_weight_grad()
     return model
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from training.utils.model.decode_attention import kernel_applies, kernel_attention
 from training.utils.model.kv_cache import BlockKVLayer, cache_kwarg
 from training.utils.model.last_layer import llama_after_attention, opt_after_attention
 
@@ -52,6 +53,7 @@ def lean_forward(model):
     original = model.forward
     cache_name = cache_kwarg(model)
     modeling = sys.modules[type(model).__module__]  # the module-level functions transformers' own forward calls
+    use_kernel = []  # decided at the first decoding step (the attention implementation is switched by then)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -70,6 +72,10 @@ def lean_forward(model):
         mask = _attention_mask(model, mask_2d, capacity, hidden.dtype)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation,
                                                           modeling.eager_attention_forward)
+        if not use_kernel:
+            use_kernel.append(kernel_applies(model))
+        if use_kernel[0]:
+            attention = kernel_attention(attention)
         for layer, cache_layer in zip(_decoder(model).layers, cache.layers):
             hidden = layer_step(layer, hidden, cache_layer, mask, attention, context)
         logits = _head(model, hidden)
