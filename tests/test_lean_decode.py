@@ -9,6 +9,14 @@ from training.utils import sampling
 from training.utils.model import lean_decode
 from training.utils.model.kv_cache import BLOCK_CACHE_MODEL_TYPES, block_kv_cache, cache_kwarg
 
+
+@pytest.fixture(autouse=True)
+def transformers_attention(monkeypatch):
+    """The lean step with transformers' own attention functions, which it must match bit for bit (the decoding
+    kernel, whose values are the attention's to bf16 rounding, has its own tests: tests/test_decode_attention.py)."""
+    monkeypatch.setenv("RLHF_DECODE_ATTENTION_KERNEL", "0")
+
+
 ARCHITECTURES = ["tiny/opt", "tiny/llama", "tiny/llama3", "tiny/qwen2", "opt-projected"]  # llama3: grouped KV heads
 
 

@@ -10,6 +10,7 @@ from training.utils.errors import env_switch
 from training.utils.model.attention import SEGMENT_ATTENTION
 from training.utils.model.kv_cache import block_kv_cache, cache_kwarg
 from training.utils.model.lean_decode import lean_forward
+from training.utils.model.multinomial import fast_multinomial
 from training.utils.model.packed_linear import packed_linears
 
 
@@ -48,7 +49,8 @@ def decoding_kernels(model, rows_hint: int = 8):
     cache grown in blocks (model.kv_cache: transformers' cache copies every layer's keys and values at every token;
     the block cache made decoding ~6% faster with eager attention on an AMD EPYC, ~20% with SDPA on a Xeon with
     AMX): inside the block, `model.generate` gets one unless the call passes its own cache or searches beams; and
-    decoding steps over that cache without transformers' per-call machinery (model.lean_decode).
+    decoding steps over that cache without transformers' per-call machinery (model.lean_decode); sampled tokens are
+    drawn with torch.multinomial's own random numbers made faster (model.multinomial: the same tokens).
     Full-sequence passes keep their implementation (SDPA, or segment attention: model.attention). fp32,
     accelerators and RLHF_DECODING_KERNELS=0 are left alone; the model is switched back on exit."""
     current = getattr(model.config, "_attn_implementation", None)
@@ -63,7 +65,7 @@ def decoding_kernels(model, rows_hint: int = 8):
         if lean is not None:
             model.forward = lean
     try:
-        with packed_linears(model, rows_hint):
+        with packed_linears(model, rows_hint), fast_multinomial() if switch else contextlib.nullcontext():
             yield
     finally:
         if switch:

@@ -27,6 +27,7 @@ from training.utils import precision
 from training.utils.errors import describe_error, env_switch
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "decode_attention.cpp")
+KERNEL_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what COMPILE_FLAGS let it use
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                  "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]  # ATen's vectorized exp in its AVX-512 form
 
@@ -56,7 +57,7 @@ def kernel_applies(model) -> bool:
     return (parameter is not None and parameter.dtype == torch.bfloat16 and parameter.device.type == "cpu"
             and model.config._attn_implementation == "sdpa" and head_dim % 16 == 0 and head_dim <= 256
             and env_switch("RLHF_DECODE_ATTENTION_KERNEL") and precision.cpu_has_amx_bf16()
-            and _extension() is not None)
+            and KERNEL_CPU_FLAGS <= precision.read_cpu_flags() and _extension() is not None)
 
 
 def kernel_attention(sdpa):
