@@ -18,6 +18,12 @@ pass `**packed_segments(segment_ids)` themselves, beside their 4-D block mask. W
 not apply (not CPU, fp32, a KV cache, attention dropout, sliding windows, soft-capping, attention sinks or position
 biases, no segments), the call is SDPA's, unchanged; decoding picks its attention for the CPU
 (sampling.decoding_kernels).
+
+A frozen model's passes without gradients (step 3's reference and reward model, DPO's reference) attend per
+sample with SDPA's flash kernel instead of the bucketed [n, n] scores: without a backward to keep probabilities
+for, it is 2.3-2.9x faster there (one Xeon core with AMX, 8 heads, 330-480 tokens; a step-3 reference pass of 8 x
+~330 tokens 0.27 -> 0.23 s). A trained model's no-grad passes (step 3's separate scoring, evaluation) keep the
+eager form, so their values are bit for bit those of its training forward (PPO's ratio starts at exactly 1).
 """
 from dataclasses import dataclass
 
@@ -138,11 +144,12 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     zero = query.new_zeros(())
+    frozen = _frozen_pass(module, query, key, value)
     pieces = []  # every row's segments in order, [heads, n, D] each: one copy into the [B, T, H, D] output
     for row, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
         lengths = segments.lengths[row]
         shared = segments.shared[row] if segments.shared else (False,) * len(lengths)
-        lone = _lone_sample(q_row, k_row, v_row, lengths, segments.padding[row], shared, scale, zero)
+        lone = _lone_sample(q_row, k_row, v_row, lengths, segments.padding[row], shared, scale, zero, frozen)
         if lone is not None:
             pieces += lone
             continue
@@ -160,9 +167,16 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     return out.view(query.size(0), query.size(2), query.size(1), value.size(-1)), None
 
 
+def _frozen_pass(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether this is a pass of a frozen model (a reference or reward model: no parameter of the attention
+    layer trains) that computes no gradient."""
+    return (not (query.requires_grad or key.requires_grad or value.requires_grad)
+            and not any(parameter.requires_grad for parameter in module.parameters()))
+
+
 def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: tuple[int, ...],
                  padding: tuple[bool, ...], shared: tuple[bool, ...], scale: float,
-                 zero: torch.Tensor) -> list[torch.Tensor] | None:
+                 zero: torch.Tensor, frozen: bool = False) -> list[torch.Tensor] | None:
     """The attention of a row [heads, T, D] holding one sample and padding (every unpacked batch), as pieces [heads,
     n, D] covering the row in order, or None where the row is not that or its bucketed window does not fit. The
     sample's scores are rounded up to a LENGTH_BUCKET multiple with the row's own neighbouring positions instead of
@@ -181,7 +195,12 @@ def _lone_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, le
     low = start - masked
     q, k, v = (t[:, low:low + window] for t in (query, key, value))
     bias = _causal_bias(window, query.dtype, query.device, masked)
-    out = _biased_attention(q, k, v, bias, scale)[:, masked:masked + n]
+    if frozen:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias if masked else None,
+                                             is_causal=not masked, scale=scale)[0]
+    else:
+        out = _biased_attention(q, k, v, bias, scale)
+    out = out[:, masked:masked + n]
     return [zero.expand(heads, start, out.size(-1)), out, zero.expand(heads, width - start - n, out.size(-1))]
 
 
