@@ -168,3 +168,35 @@ def test_step3_experience_is_bitwise_the_same_with_packed_weights(tmp_path, dist
     assert results["0"][1].abs().sum() > 0 and results["0"][2].abs().sum() > 0
     for off, on in zip(results["0"], results["1"]):
         assert torch.equal(off, on)
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="this CPU has no oneDNN bf16 kernels: nothing is packed")
+def test_a_frozen_models_packed_weights_are_kept_until_a_weight_changes(tokenizer, monkeypatch):
+    """A reference or reward model packs its weights once for the run; an in-place change (loading new weights)
+    repacks that layer, and the values follow it; a trained model repacks at every block."""
+    from training.utils.model.build import create_hf_model
+
+    reorders = []
+    real = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(packed_linear.torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda *args: reorders.append(args[0].shape) or real(*args))
+    torch.manual_seed(0)
+    model = create_hf_model("tiny/opt", tokenizer, dropout=0.0).to(torch.bfloat16).eval()
+    linears = len([m for m in model.modules() if type(m) is nn.Linear])
+    ids, mask = batch(tokenizer)
+
+    def packed_logits():
+        with torch.no_grad(), packed_linears(model, rows_hint=3):
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    packed_logits()
+    packed_logits()
+    assert len(reorders) == 2 * linears  # trained weights: packed at every block
+    model.requires_grad_(False)
+    first = packed_logits()
+    assert torch.equal(packed_logits(), first) and len(reorders) == 3 * linears  # frozen: packed once
+    fc1 = model.model.decoder.layers[0].fc1
+    with torch.no_grad():
+        fc1.weight.mul_(2.0)
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(packed_logits(), expected) and len(reorders) == 3 * linears + 1
