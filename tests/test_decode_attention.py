@@ -134,12 +134,14 @@ def test_kernel_not_used_without_amx_or_with_the_switch_off(tokenizer, monkeypat
     assert not decode_attention.kernel_applies(model.float())
 
 
-def test_a_failed_build_leaves_sdpa_with_one_warning(tokenizer, monkeypatch, capsys):
+def test_a_failed_build_leaves_sdpa_with_one_warning(tokenizer, monkeypatch, capsys, tmp_path):
+    """On a machine where it was never built, one line says it is being built; a failed build, one warning line."""
     from torch.utils import cpp_extension
 
     def no_compiler(**kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
     monkeypatch.setattr(precision, "read_cpu_flags", lambda: decode_attention.KERNEL_CPU_FLAGS)
     decode_attention._extension.cache_clear()
@@ -148,6 +150,7 @@ def test_a_failed_build_leaves_sdpa_with_one_warning(tokenizer, monkeypatch, cap
         assert not decode_attention.kernel_applies(model)
         assert not decode_attention.kernel_applies(model)
         out = capsys.readouterr().out
+        assert out.count("building the decoding attention kernel (once on this machine") == 1
         assert out.count("warning: the decoding attention kernel could not be built") == 1
         assert "Ninja is required" in out and "RLHF_DECODE_ATTENTION_KERNEL=0" in out
     finally:

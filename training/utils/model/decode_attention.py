@@ -24,8 +24,10 @@ import warnings
 import torch
 
 from training.utils import precision
+from training.utils.distributed import print_rank_0
 from training.utils.errors import describe_error, env_switch
 
+EXTENSION = "rlhf_decode_attention"
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "decode_attention.cpp")
 KERNEL_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what COMPILE_FLAGS let it use
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
@@ -38,9 +40,12 @@ def _extension():
     from torch.utils import cpp_extension
 
     try:
+        build_dir = cpp_extension._get_build_directory(EXTENSION, verbose=False)
+        if not any(name.endswith(".so") for name in os.listdir(build_dir)):
+            print_rank_0(f"building the decoding attention kernel (once on this machine, ~25 s; kept in {build_dir})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (compiler-version notices; a failure is reported below)
-            return cpp_extension.load(name="rlhf_decode_attention", sources=[SOURCE], extra_cflags=COMPILE_FLAGS,
+            return cpp_extension.load(name=EXTENSION, sources=[SOURCE], extra_cflags=COMPILE_FLAGS,
                                       verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache directory: decoding keeps SDPA
         print(f"warning: the decoding attention kernel could not be built ({describe_error(err)}); decoding steps "
