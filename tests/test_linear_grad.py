@@ -11,6 +11,12 @@ from training.utils.model.build import create_hf_model
 SHAPES = [(512, 2048), (2048, 512), (64, 512), (96, 40)]  # (in, out): wide out, wide in, LoRA-like, not a multiple
 
 
+@pytest.fixture(autouse=True)
+def small_products_too(monkeypatch):
+    """These tests' products are small (fast tests): the size rule is lowered for them, and tested on its own."""
+    monkeypatch.setattr(lean, "MIN_PRODUCT", 1)
+
+
 @pytest.fixture
 def installed(monkeypatch):
     monkeypatch.delenv("RLHF_LEAN_WEIGHT_GRAD", raising=False)
@@ -72,8 +78,9 @@ def test_weight_gradient_of_each_orientation_is_the_product():
     assert torch.equal(lean.transposed(matrix), matrix.t()) and lean.transposed(matrix).is_contiguous()
 
 
-@pytest.mark.parametrize("case", ["square", "no grad", "fp32", "frozen weight", "zero3 weight", "1-d input"])
-def test_other_calls_are_the_previous_linear(case, lean_calls):
+@pytest.mark.parametrize("case", ["square", "no grad", "fp32", "frozen weight", "zero3 weight", "1-d input",
+                                  "small product"])
+def test_other_calls_are_the_previous_linear(case, lean_calls, monkeypatch):
     torch.manual_seed(2)
     width_in, width_out = (64, 64) if case == "square" else (64, 256)
     dtype = torch.float32 if case == "fp32" else torch.bfloat16
@@ -81,6 +88,8 @@ def test_other_calls_are_the_previous_linear(case, lean_calls):
     weight = torch.randn(width_out, width_in, dtype=dtype, requires_grad=case != "frozen weight")
     if case == "zero3 weight":
         weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+    if case == "small product":
+        monkeypatch.setattr(lean, "MIN_PRODUCT", 5 * width_in * width_out + 1)  # one row more than the input has
     with torch.set_grad_enabled(case != "no grad"):
         out = lean.linear(x, weight)
         assert torch.equal(out, lean._previous_linear(x, weight))

@@ -12,15 +12,19 @@ on one thread of a Xeon with AMX, 3072 tokens (a step-3 batch of 8 x 384):
     512 -> 4096 (the head)   26.9 ms                      19.9 ms
     512 -> 512               2.6 ms                       2.8-3.0 ms (so square layers keep autograd's product)
 
+Small products lose: the copies and the autograd Function's own cost outweigh the gain below ~2^30
+multiply-adds (tokens x in x out; 1024 x 192 -> 768 took 1.2x as long, and tiny/opt's SFT in the README's main
+command ran 14% slower), so only larger products take this path.
+
     install_lean_weight_grad()   # idempotent; F.linear then takes this path where it applies
 
 It applies to `F.linear` calls (nn.Linear's forward and the LoRA layers go through it) with gradients on, a bf16 CPU
-input and a bf16 2-D weight that needs a gradient and whose width in and out differ at least twofold; every other
-call goes to the F.linear that was installed before (torch's, or DeepSpeed's). A ZeRO-3 partitioned weight keeps
-DeepSpeed's path. The input gradient (dy W) and the bias gradient (dy summed over the tokens) are autograd's products.
-The weight gradient is the same sum of the same products in another order of accumulation: it differs from
-autograd's in the last bits of bf16 (tests/test_linear_grad.py). RLHF_LEAN_WEIGHT_GRAD=0 (or false / no / off)
-leaves F.linear alone.
+input and a bf16 2-D weight that needs a gradient, whose width in and out differ at least twofold and whose product
+has at least MIN_PRODUCT multiply-adds; every other call goes to the F.linear that was installed before (torch's,
+or DeepSpeed's). A ZeRO-3 partitioned weight keeps DeepSpeed's path. The input gradient (dy W) and the bias
+gradient (dy summed over the tokens) are autograd's products. The weight gradient is the same sum of the same
+products in another order of accumulation: it differs from autograd's in the last bits of bf16
+(tests/test_linear_grad.py). RLHF_LEAN_WEIGHT_GRAD=0 (or false / no / off) leaves F.linear alone.
 """
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from training.utils.errors import env_switch
 
 _previous_linear = F.linear  # what F.linear was before install (replaced when something else installs its own)
+MIN_PRODUCT = 2 ** 30  # multiply-adds (tokens x in x out) below which autograd's own product is faster
 
 
 def transposed(matrix: torch.Tensor) -> torch.Tensor:
@@ -74,7 +79,7 @@ def _applies(x, weight) -> bool:
             and x.dim() >= 2):
         return False
     wide, narrow = max(weight.shape), min(weight.shape)
-    return wide >= 2 * narrow
+    return wide >= 2 * narrow and x.numel() // max(x.size(-1), 1) * weight.numel() >= MIN_PRODUCT
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
