@@ -11,7 +11,7 @@ setup(
         "training.utils.assets": ["tokenizer/*", "tokenizer-chatml/*", "tokenizer-llama3/*", "templates/*",
                                   "README.md"],
         "training.utils.model.configs": ["*.json", "README.md"],
-        "training.utils.model": ["csrc/*.cpp"],
+        "training.utils": ["csrc/*.cpp"],
         "inference": ["static/*.html"],
     },
     install_requires=[

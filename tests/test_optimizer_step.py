@@ -1,23 +1,49 @@
 """optimizer_step.lean_step against DeepSpeed's own FP16_UnfusedOptimizer.step, on real engines: every value bit for
-bit (model and master weights, Adam moments, gradient norm, skipped steps, loss scale)."""
+bit (model and master weights, Adam moments, gradient norm, skipped steps, loss scale), with and without the fused
+AdamW kernel (fused_adamw.py)."""
 import math
 
 import deepspeed
 import pytest
 import torch
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from transformers import OPTConfig, OPTForCausalLM
 
-from tests.test_ds_config import tiny_opt, train_config
+from tests.test_ds_config import train_config
+from training.utils import fused_adamw, native
 from training.utils.engine import skip_lone_allreduce
 from training.utils.optim import create_optimizer, get_optimizer_grouped_parameters
 from training.utils.optimizer_step import use_lean_step
 
+needs_avx512 = pytest.mark.skipif(not native.cpu_runs_avx512(),
+                                  reason="the fused AdamW kernel is compiled for AVX-512, which this CPU lacks")
 
-def engine_for(dtype: str, lean: bool, stage: int = 0):
-    model = tiny_opt()
+
+def tiny_opt(hidden: int = 32) -> OPTForCausalLM:
+    """tests.test_ds_config's model; hidden=30 gives tensors whose sizes are no multiple of 16 (the kernel's tails)."""
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=hidden, dropout=0.0))
+
+
+class KernelCalls:
+    """Counts the fused kernel's calls on model parameters (the probe's single tensor is not counted)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, compiled = 0, fused_adamw._extension()
+
+        def counted(params, *args):
+            self.calls += len(params) > 1
+            return compiled.fused_adamw_bf16(params, *args)
+        monkeypatch.setattr(fused_adamw, "_extension", lambda: type("Counted", (), {"fused_adamw_bf16": counted}))
+
+
+def engine_for(dtype: str, lean: bool, stage: int = 0, hidden: int = 32, optimizer_options=None):
+    model = tiny_opt(hidden)
     model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))  # trained, but never gets a gradient
-    optimizer = create_optimizer(get_optimizer_grouped_parameters(model, weight_decay=0.1), lr=1e-2,
-                                 offload=False, device="cpu")
+    groups = get_optimizer_grouped_parameters(model, weight_decay=0.1)
+    optimizer = (torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), **optimizer_options) if optimizer_options
+                 else create_optimizer(groups, lr=1e-2, offload=False, device="cpu"))
     config = train_config(stage=stage, dtype="bf16" if dtype == "bf16" else "fp32", train_batch_size=2,
                           micro_batch_size=2, gradient_accumulation_steps=1)
     if dtype == "fp16":  # DeepSpeed's fp16 on CPU: our configs refuse it (slow), the optimizer wrapper is the same
@@ -62,20 +88,28 @@ def assert_same(lean: list[dict], reference: list[dict]):
         assert all(g is None for g in got["master_grads"])  # fp32 gradients only inside the step
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_lean_step_equals_deepspeeds_step_bit_for_bit(distributed, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, hidden, kernel", [("bf16", 32, "1"), ("bf16", 30, "1"), ("bf16", 32, "0"),
+                                                   ("fp16", 32, "1")])
+def test_lean_step_equals_deepspeeds_step_bit_for_bit(distributed, dtype, hidden, kernel, monkeypatch):
     """Clipped (loss x 50: norms above --gradient_clipping 1.0) and unclipped steps, and a step whose gradient holds
-    an inf (skipped by both; fp16 lowers its dynamic loss scale)."""
-    factors = (1.0, 50.0, 0.01)
-    lean = train(engine_for(dtype, lean=True), steps=6, loss_factors=factors, poison_step=3)
+    an inf (skipped by both; fp16 lowers its dynamic loss scale). bf16 steps after the first run the fused kernel
+    (tensor tails and the parameter without a gradient through torch's own kernel), unless it is switched off."""
+    factors = (1.0, 50.0, 0.01, 1.0, 50.0, 0.01)
+    monkeypatch.setenv("RLHF_FUSED_ADAMW_KERNEL", kernel)
+    kernel_calls = KernelCalls(monkeypatch) if native.cpu_runs_avx512() and kernel == "1" else None
+    lean = train(engine_for(dtype, lean=True, hidden=hidden), steps=8, loss_factors=factors, poison_step=3)
+    if kernel_calls:
+        # every step but the skipped one (DeepSpeed creates the optimizer state up front), once per parameter group
+        assert kernel_calls.calls == (7 * 2 if dtype == "bf16" else 0)
     monkeypatch.setenv("RLHF_LEAN_OPTIMIZER_STEP", "0")
-    reference_engine = engine_for(dtype, lean=False)
+    reference_engine = engine_for(dtype, lean=False, hidden=hidden)
     assert use_lean_step(reference_engine) is False
-    reference = train(reference_engine, steps=6, loss_factors=factors, poison_step=3)
+    reference = train(reference_engine, steps=8, loss_factors=factors, poison_step=3)
     assert_same(lean, reference)
     norms = [h["norm"] for h in reference]
     assert norms[1] > 1.0 and norms[2] < 1.0 and norms[3] == math.inf  # both clip paths and the overflow ran
-    assert [h["skipped"] for h in reference] == [0, 0, 0, 1, 1, 1]
+    assert norms[4] > 1.0 and norms[5] < 1.0
+    assert [h["skipped"] for h in reference] == [0, 0, 0, 1, 1, 1, 1, 1]
     assert not torch.equal(reference[0]["weights"][1], reference[-1]["weights"][1])
     if dtype == "fp16":
         assert reference[3]["scale"] == reference[2]["scale"] / 2
@@ -85,3 +119,35 @@ def test_lean_step_keeps_its_hands_off_other_optimizers(distributed):
     """fp32 (no wrapper) and ZeRO's optimizers keep their own step."""
     for engine in (engine_for("fp32", lean=True), engine_for("bf16", lean=True, stage=1)):
         assert "step" not in vars(engine.optimizer)
+
+
+@needs_avx512
+@pytest.mark.parametrize("options", [{"fused": True, "amsgrad": True}, {"fused": False}, {"foreach": True}])
+def test_the_fused_kernel_keeps_its_hands_off_other_adamw_settings(distributed, monkeypatch, options):
+    """amsgrad, torch's unfused AdamW: torch's own step (DeepSpeed's values still, through lean_step)."""
+    kernel_calls = KernelCalls(monkeypatch)
+    engine = engine_for("bf16", lean=True, optimizer_options=options)
+    lean = train(engine, steps=3)
+    monkeypatch.setenv("RLHF_LEAN_OPTIMIZER_STEP", "0")
+    assert_same(lean, train(engine_for("bf16", lean=False, optimizer_options=options), steps=3))
+    assert kernel_calls.calls == 0
+
+
+@needs_avx512
+def test_the_fused_kernel_steps_aside_for_step_hooks_and_a_torch_it_does_not_match(distributed, monkeypatch, capsys):
+    kernel_calls = KernelCalls(monkeypatch)
+    engine = engine_for("bf16", lean=True)
+    handle = engine.optimizer.optimizer.register_step_post_hook(lambda *args: None)
+    train(engine, steps=2)
+    assert kernel_calls.calls == 0
+    handle.remove()
+    train(engine, steps=1)
+    assert kernel_calls.calls == 2  # one step, two parameter groups
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)  # a "torch" whose AdamW differs
+    fused_adamw._kernel_matches_torch.cache_clear()
+    try:
+        assert not fused_adamw.applies(engine.optimizer) and not fused_adamw.applies(engine.optimizer)
+        assert capsys.readouterr().out.count("warning: the fused AdamW kernel does not reproduce this torch's") == 1
+    finally:
+        fused_adamw._kernel_matches_torch.cache_clear()

@@ -1,4 +1,5 @@
-"""One decoding step's attention on CPU from a small C++ kernel (csrc/decode_attention.cpp) instead of SDPA.
+"""One decoding step's attention on CPU from a small C++ kernel (training/utils/csrc/decode_attention.cpp) instead of
+SDPA.
 
 A decoding step's attention reads every cached key and value of its row once to produce one vector per head: it is
 bound by reading memory (8 rows x ~260 positions of tiny/opt-20m: ~4 MB a layer, a token). SDPA's flash kernel on
@@ -10,47 +11,27 @@ runs). Its values are the attention's to bf16 rounding, not SDPA's bit for bit (
 SDPA rounds the softmax to bf16 before its product with the values), so a sampled token can come out differently
 where two candidates were nearly tied.
 
-It is built on first use with torch.utils.cpp_extension (g++ and ninja, which DeepSpeed's CPU ops need as well: ~25
-s once, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and used by
+It is built on first use (training/utils/native.py: ~25 s once per machine, then cached) and used by
 model.lean_decode's one-token steps where sampling.decode_attention picks SDPA (a bf16 model on a CPU with
 AMX-BF16, whose cores all have the AVX-512 the kernel is compiled for), for heads whose width is a multiple of 16 up
 to 256 and layers without a sliding window. Elsewhere, or where the build fails (one warning line), SDPA as before.
 RLHF_DECODE_ATTENTION_KERNEL=0 (or false / no / off) turns it off.
 """
 import functools
-import os
-import warnings
 
 import torch
 
-from training.utils import precision
-from training.utils.distributed import print_rank_0
-from training.utils.errors import describe_error, env_switch
+from training.utils import native, precision
+from training.utils.errors import env_switch
 
-EXTENSION = "rlhf_decode_attention"
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "decode_attention.cpp")
-KERNEL_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what COMPILE_FLAGS let it use
-COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]  # ATen's vectorized exp in its AVX-512 form
+KERNEL_CPU_FLAGS = native.AVX512_CPU_FLAGS
 
 
 @functools.cache
 def _extension():
     """The compiled kernel module, or None (with one warning line) where it cannot be built or loaded."""
-    from torch.utils import cpp_extension
-
-    try:
-        build_dir = cpp_extension._get_build_directory(EXTENSION, verbose=False)
-        if not any(name.endswith(".so") for name in os.listdir(build_dir)):
-            print_rank_0(f"building the decoding attention kernel (once on this machine, ~25 s; kept in {build_dir})")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (compiler-version notices; a failure is reported below)
-            return cpp_extension.load(name=EXTENSION, sources=[SOURCE], extra_cflags=COMPILE_FLAGS,
-                                      verbose=False)
-    except Exception as err:  # no compiler, no ninja, a read-only cache directory: decoding keeps SDPA
-        print(f"warning: the decoding attention kernel could not be built ({describe_error(err)}); decoding steps "
-              "use SDPA (set RLHF_DECODE_ATTENTION_KERNEL=0 to skip the build)", flush=True)
-        return None
+    return native.build("decode_attention", "the decoding attention kernel", "decoding steps use SDPA",
+                        "RLHF_DECODE_ATTENTION_KERNEL")
 
 
 def kernel_applies(model) -> bool:
@@ -62,7 +43,7 @@ def kernel_applies(model) -> bool:
     return (parameter is not None and parameter.dtype == torch.bfloat16 and parameter.device.type == "cpu"
             and model.config._attn_implementation == "sdpa" and head_dim % 16 == 0 and head_dim <= 256
             and env_switch("RLHF_DECODE_ATTENTION_KERNEL") and precision.cpu_has_amx_bf16()
-            and KERNEL_CPU_FLAGS <= precision.read_cpu_flags() and _extension() is not None)
+            and native.cpu_runs_avx512() and _extension() is not None)
 
 
 def kernel_attention(sdpa):
