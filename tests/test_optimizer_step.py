@@ -35,7 +35,8 @@ class KernelCalls:
         def counted(params, *args):
             self.calls += len(params) > 1
             return compiled.fused_adamw_bf16(params, *args)
-        monkeypatch.setattr(fused_adamw, "_extension", lambda: type("Counted", (), {"fused_adamw_bf16": counted}))
+        counting = type("Counted", (), {"fused_adamw_bf16": counted, "bf16_grad_norms": compiled.bf16_grad_norms})
+        monkeypatch.setattr(fused_adamw, "_extension", lambda: counting)
 
 
 def engine_for(dtype: str, lean: bool, stage: int = 0, hidden: int = 32, optimizer_options=None):

@@ -1,19 +1,20 @@
 """AdamW on fp32 master weights straight from bf16 gradients, in one pass that also writes the bf16 weights.
 
 DeepSpeed's bf16 step without ZeRO (optimizer_step.lean_step) feeds torch's fused AdamW an fp32 copy of every
-gradient and then copies the fp32 master weights back into the bf16 model: three passes over memory around the
-update (~80 ms of a ~21M-parameter step on one CPU thread; the update itself is ~30 ms, bound by reading and
-writing the weights and moments). The C++ kernel (csrc/fused_adamw.cpp) reads each bf16 gradient, applies the
-clipping factor, updates the master weight and both moments, and stores the bf16 weight in the same pass, with
-torch's arithmetic operation by operation: every value is the one torch's fused AdamW computes (a probe at first
-use compares them bit for bit on this torch and keeps torch's step for good if they differ). The last numel % 16
-elements of a tensor (torch's scalar tail rounds differently) and parameters without a gradient run through torch's
-own kernel on fp32 copies of just those elements.
+gradient, takes the gradients' norms of those copies and copies the fp32 master weights back into the bf16 model:
+~75 ms a step of a ~21M-parameter model on one CPU thread, of which the update itself is ~30 ms (bound by reading
+and writing the weights and moments). The C++ kernel (csrc/fused_adamw.cpp) reads each bf16 gradient, applies
+the clipping factor, updates the master weight and both moments and stores the bf16 weight in one pass, with
+torch's arithmetic operation by operation, and takes each bf16 gradient's norm in torch's order of summation
+(~4 ms against ~10): every value is the one torch computes. A probe at first use compares them bit for bit on the
+running torch and keeps torch's step for good if they differ. The last numel % 16 elements of a tensor (torch's
+scalar tail rounds differently) and parameters without a gradient run through torch's own kernel, on fp32 copies
+of just those elements.
 
-Used by lean_step for torch.optim.AdamW(fused=True) (optim.create_optimizer's CPU choice) with plain settings
-(no amsgrad, maximize, capturable or differentiable; a float learning rate; no step hooks) on bf16 models, on CPUs
-with the AVX-512 the kernel is compiled for (native.py), from the second step of a process on: the first runs
-torch's own step, which creates the optimizer state. RLHF_FUSED_ADAMW_KERNEL=0 turns it off.
+Used by lean_step for torch.optim.AdamW(fused=True) (optim.create_optimizer's CPU choice) with plain settings (no
+amsgrad, maximize, capturable or differentiable; a float learning rate; no step hooks) on bf16 models whose
+optimizer state exists (DeepSpeed creates it when it builds the engine), on CPUs with the AVX-512 the kernel is
+compiled for (native.py). RLHF_FUSED_ADAMW_KERNEL=0 turns it off.
 """
 import functools
 
@@ -53,6 +54,11 @@ def applies(optimizer) -> bool:
                     or (grad is not None and (grad.dtype != torch.bfloat16 or not grad.is_contiguous()))):
                 return False
     return _extension() is not None and _kernel_matches_torch()
+
+
+def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each bf16 gradient's 2-norm in fp32 (0-d tensors), bit for bit torch's norm of its fp32 copy."""
+    return list(_extension().bf16_grad_norms(grads).unbind()) if grads else []
 
 
 def step(optimizer, combined_scale: float) -> None:
@@ -97,8 +103,9 @@ def _torch_step_on_the_rest(masters, low_precision, states, combined_scale, hype
 
 @functools.cache
 def _kernel_matches_torch() -> bool:
-    """Whether the kernel reproduces this torch's fused AdamW bit for bit: a few steps from the same state, with
-    and without weight decay and clipping, a small and a large first-moment weight (torch's two lerp forms)."""
+    """Whether the kernel reproduces this torch's fused AdamW and gradient norms bit for bit: a few steps from the
+    same state, with and without weight decay and clipping, a small and a large first-moment weight (torch's two
+    lerp forms)."""
     generator = torch.Generator().manual_seed(0)
     size = 64 * VECTOR
     for beta1, weight_decay, multiplier in ((0.9, 0.1, 0.37), (0.3, 0.0, None)):
@@ -114,7 +121,9 @@ def _kernel_matches_torch() -> bool:
             _extension().fused_adamw_bf16([param], [weight], [grad], [exp_avg], [exp_avg_sq], [float(count)], 3e-3,
                                           beta1, 0.95, weight_decay, 1e-8, multiplier or 1.0, multiplier is not None)
             state = adamw.state[reference]
+            norm = torch._foreach_norm([grad[: size - 3].float()], 2.0)[0]  # (8-lane sums, then a tail of 5)
             if not (torch.equal(param, reference) and torch.equal(exp_avg, state["exp_avg"])
+                    and torch.equal(grad_norms([grad[: size - 3]])[0], norm)
                     and torch.equal(exp_avg_sq, state["exp_avg_sq"]) and torch.equal(weight, reference.bfloat16())):
                 print("warning: the fused AdamW kernel does not reproduce this torch's AdamW bit for bit; optimizer "
                       "steps use torch's own", flush=True)

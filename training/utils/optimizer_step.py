@@ -49,8 +49,8 @@ def lean_step(optimizer: FP16_UnfusedOptimizer, closure=None) -> bool:
     norm_groups = []
     for low_precision, master in zip(optimizer.fp16_groups, optimizer.fp32_groups):
         if fused:  # the norm of each bf16 gradient taken in fp32: the fp32 copy's norm, bit for bit
-            grads = [p.grad for p in low_precision if p.grad is not None]
-            norm_groups.append(_group_norm(torch._foreach_norm(grads, 2.0, dtype=torch.float32) if grads else []))
+            norm_groups.append(_group_norm(fused_adamw.grad_norms([p.grad for p in low_precision
+                                                                   if p.grad is not None])))
             continue
         for master_param, param in zip(master, low_precision):
             master_param.grad = (torch.zeros_like(master_param) if param.grad is None

@@ -1,5 +1,5 @@
 // One pass of AdamW over fp32 master weights from bf16 gradients, writing the bf16 model weights as it goes
-// (training/utils/optimizer_step.py). Per element it computes what torch's fused CPU AdamW (aten
+// (training/utils/optimizer_step.py), and the gradients' norms without fp32 copies. Per element it computes what torch's fused CPU AdamW (aten
 // FusedAdamKernel.cpp, its AVX-512 build) computes from the gradient's fp32 copy, in the same order and with the
 // same single roundings, so the master weights, moments and bf16 weights come out bit for bit the same; the
 // Python side checks that on the running torch before it uses this kernel. Only whole vectors of 16 are updated
@@ -13,6 +13,7 @@
 #include <vector>
 
 namespace {
+
 
 constexpr int64_t kVector = 16;  // fp32 lanes of an AVX-512 register, and ATen's unit of work (one cache line)
 
@@ -103,7 +104,41 @@ void fused_adamw_bf16(const std::vector<at::Tensor>& params, const std::vector<a
   }
 }
 
+// The 2-norm of each bf16 gradient as torch takes it of the gradient's fp32 copy. ATen runs its norm kernel in
+// the AVX2 build (AVX-512 is not registered for it): squares summed in order into one vector of 8 fp32 lanes, the
+// lanes added left to right, the tail's squares after them, the root in fp32. Returns an [n] fp32 tensor of norms.
+at::Tensor bf16_grad_norms(const std::vector<at::Tensor>& grads) {
+  constexpr int64_t kLanes = 8;
+  at::Tensor norms = at::empty({int64_t(grads.size())}, at::kFloat);
+  float* out = norms.data_ptr<float>();
+  for (size_t t = 0; t < grads.size(); t++) {
+    const at::BFloat16* grad = grads[t].data_ptr<at::BFloat16>();
+    const int64_t size = grads[t].numel(), vector_end = size - size % kLanes;
+    if (size == 1) {  // torch reduces nothing there: the norm is the magnitude (also where its square underflows)
+      out[t] = std::abs(static_cast<float>(grad[0]));
+      continue;
+    }
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < vector_end; i += kLanes) {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(grad + i));
+      const __m256 g = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+      sum = _mm256_add_ps(sum, _mm256_mul_ps(g, g));  // (not an FMA: a tiny square rounds before the sum)
+    }
+    alignas(32) float lanes[kLanes];
+    _mm256_store_ps(lanes, sum);
+    float total = lanes[0];
+    for (int64_t j = 1; j < kLanes; j++) total = total + lanes[j];
+    for (int64_t i = vector_end; i < size; i++) {
+      const float g = static_cast<float>(grad[i]);
+      total = total + g * g;
+    }
+    out[t] = std::sqrt(total);
+  }
+  return norms;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("bf16_grad_norms", &bf16_grad_norms, "each bf16 gradient's 2-norm, as torch takes it of an fp32 copy");
   module.def("fused_adamw_bf16", &fused_adamw_bf16,
              "AdamW on fp32 master weights from bf16 gradients, writing the bf16 weights (whole vectors of 16)");
 }
