@@ -46,13 +46,20 @@ def logits_at(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
     to a multiple of HEAD_ROWS_MULTIPLE rows, whose logits are dropped). Equal to `model(**inputs).logits[keep]`
     (to the rounding of a matmul over fewer rows)."""
     if _logits_to_keep_support(type(unwrap_model(model))) != "mask":
-        return model(**inputs).logits[keep]
+        return _selected(model(**inputs).logits, keep)
     head = unwrap_model(model).get_output_embeddings()
     if keep.device.type == "cpu" and getattr(head, "weight", None) is not None and head.weight.dtype in ONEDNN_DTYPES:
         rounded, kept = _rounded_up(keep)
         if kept is not None:
-            return model(**inputs, logits_to_keep=rounded).logits[kept]
+            return _selected(model(**inputs, logits_to_keep=rounded).logits, kept)
     return model(**inputs, logits_to_keep=keep).logits
+
+
+def _selected(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`logits[keep]` for a boolean `keep` over its leading dimensions, as an index_select: the same values, and a
+    backward that adds rows into the gradient instead of a masked scatter (7.7-9.2 -> 3.0 ms for 726 of 768 rows of
+    4,096 bf16 logits, one CPU thread)."""
+    return logits.flatten(0, keep.dim() - 1).index_select(0, keep.flatten().nonzero().squeeze(1))
 
 
 def _rounded_up(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
