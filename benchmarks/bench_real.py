@@ -35,7 +35,8 @@ do: transformers' SDPA attention (not model.attention's segment attention), glib
 (RLHF_PACKED_WEIGHTS=0, see training/utils/model/packed_linear.py), torch's dropout (RLHF_FAST_DROPOUT=0, see
 training/utils/model/dropout.py), DeepSpeed's gradient all-reduce of a lone rank (RLHF_LONE_RANK_NO_ALLREDUCE=0,
 see training/utils/engine.py), and every other ENV_SWITCHES entry (decoding kernels, the lean optimizer step, step
-3's last layer computed only where it is read, the C++ decoding attention, the lean weight gradients).
+3's last layer computed only where it is read, the C++ decoding attention, the lean weight gradients, the fused
+AdamW kernel).
 
 Each row runs in its own process (rows.run_row) through the step's own code: its parse_args (the flags
 above, as a user would pass them), load_supervised_data (the step's sampler and collator), its model
