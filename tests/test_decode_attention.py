@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_kv_cache import left_padded_prompts, tiny_model
-from training.utils import precision, sampling
+from training.utils import native, precision, sampling
 from training.utils.model import decode_attention
 
-needs_avx512 = pytest.mark.skipif(not decode_attention.KERNEL_CPU_FLAGS <= precision.read_cpu_flags(),
+needs_avx512 = pytest.mark.skipif(not native.cpu_runs_avx512(),
                                   reason="the kernel is compiled for AVX-512, which this CPU lacks")
 
 
@@ -125,7 +125,7 @@ def test_kernel_not_used_without_amx_or_with_the_switch_off(tokenizer, monkeypat
     assert not decode_attention.kernel_applies(model)
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
     monkeypatch.delenv("RLHF_DECODE_ATTENTION_KERNEL", raising=False)
-    assert decode_attention.kernel_applies(model) == (decode_attention.KERNEL_CPU_FLAGS <= precision.read_cpu_flags())
+    assert decode_attention.kernel_applies(model) == native.cpu_runs_avx512()
     monkeypatch.setenv("RLHF_DECODE_ATTENTION_KERNEL", "0")
     assert not decode_attention.kernel_applies(model)
     monkeypatch.delenv("RLHF_DECODE_ATTENTION_KERNEL")
@@ -143,7 +143,7 @@ def test_a_failed_build_leaves_sdpa_with_one_warning(tokenizer, monkeypatch, cap
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
-    monkeypatch.setattr(precision, "read_cpu_flags", lambda: decode_attention.KERNEL_CPU_FLAGS)
+    monkeypatch.setattr(precision, "read_cpu_flags", lambda: native.AVX512_CPU_FLAGS)
     decode_attention._extension.cache_clear()
     try:
         model = sdpa_model("tiny/opt", tokenizer)

@@ -18,10 +18,11 @@ def train_config(**overrides):
     return get_train_ds_config(**kwargs)
 
 
-def tiny_opt() -> OPTForCausalLM:
+def tiny_opt(hidden: int = 32) -> OPTForCausalLM:
+    """A 2-layer OPT; hidden=30 gives tensors whose sizes are no multiple of 16 (the fused AdamW kernel's tails)."""
     torch.manual_seed(0)
-    config = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
-                       max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0)
+    config = OPTConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                       max_position_embeddings=64, word_embed_proj_dim=hidden, dropout=0.0)
     return OPTForCausalLM(config)
 
 

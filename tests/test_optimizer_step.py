@@ -7,9 +7,8 @@ import deepspeed
 import pytest
 import torch
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-from transformers import OPTConfig, OPTForCausalLM
 
-from tests.test_ds_config import train_config
+from tests.test_ds_config import tiny_opt, train_config
 from training.utils import fused_adamw, native
 from training.utils.engine import skip_lone_allreduce
 from training.utils.optim import create_optimizer, get_optimizer_grouped_parameters
@@ -18,12 +17,6 @@ from training.utils.optimizer_step import use_lean_step
 needs_avx512 = pytest.mark.skipif(not native.cpu_runs_avx512(),
                                   reason="the fused AdamW kernel is compiled for AVX-512, which this CPU lacks")
 
-
-def tiny_opt(hidden: int = 32) -> OPTForCausalLM:
-    """tests.test_ds_config's model; hidden=30 gives tensors whose sizes are no multiple of 16 (the kernel's tails)."""
-    torch.manual_seed(0)
-    return OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=hidden, dropout=0.0))
 
 
 class KernelCalls:

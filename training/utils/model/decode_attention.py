@@ -24,8 +24,6 @@ import torch
 from training.utils import native, precision
 from training.utils.errors import env_switch
 
-KERNEL_CPU_FLAGS = native.AVX512_CPU_FLAGS
-
 
 @functools.cache
 def _extension():
