@@ -70,6 +70,8 @@ ENV_SWITCHES = {
                                     "built on first use, faster (model/decode_attention.py)",
     "RLHF_LEAN_WEIGHT_GRAD": "bf16 linear layers on CPU compute their weight gradient from a contiguous transpose of "
                              "the narrower operand, faster (model/linear_grad.py)",
+    "RLHF_AMX_LINEAR_KERNEL": "bf16 decoding steps on a CPU with AMX run their linear layers in a small C++ kernel "
+                              "built on first use, faster (model/amx_linear.py)",
     "RLHF_FUSED_ADAMW_KERNEL": "DeepSpeed's bf16 optimizer step without ZeRO runs AdamW from the bf16 gradients in one "
                                "C++ pass on a CPU with AVX-512, built on first use, faster (fused_adamw.py)",
 }

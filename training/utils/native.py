@@ -25,10 +25,11 @@ def cpu_runs_avx512() -> bool:
     return AVX512_CPU_FLAGS <= precision.read_cpu_flags()
 
 
-def build(name: str, what: str, fallback: str, switch: str):
+def build(name: str, what: str, fallback: str, switch: str, extra_flags: tuple[str, ...] = ()):
     """The compiled module of csrc/`name`.cpp, or None with one warning line where it cannot be built or loaded
     (no compiler, no ninja, a read-only cache directory). `what` names the kernel in the messages, `fallback`
-    says what runs instead, `switch` is the ENV_SWITCHES entry that turns it off."""
+    says what runs instead, `switch` is the ENV_SWITCHES entry that turns it off; `extra_flags` are compiler flags
+    beyond COMPILE_FLAGS (instruction sets only some of the CPUs with AVX-512 have)."""
     from torch.utils import cpp_extension
 
     extension = f"rlhf_{name}"
@@ -39,7 +40,7 @@ def build(name: str, what: str, fallback: str, switch: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (compiler-version notices; a failure is reported below)
             return cpp_extension.load(name=extension, sources=[os.path.join(SOURCES, f"{name}.cpp")],
-                                      extra_cflags=COMPILE_FLAGS, verbose=False)
+                                      extra_cflags=COMPILE_FLAGS + list(extra_flags), verbose=False)
     except Exception as err:
         print(f"warning: {what} could not be built ({describe_error(err)}); {fallback} (set {switch}=0 to skip "
               "the build)", flush=True)

@@ -14,6 +14,9 @@ In OPT's decoder layers (ReLU MLPs) the ReLU runs inside fc1's oneDNN call (its 
 torch.relu after it): the layer's activation_fn is nn.Identity inside the block. A [3072, 2048] bf16 ReLU reads and
 writes 12 MB (~1.7 ms on one Xeon core), ~1.5% of a step-3 PPO step over all its inference passes.
 
+On a CPU with AMX, calls of a few rows (decoding steps) run the AMX kernel of model/amx_linear.py instead, on the
+weight laid out for it at the block's first such call: the same outputs, bit for bit, twice as fast.
+
 It applies to modules whose type is exactly `nn.Linear` with a materialised bf16 weight on CPU (a ZeRO-3
 partitioned weight, LoRA layers, GPT-2's Conv1D and subclasses keep their own forward), and only while gradients
 are off: a call with gradients on inside the block runs the plain `F.linear`. The packed copies hold one more
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.utils.errors import env_switch
+from training.utils.model import amx_linear
 
 
 @functools.cache
@@ -74,15 +78,23 @@ def _packed_weight(module: nn.Linear, rows_hint: int) -> torch.Tensor:
     return kept[key]
 
 
-def _packed_forward(module: nn.Linear, rows_hint: int, relu: bool = False):
-    """`module`'s forward on its packed weight; `relu`: relu(linear(x)) (the layer's own ReLU is switched off)."""
+def _packed_forward(module: nn.Linear, rows_hint: int, relu: bool = False, amx: bool = False):
+    """`module`'s forward on its packed weight; `relu`: relu(linear(x)) (the layer's own ReLU is switched off);
+    `amx`: calls of at most amx_linear.MAX_ROWS rows (decoding steps) run the AMX kernel, on the weight laid out for
+    it at the first such call."""
     packed = _packed_weight(module, rows_hint)
     bias = None if module.bias is None else module.bias.detach()
+    tiles = []  # the AMX kernel's layout of the weight, once a call needs it
+    amx = amx and amx_linear.fits(module.weight, bias)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.bfloat16:
             out = F.linear(x, module.weight, module.bias)
             return torch.relu(out) if relu else out
+        if amx and x.numel() <= amx_linear.MAX_ROWS * x.size(-1):
+            if not tiles:
+                tiles.append(amx_linear.tile_layout(module.weight))
+            return amx_linear.linear(x, tiles[0], bias, relu)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu" if relu else "none", [], "")
     return forward
 
@@ -107,11 +119,12 @@ def packed_linears(model, rows_hint: int = 8):
     if isinstance(model, nn.Module) and env_switch("RLHF_PACKED_WEIGHTS") and _kernels_match():
         modules = [m for m in model.modules() if _packable(m)]
         relu_layers = _relu_mlp_layers(modules, model)
+    amx = bool(modules) and amx_linear.available()
     activations = [layer.activation_fn for layer in relu_layers]
     try:
         fused = {id(layer.fc1) for layer in relu_layers}
         for module in modules:
-            module.forward = _packed_forward(module, rows_hint, relu=id(module) in fused)
+            module.forward = _packed_forward(module, rows_hint, relu=id(module) in fused, amx=amx)
         for layer in relu_layers:
             layer.activation_fn = nn.Identity()
         yield
