@@ -28,9 +28,14 @@ def layer(out_width, in_width, with_bias=True, seed=0):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
+    """The shapes of the inputs the kernel's layers were called with."""
     calls = []
-    original = amx_linear.linear
-    monkeypatch.setattr(amx_linear, "linear", lambda x, *args: calls.append(tuple(x.shape)) or original(x, *args))
+    original = amx_linear.layer_forward
+
+    def counting(*args, **kwargs):
+        layer = original(*args, **kwargs)
+        return lambda x: calls.append(tuple(x.shape)) or layer(x)
+    monkeypatch.setattr(amx_linear, "layer_forward", counting)
     return calls
 
 
@@ -42,7 +47,7 @@ def kernel_calls(monkeypatch):
 def test_kernel_is_onednns_linear_bit_for_bit(out_width, in_width, rows, with_bias, relu):
     weight, bias = layer(out_width, in_width, with_bias, seed=rows)
     x = torch.randn(rows, 1, in_width, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    got = amx_linear.linear(x, amx_linear.tile_layout(weight), bias, relu)
+    got = amx_linear.layer_forward(weight, bias, relu)(x)
     assert got.shape == (rows, 1, out_width) and got.dtype == torch.bfloat16
     assert torch.equal(got, onednn(x, weight, bias, relu))
     if relu:
@@ -57,7 +62,7 @@ def test_threads_and_a_non_contiguous_input(threads):
     try:
         weight, bias = layer(1024, 256)
         x = torch.randn(256, 8).to(torch.bfloat16).t()  # [8, 256], columns apart
-        assert torch.equal(amx_linear.linear(x, amx_linear.tile_layout(weight), bias), onednn(x, weight, bias, False))
+        assert torch.equal(amx_linear.layer_forward(weight, bias)(x), onednn(x, weight, bias, False))
     finally:
         torch.set_num_threads(before)
 

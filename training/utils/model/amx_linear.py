@@ -10,8 +10,8 @@ prefetched, and accumulates in fp32 tile by tile along the input as oneDNN's AMX
 for bit (a probe at first use checks this on the running torch and keeps oneDNN's linear for good if they differ).
 Measured on one Xeon core: the 37 layers of a step of 8 rows 5.2 -> 2.4 ms; a [512, 512] layer 65 -> 10 us.
 
-    tiles = tile_layout(weight)                 # once per block (~1 ms per million weights)
-    linear(x, tiles, bias, relu=False)          # x [..., in] with at most MAX_ROWS rows
+    layer = layer_forward(weight, bias, relu=False)  # lays the weight out at its first call (~1 ms per million)
+    layer(x)                                         # x [..., in] with at most MAX_ROWS rows -> [..., out]
 
 Used by packed_linear's inference forward for calls of at most MAX_ROWS rows on a bf16 weight whose out width is a
 multiple of 64 and in width a multiple of 32, on a CPU with AMX-BF16 (and the AVX-512 native.py compiles for),
@@ -61,15 +61,21 @@ def tile_layout(weight: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 3, 1, 4, 2).contiguous().view(torch.bfloat16)
 
 
-def linear(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
-    """x W^T + bias (ReLU'd when `relu`) from W's tile_layout, for x [..., in] of at most MAX_ROWS rows."""
-    out = _product(x.reshape(-1, x.size(-1)), tiles, bias, relu)
-    return out.view(*x.shape[:-1], out.size(-1))
+def layer_forward(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
+    """x W^T + bias (ReLU'd when `relu`) for x [..., in] of at most MAX_ROWS rows, as a callable that lays the
+    weight out (tile_layout) at its first call and keeps what every call needs (a decoding step calls each layer once
+    a token); the weight must not change while it is in use."""
+    kernel, out_width = _extension().amx_linear, weight.size(0)
+    bias = weight.new_empty(0) if bias is None else bias.detach().contiguous()
+    tiles = []
 
-
-def _product(rows: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    bias = rows.new_empty(0) if bias is None else bias.detach().contiguous()
-    return _extension().amx_linear(rows.contiguous(), tiles, bias, relu)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not tiles:
+            tiles.append(tile_layout(weight))
+        rows = x.reshape(-1, x.size(-1))
+        out = kernel(rows if rows.is_contiguous() else rows.contiguous(), tiles[0], bias, relu)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out_width)
+    return forward
 
 
 @functools.cache
@@ -86,7 +92,8 @@ def _kernel_matches_onednn() -> bool:
             x = torch.randn(rows, in_width, generator=generator).to(torch.bfloat16)
             expected = ops._linear_pointwise(x, ops._reorder_linear_weight(weight, rows), bias,
                                              "relu" if relu else "none", [], "")
-            if not torch.equal(_product(x, tile_layout(weight), bias, relu), expected):
+            got = _extension().amx_linear(x, tile_layout(weight), x.new_empty(0) if bias is None else bias, relu)
+            if not torch.equal(got, expected):
                 raise ValueError("its outputs differ from oneDNN's")
     except (RuntimeError, ValueError) as err:
         print_rank_0(f"warning: the AMX linear kernel is not used ({err}); decoding steps use oneDNN's linear")

@@ -84,17 +84,16 @@ def _packed_forward(module: nn.Linear, rows_hint: int, relu: bool = False, amx: 
     it at the first such call."""
     packed = _packed_weight(module, rows_hint)
     bias = None if module.bias is None else module.bias.detach()
-    tiles = []  # the AMX kernel's layout of the weight, once a call needs it
-    amx = amx and amx_linear.fits(module.weight, bias)
+    few_rows = amx_linear.layer_forward(module.weight, bias, relu) if amx and amx_linear.fits(module.weight, bias) \
+        else None
+    few_rows_limit = amx_linear.MAX_ROWS * module.in_features  # (elements of an input of at most MAX_ROWS rows)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.bfloat16:
             out = F.linear(x, module.weight, module.bias)
             return torch.relu(out) if relu else out
-        if amx and x.numel() <= amx_linear.MAX_ROWS * x.size(-1):
-            if not tiles:
-                tiles.append(amx_linear.tile_layout(module.weight))
-            return amx_linear.linear(x, tiles[0], bias, relu)
+        if few_rows is not None and x.numel() <= few_rows_limit:
+            return few_rows(x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu" if relu else "none", [], "")
     return forward
 
