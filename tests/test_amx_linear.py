@@ -78,6 +78,18 @@ def test_tile_layout_places_each_weight_where_the_tiles_read_it():
         assert tiles[group, depth, block, pair_row, 2 * column + half] == weight[out_index, in_index]
 
 
+@needs_amx
+def test_a_weight_at_an_odd_place_of_a_flat_buffer():
+    """ZeRO keeps parameters as views into one flat buffer, at any offset."""
+    weight, bias = layer(128, 64)
+    flat = torch.zeros(1 + weight.numel(), dtype=torch.bfloat16)
+    flat[1:] = weight.flatten()
+    view = flat[1:].view(128, 64)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    assert view.storage_offset() == 1
+    assert torch.equal(amx_linear.layer_forward(view, bias)(x), onednn(x, weight, bias, False))
+
+
 def test_shapes_and_dtypes_the_kernel_takes():
     weight, bias = layer(128, 64)
     assert amx_linear.fits(weight, bias) and amx_linear.fits(weight, None)

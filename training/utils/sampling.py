@@ -45,7 +45,8 @@ class SamplingConfig:
 @contextlib.contextmanager
 def decoding_kernels(model, rows_hint: int = 8):
     """Decode with the kernels that are faster for it, on a bf16/fp16 model on CPU: the attention chosen for the
-    CPU (decode_attention), linear layers on packed weights (model.packed_linear; bf16, the same values), and a KV
+    CPU (decode_attention), linear layers on packed weights (model.packed_linear; bf16, the same values; the
+    decoding steps' on AMX tiles where the CPU has them, model.amx_linear, the same values too), and a KV
     cache grown in blocks (model.kv_cache: transformers' cache copies every layer's keys and values at every token;
     the block cache made decoding ~6% faster with eager attention on an AMD EPYC, ~20% with SDPA on a Xeon with
     AMX): inside the block, `model.generate` gets one unless the call passes its own cache or searches beams; and

@@ -56,7 +56,10 @@ def tile_layout(weight: torch.Tensor) -> torch.Tensor:
     of 16 outputs, each 16 rows of input pairs (2i, 2i + 1) side by side for its 16 outputs (AMX's bf16 layout).
     A pair of bf16 values is moved as one int32, so this is a transpose of 16 x 16 blocks of pairs."""
     out_width, in_width = weight.shape
-    pairs = weight.detach().contiguous().view(torch.int32)  # [out, in / 2]
+    weight = weight.detach().contiguous()
+    if weight.storage_offset() % 2:  # a view at an odd place of a flat buffer (ZeRO's) cannot be read as pairs
+        weight = weight.clone()
+    pairs = weight.view(torch.int32)  # [out, in / 2]
     blocks = pairs.view(out_width // _OUT_MULTIPLE, 4, 16, in_width // _IN_MULTIPLE, 16)
     return blocks.permute(0, 3, 1, 4, 2).contiguous().view(torch.bfloat16)
 
