@@ -72,6 +72,26 @@ def write_pickle_only_model_dir(model, directory: Path) -> Path:
     return directory
 
 
+@pytest.fixture
+def failed_kernel_build(monkeypatch, capsys, tmp_path):
+    """A machine where no C++ kernel (training/utils/native.py) was built yet and none can be (no ninja). Returns a
+    check of what was printed since: one line saying `what` is being built, one warning line naming the failure
+    and the switch that skips the build."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there yet
+
+    def check(what: str, switch: str):
+        out = capsys.readouterr().out
+        assert out.count(f"building {what} (once on this machine") == 1
+        assert out.count(f"warning: {what} could not be built") == 1
+        assert "Ninja is required" in out and f"{switch}=0" in out
+    return check
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from training.utils.tokenizer import load_tokenizer
