@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from training.utils import native, precision
-from training.utils.model import amx_linear
+from training.utils.model import amx_linear, packed_linear
 from training.utils.model.packed_linear import packed_linears
 
 needs_amx = pytest.mark.skipif(not (precision.cpu_has_amx_bf16() and native.cpu_runs_avx512()),
@@ -181,3 +181,19 @@ def test_packed_linear_keeps_onednn_for_layers_the_kernel_does_not_take(kernel_c
         with packed_linears(module, rows_hint=2):
             got = module(x)
     assert torch.equal(got, expected) and kernel_calls == []
+
+
+def test_only_a_call_of_few_rows_asks_for_the_kernel(monkeypatch):
+    """A block whose calls all have more than MAX_ROWS rows (a scoring pass, an evaluation) never asks whether the
+    kernel is available (which builds it on first use); a block with calls of few rows asks once."""
+    asked = []
+    monkeypatch.setattr(amx_linear, "available", lambda: asked.append(1) or False)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64)).to(torch.bfloat16)
+    with torch.no_grad():
+        with packed_linears(model, rows_hint=40):
+            model(torch.randn(40, 64).to(torch.bfloat16))
+        assert asked == []
+        with packed_linears(model, rows_hint=3):
+            model(torch.randn(3, 64).to(torch.bfloat16))
+            model(torch.randn(3, 64).to(torch.bfloat16))
+    assert asked == ([1] if packed_linear._kernels_match() else [])

@@ -91,8 +91,6 @@ void column_groups(const uint16_t* x, int64_t k_size, const char* weights, const
 
 }  // namespace
 
-bool amx_ready() { return tiles_permitted(); }
-
 // x [M, K] bf16 (contiguous), weights [N / 64, K / 32, 4, 16, 32] bf16 (amx_linear.py's layout), bias [N] bf16 or
 // empty -> [M, N] bf16 = x W^T + bias (then ReLU when `relu`).
 torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& weights, const torch::Tensor& bias, bool relu) {
@@ -123,6 +121,6 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& weights, c
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
+  module.def("amx_ready", &tiles_permitted, "whether this process may use AMX tiles");
   module.def("amx_linear", &amx_linear, "x W^T + bias (ReLU) for a few bf16 rows on AMX tiles");
 }

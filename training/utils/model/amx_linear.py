@@ -10,13 +10,14 @@ prefetched, and accumulates in fp32 tile by tile along the input as oneDNN's AMX
 for bit (a probe at first use checks this on the running torch and keeps oneDNN's linear for good if they differ).
 Measured on one Xeon core: the 37 layers of a step of 8 rows 5.2 -> 2.4 ms; a [512, 512] layer 65 -> 10 us.
 
-    layer = layer_forward(weight, bias, relu=False)  # lays the weight out at its first call (~1 ms per million)
+    layer = layer_forward(weight, bias, relu=False)  # lays the weight out (~1 ms per million weights)
     layer(x)                                         # x [..., in] with at most MAX_ROWS rows -> [..., out]
 
-Used by packed_linear's inference forward for calls of at most MAX_ROWS rows on a bf16 weight whose out width is a
-multiple of 64 and in width a multiple of 32, on a CPU with AMX-BF16 (and the AVX-512 native.py compiles for),
-where the kernel built and Linux gives the process the tile state. RLHF_AMX_LINEAR_KERNEL=0 (or false / no / off)
-turns it off.
+Used by packed_linear's inference forward for calls of at most MAX_ROWS rows (the layer is made at its first such
+call in a block; a block without one, such as a scoring pass, never builds the kernel) on a bf16 weight whose out
+width is a multiple of 64 and in width a multiple of 32, on a CPU with AMX-BF16 (and the AVX-512 native.py compiles
+for), where the kernel built and Linux gives the process the tile state. RLHF_AMX_LINEAR_KERNEL=0 (or false / no /
+off) turns it off.
 """
 import functools
 
@@ -65,18 +66,15 @@ def tile_layout(weight: torch.Tensor) -> torch.Tensor:
 
 
 def layer_forward(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
-    """x W^T + bias (ReLU'd when `relu`) for x [..., in] of at most MAX_ROWS rows, as a callable that lays the
-    weight out (tile_layout) at its first call and keeps what every call needs (a decoding step calls each layer once
-    a token); the weight must not change while it is in use."""
-    kernel, out_width = _extension().amx_linear, weight.size(0)
+    """x W^T + bias (ReLU'd when `relu`) for x [..., in] of at most MAX_ROWS rows, as a callable holding the weight
+    laid out (tile_layout) and what every call needs (a decoding step calls each layer once a token); the weight must
+    not change while it is in use."""
+    kernel, out_width, tiles = _extension().amx_linear, weight.size(0), tile_layout(weight)
     bias = weight.new_empty(0) if bias is None else bias.detach().contiguous()
-    tiles = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not tiles:
-            tiles.append(tile_layout(weight))
         rows = x.reshape(-1, x.size(-1))
-        out = kernel(rows if rows.is_contiguous() else rows.contiguous(), tiles[0], bias, relu)
+        out = kernel(rows if rows.is_contiguous() else rows.contiguous(), tiles, bias, relu)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out_width)
     return forward
 

@@ -15,7 +15,7 @@ torch.relu after it): the layer's activation_fn is nn.Identity inside the block.
 writes 12 MB (~1.7 ms on one Xeon core), ~1.5% of a step-3 PPO step over all its inference passes.
 
 On a CPU with AMX, calls of a few rows (decoding steps) run the AMX kernel of model/amx_linear.py instead, on the
-weight laid out for it at the block's first such call: the same outputs, bit for bit, twice as fast.
+weight laid out for it at the layer's first such call in the block: the same outputs, bit for bit, twice as fast.
 
 It applies to modules whose type is exactly `nn.Linear` with a materialised bf16 weight on CPU (a ZeRO-3
 partitioned weight, LoRA layers, GPT-2's Conv1D and subclasses keep their own forward), and only while gradients
@@ -78,22 +78,25 @@ def _packed_weight(module: nn.Linear, rows_hint: int) -> torch.Tensor:
     return kept[key]
 
 
-def _packed_forward(module: nn.Linear, rows_hint: int, relu: bool = False, amx: bool = False):
+def _packed_forward(module: nn.Linear, rows_hint: int, relu: bool = False, amx=None):
     """`module`'s forward on its packed weight; `relu`: relu(linear(x)) (the layer's own ReLU is switched off);
-    `amx`: calls of at most amx_linear.MAX_ROWS rows (decoding steps) run the AMX kernel, on the weight laid out for
-    it at the first such call."""
+    `amx`: the block's `amx_linear.available` (asked at the first call of at most amx_linear.MAX_ROWS rows, so a
+    block without one never builds the kernel): such calls (decoding steps) run the AMX kernel where it applies."""
     packed = _packed_weight(module, rows_hint)
     bias = None if module.bias is None else module.bias.detach()
-    few_rows = amx_linear.layer_forward(module.weight, bias, relu) if amx and amx_linear.fits(module.weight, bias) \
-        else None
+    few_rows = []  # the AMX kernel's layer (or None: oneDNN's), from the first call of few rows on
     few_rows_limit = amx_linear.MAX_ROWS * module.in_features  # (elements of an input of at most MAX_ROWS rows)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.bfloat16:
             out = F.linear(x, module.weight, module.bias)
             return torch.relu(out) if relu else out
-        if few_rows is not None and x.numel() <= few_rows_limit:
-            return few_rows(x)
+        if amx is not None and x.numel() <= few_rows_limit:
+            if not few_rows:
+                few_rows.append(amx_linear.layer_forward(module.weight, bias, relu)
+                                if amx_linear.fits(module.weight, bias) and amx() else None)
+            if few_rows[0] is not None:
+                return few_rows[0](x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu" if relu else "none", [], "")
     return forward
 
@@ -118,7 +121,7 @@ def packed_linears(model, rows_hint: int = 8):
     if isinstance(model, nn.Module) and env_switch("RLHF_PACKED_WEIGHTS") and _kernels_match():
         modules = [m for m in model.modules() if _packable(m)]
         relu_layers = _relu_mlp_layers(modules, model)
-    amx = bool(modules) and amx_linear.available()
+    amx = functools.cache(amx_linear.available)  # one answer per block, asked only by a call of few rows
     activations = [layer.activation_fn for layer in relu_layers]
     try:
         fused = {id(layer.fc1) for layer in relu_layers}
